@@ -1,0 +1,724 @@
+//! The definition DSL: how a flow is written in Rust.
+//!
+//! A [`Flow`] is a named, versioned list of *stages*; a stage is one step or a
+//! parallel group of steps. Each [`Step`] names the participant and command
+//! it calls, builds the command's payload from the saga's typed data, folds
+//! the reply back into that data, and declares its kind, compensation, retry
+//! policy and timeout. Typed closures are erased to JSON-in/JSON-out functions
+//! here, so the state machine itself only ever sees `serde_json::Value`.
+
+use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+/// The typed data a flow carries from step to step (persisted as JSON).
+///
+/// A flow's input is parsed as [`SagaData::Input`] (unknown fields should be
+/// refused with `#[serde(deny_unknown_fields)]`), validated, and turned into
+/// the initial data by [`SagaData::from_input`]. Steps read the data to build
+/// payloads and write reply results into it.
+pub trait SagaData: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// What `StartSaga` accepts as `input_json`.
+    type Input: DeserializeOwned;
+    /// Validates the parsed input and builds the saga's initial data.
+    fn from_input(input: Self::Input) -> Result<Self, InputError>;
+}
+
+/// Bad saga input: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", if field.is_empty() { "input" } else { field.as_str() })]
+pub struct InputError {
+    /// Path of the offending field, e.g. `items[0].quantity`; empty for the whole input.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl InputError {
+    /// An error about `field` (a path such as `items[1].sku`).
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A flow definition that cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    /// Flow, step, participant and command names: 1-64 of `[a-z0-9_-]`, starting with a letter.
+    #[error(
+        "invalid {what} name {name:?}: use 1 to 64 characters from a-z, 0-9, '_' and '-', starting with a letter"
+    )]
+    InvalidName {
+        /// Which kind of name.
+        what: &'static str,
+        /// The name given.
+        name: String,
+    },
+    /// Versions start at 1.
+    #[error("flow {0}: versions start at 1")]
+    ZeroVersion(String),
+    /// A flow needs at least one step.
+    #[error("flow {0} has no steps")]
+    NoSteps(String),
+    /// Step names identify replies and timers; they must be unique.
+    #[error("flow {flow}: step {step} is defined twice")]
+    DuplicateStep {
+        /// The flow.
+        flow: String,
+        /// The repeated step name.
+        step: String,
+    },
+    /// A parallel group of fewer than two steps is just a step.
+    #[error("flow {0}: a parallel group needs at least two steps")]
+    TinyGroup(String),
+    /// Compensatable steps must say how they are undone.
+    #[error("flow {flow}: compensatable step {step} has no compensation")]
+    MissingCompensation {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+    },
+    /// Pivot and retriable steps are never compensated.
+    #[error("flow {flow}: {kind} step {step} cannot have a compensation")]
+    UnexpectedCompensation {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// Its kind.
+        kind: StepKind,
+    },
+    /// Classic saga ordering: compensatable steps, then at most one pivot,
+    /// then retriable steps; pivot and retriable steps run alone.
+    #[error("flow {flow}: step {step}: {reason}")]
+    BadOrder {
+        /// The flow.
+        flow: String,
+        /// The step that breaks the order.
+        step: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// Validates a flow, step, participant or command name.
+fn check_name(what: &'static str, name: &str) -> Result<(), DefinitionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(DefinitionError::InvalidName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The classic saga step taxonomy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepKind {
+    /// Can be undone by its compensation if a later step fails.
+    Compensatable,
+    /// The point of no return: once it succeeds the saga can only go forward.
+    Pivot,
+    /// Comes after the pivot; retried until it succeeds, never compensated.
+    Retriable,
+}
+
+impl StepKind {
+    /// Lowercase name, as shown by `ListSagaTypes`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Compensatable => "compensatable",
+            Self::Pivot => "pivot",
+            Self::Retriable => "retriable",
+        }
+    }
+}
+
+impl fmt::Display for StepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Exponential backoff with jitter and an attempt budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Deliveries allowed in one round (first try included); `None` = unlimited.
+    pub max_attempts: Option<u32>,
+    /// Delay before the second attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of any delay.
+    pub max_backoff: Duration,
+    /// Growth factor per attempt.
+    pub multiplier: f64,
+    /// Fraction of each delay that is randomised: the delay is drawn from
+    /// `[d * (1 - jitter), d]`, so retries of many sagas do not stampede.
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    /// `max_attempts` deliveries, doubling from `initial` up to 30 s, 50% jitter.
+    pub fn exponential(initial: Duration, max_attempts: u32) -> Self {
+        Self {
+            max_attempts: Some(max_attempts.max(1)),
+            initial_backoff: initial,
+            max_backoff: Duration::from_secs(30),
+            multiplier: 2.0,
+            jitter: 0.5,
+        }
+    }
+
+    /// Retries without limit (for retriable steps), doubling from `initial` up to `max`.
+    pub fn forever(initial: Duration, max: Duration) -> Self {
+        Self {
+            max_attempts: None,
+            initial_backoff: initial,
+            max_backoff: max,
+            multiplier: 2.0,
+            jitter: 0.5,
+        }
+    }
+
+    /// Sets the upper bound of any delay.
+    pub fn with_max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = max;
+        self
+    }
+
+    /// Whether another delivery is allowed after `attempts_so_far` in this round.
+    pub fn allows_another(&self, attempts_so_far: u32) -> bool {
+        self.max_attempts.is_none_or(|max| attempts_so_far < max)
+    }
+
+    /// Delay before retrying after `failed_attempt` (1-based), with
+    /// `sample` in `[0, 1)` supplied by the caller (the machine stays pure).
+    pub fn backoff_ms(&self, failed_attempt: u32, sample: f64) -> u64 {
+        let exp = self
+            .multiplier
+            .powi(failed_attempt.saturating_sub(1).min(64) as i32);
+        let base = (self.initial_backoff.as_millis() as f64 * exp)
+            .min(self.max_backoff.as_millis() as f64);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        let sample = sample.clamp(0.0, 1.0);
+        (base * (1.0 - jitter * sample)).round().max(0.0) as u64
+    }
+}
+
+/// A JSON-in, JSON-out function derived from a typed closure.
+type PayloadFn = Arc<dyn Fn(&Value) -> Result<Value, String> + Send + Sync>;
+/// Folds a success reply's data into the saga's data.
+type FoldFn = Arc<dyn Fn(&mut Value, &Value) -> Result<(), String> + Send + Sync>;
+/// Parses and validates a flow's input.
+type ParseFn = Arc<dyn Fn(&str) -> Result<Value, InputError> + Send + Sync>;
+
+/// One step of a flow, as the state machine sees it.
+#[derive(Clone)]
+pub struct StepDef {
+    /// Unique within the flow, e.g. `reserve_inventory`.
+    pub name: String,
+    /// Compensatable, pivot or retriable.
+    pub kind: StepKind,
+    /// Participant that runs it (the command routing key).
+    pub participant: String,
+    /// Command name of the action, e.g. `reserve`.
+    pub command: String,
+    /// Command name of the compensation, e.g. `release`.
+    pub compensation: Option<String>,
+    /// Index of the stage (sequential position) the step belongs to.
+    pub stage: usize,
+    /// How long to wait for a reply before the outcome counts as unknown.
+    pub timeout: Duration,
+    /// Retries of the action.
+    pub retry: RetryPolicy,
+    /// Retries of the compensation; when exhausted the saga is FAILED.
+    pub compensation_retry: RetryPolicy,
+    /// Builds the action's payload.
+    payload: PayloadFn,
+    /// Builds the compensation's payload.
+    compensation_payload: Option<PayloadFn>,
+    /// Folds the action's success data into the saga data.
+    fold: FoldFn,
+}
+
+impl fmt::Debug for StepDef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepDef")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("participant", &self.participant)
+            .field("command", &self.command)
+            .field("compensation", &self.compensation)
+            .field("stage", &self.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StepDef {
+    /// The action's payload for the saga's current data.
+    pub fn action_payload(&self, data: &Value) -> Result<Value, String> {
+        (self.payload)(data)
+    }
+
+    /// The compensation's payload for the saga's current data.
+    pub fn compensation_payload(&self, data: &Value) -> Result<Value, String> {
+        match &self.compensation_payload {
+            Some(build) => build(data),
+            None => Err(format!("step {} has no compensation", self.name)),
+        }
+    }
+
+    /// Folds the action's success reply data into the saga's data.
+    pub fn fold_reply(&self, data: &mut Value, reply: &Value) -> Result<(), String> {
+        (self.fold)(data, reply)
+    }
+}
+
+/// Default time to wait for a reply.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Typed builder of one step over the saga data `D`.
+pub struct Step<D: SagaData> {
+    /// The step being built.
+    def: StepDef,
+    /// Ties the builder to the flow's data type.
+    _data: std::marker::PhantomData<fn(D)>,
+}
+
+impl<D: SagaData> Step<D> {
+    fn new(kind: StepKind, name: &str, participant: &str, command: &str) -> Self {
+        let retry = match kind {
+            StepKind::Retriable => {
+                RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(30))
+            }
+            _ => RetryPolicy::exponential(Duration::from_millis(200), 5),
+        };
+        Self {
+            def: StepDef {
+                name: name.to_owned(),
+                kind,
+                participant: participant.to_owned(),
+                command: command.to_owned(),
+                compensation: None,
+                stage: 0,
+                timeout: DEFAULT_TIMEOUT,
+                retry,
+                compensation_retry: RetryPolicy::exponential(Duration::from_millis(200), 8),
+                payload: Arc::new(|_| Ok(Value::Object(Default::default()))),
+                compensation_payload: None,
+                fold: Arc::new(|_, _| Ok(())),
+            },
+            _data: std::marker::PhantomData,
+        }
+    }
+
+    /// A step that a later failure undoes with its compensation.
+    pub fn compensatable(name: &str, participant: &str, command: &str) -> Self {
+        Self::new(StepKind::Compensatable, name, participant, command)
+    }
+
+    /// The point of no return: after it succeeds the saga only goes forward.
+    pub fn pivot(name: &str, participant: &str, command: &str) -> Self {
+        Self::new(StepKind::Pivot, name, participant, command)
+    }
+
+    /// A step after the pivot, retried until it succeeds and never compensated.
+    pub fn retriable(name: &str, participant: &str, command: &str) -> Self {
+        Self::new(StepKind::Retriable, name, participant, command)
+    }
+
+    /// Builds the action's payload from the saga data (default: `{}`).
+    pub fn payload<P: Serialize>(
+        mut self,
+        build: impl Fn(&D) -> P + Send + Sync + 'static,
+    ) -> Self {
+        self.def.payload = erase_payload(build);
+        self
+    }
+
+    /// Declares the compensation command and builds its payload.
+    pub fn compensate_with<P: Serialize>(
+        mut self,
+        command: &str,
+        build: impl Fn(&D) -> P + Send + Sync + 'static,
+    ) -> Self {
+        self.def.compensation = Some(command.to_owned());
+        self.def.compensation_payload = Some(erase_payload(build));
+        self
+    }
+
+    /// Folds the success reply (parsed as `R`) into the saga data. A reply
+    /// that does not parse counts as a participant fault: the step took
+    /// effect but cannot be used, so the saga compensates it.
+    pub fn on_success<R: DeserializeOwned>(
+        mut self,
+        fold: impl Fn(&mut D, R) + Send + Sync + 'static,
+    ) -> Self {
+        self.def.fold = Arc::new(move |data: &mut Value, reply: &Value| {
+            let mut typed: D = serde_json::from_value(data.clone())
+                .map_err(|e| format!("saga data does not match the flow: {e}"))?;
+            let reply: R = serde_json::from_value(reply.clone())
+                .map_err(|e| format!("malformed reply data: {e}"))?;
+            fold(&mut typed, reply);
+            *data = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+        self
+    }
+
+    /// How long to wait for a reply before the outcome counts as unknown (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.def.timeout = timeout;
+        self
+    }
+
+    /// Retries of the action (default: 5 attempts from 200 ms; retriable: forever).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.def.retry = policy;
+        self
+    }
+
+    /// Retries of the compensation (default: 8 attempts from 200 ms).
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.def.compensation_retry = policy;
+        self
+    }
+}
+
+fn erase_payload<D: SagaData, P: Serialize>(
+    build: impl Fn(&D) -> P + Send + Sync + 'static,
+) -> PayloadFn {
+    Arc::new(move |data: &Value| {
+        let typed: D = serde_json::from_value(data.clone())
+            .map_err(|e| format!("saga data does not match the flow: {e}"))?;
+        serde_json::to_value(build(&typed)).map_err(|e| e.to_string())
+    })
+}
+
+/// One flow, one version: what the state machine runs.
+#[derive(Clone)]
+pub struct Flow {
+    /// Flow name, e.g. `order_placement`.
+    name: String,
+    /// Version, from 1.
+    version: u32,
+    /// Human description of the input's JSON shape.
+    input_description: String,
+    /// Every step, in stage order.
+    steps: Vec<StepDef>,
+    /// Indices into `steps` for each stage.
+    stages: Vec<Vec<usize>>,
+    /// Parses and validates the input into initial saga data.
+    parse_input: ParseFn,
+}
+
+impl fmt::Debug for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flow")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Flow {
+    /// Starts a definition of flow `name`, version `version`, over data `D`.
+    pub fn builder<D: SagaData>(name: &str, version: u32) -> FlowBuilder<D> {
+        FlowBuilder {
+            name: name.to_owned(),
+            version,
+            input_description: String::new(),
+            stages: Vec::new(),
+            _data: std::marker::PhantomData,
+        }
+    }
+
+    /// The flow's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The flow's version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Human description of the input's JSON shape.
+    pub fn input_description(&self) -> &str {
+        &self.input_description
+    }
+
+    /// Every step, in stage order.
+    pub fn steps(&self) -> &[StepDef] {
+        &self.steps
+    }
+
+    /// The steps of each stage, as indices into [`Self::steps`].
+    pub fn stages(&self) -> &[Vec<usize>] {
+        &self.stages
+    }
+
+    /// Index of the step called `name`.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// Parses and validates `input_json`, returning the saga's initial data.
+    /// Errors name the offending field.
+    pub fn parse_input(&self, input_json: &str) -> Result<Value, InputError> {
+        (self.parse_input)(input_json)
+    }
+}
+
+/// Builder returned by [`Flow::builder`].
+pub struct FlowBuilder<D: SagaData> {
+    /// Flow name.
+    name: String,
+    /// Flow version.
+    version: u32,
+    /// Human description of the input.
+    input_description: String,
+    /// Stages added so far (each one or more steps).
+    stages: Vec<Vec<StepDef>>,
+    /// Ties the builder to the data type.
+    _data: std::marker::PhantomData<fn(D)>,
+}
+
+impl<D: SagaData> FlowBuilder<D> {
+    /// Describes the input's JSON shape for `ListSagaTypes` and `sagactl types`.
+    pub fn input_description(mut self, text: &str) -> Self {
+        self.input_description = text.to_owned();
+        self
+    }
+
+    /// Appends a step that runs after everything before it.
+    pub fn step(mut self, step: Step<D>) -> Self {
+        self.stages.push(vec![step.def]);
+        self
+    }
+
+    /// Appends a parallel group: its steps start together; the flow goes on
+    /// when all succeed, and compensates all that took effect if any fails.
+    pub fn parallel(mut self, steps: impl IntoIterator<Item = Step<D>>) -> Self {
+        self.stages
+            .push(steps.into_iter().map(|step| step.def).collect());
+        self
+    }
+
+    /// Checks the definition and returns the runnable flow.
+    pub fn build(self) -> Result<Flow, DefinitionError> {
+        let flow = self.name.clone();
+        check_name("flow", &flow)?;
+        if self.version == 0 {
+            return Err(DefinitionError::ZeroVersion(flow));
+        }
+        if self.stages.is_empty() {
+            return Err(DefinitionError::NoSteps(flow));
+        }
+        let mut names = HashSet::new();
+        let mut steps = Vec::new();
+        let mut stages = Vec::new();
+        let mut past_pivot = false;
+        for (stage_index, stage) in self.stages.into_iter().enumerate() {
+            if stage.len() > 1 {
+                if let Some(s) = stage.iter().find(|s| s.kind != StepKind::Compensatable) {
+                    return Err(DefinitionError::BadOrder {
+                        flow,
+                        step: s.name.clone(),
+                        reason: "only compensatable steps can run in a parallel group",
+                    });
+                }
+            } else if stage.is_empty() {
+                return Err(DefinitionError::TinyGroup(flow));
+            }
+            let mut indices = Vec::new();
+            for mut step in stage {
+                check_name("step", &step.name)?;
+                check_name("participant", &step.participant)?;
+                check_name("command", &step.command)?;
+                if !names.insert(step.name.clone()) {
+                    return Err(DefinitionError::DuplicateStep {
+                        flow,
+                        step: step.name,
+                    });
+                }
+                match (step.kind, &step.compensation) {
+                    (StepKind::Compensatable, None) => {
+                        return Err(DefinitionError::MissingCompensation {
+                            flow,
+                            step: step.name,
+                        });
+                    }
+                    (StepKind::Compensatable, Some(command)) => {
+                        check_name("command", command)?;
+                        if past_pivot {
+                            return Err(DefinitionError::BadOrder {
+                                flow,
+                                step: step.name,
+                                reason: "a compensatable step cannot follow a pivot or retriable step",
+                            });
+                        }
+                    }
+                    (kind, Some(_)) => {
+                        return Err(DefinitionError::UnexpectedCompensation {
+                            flow,
+                            step: step.name,
+                            kind,
+                        });
+                    }
+                    (StepKind::Pivot, None) => {
+                        if past_pivot {
+                            return Err(DefinitionError::BadOrder {
+                                flow,
+                                step: step.name,
+                                reason: "a pivot step must come before every retriable step and be the only pivot",
+                            });
+                        }
+                        past_pivot = true;
+                    }
+                    (StepKind::Retriable, None) => past_pivot = true,
+                }
+                step.stage = stage_index;
+                indices.push(steps.len());
+                steps.push(step);
+            }
+            stages.push(indices);
+        }
+        let parse_input: ParseFn = Arc::new(parse_typed_input::<D>);
+        Ok(Flow {
+            name: self.name,
+            version: self.version,
+            input_description: self.input_description,
+            steps,
+            stages,
+            parse_input,
+        })
+    }
+}
+
+/// Parses `input_json` as `D::Input`, naming the failing field's path.
+fn parse_typed_input<D: SagaData>(input_json: &str) -> Result<Value, InputError> {
+    let deserializer = &mut serde_json::Deserializer::from_str(input_json);
+    let input: D::Input = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        InputError::new(field, err.into_inner().to_string())
+    })?;
+    let data = D::from_input(input)?;
+    serde_json::to_value(&data).map_err(|e| InputError::new("", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Serialize, Deserialize)]
+    struct Data {
+        n: u32,
+    }
+    impl SagaData for Data {
+        type Input = Data;
+        fn from_input(input: Data) -> Result<Self, InputError> {
+            Ok(input)
+        }
+    }
+
+    fn comp(name: &str) -> Step<Data> {
+        Step::compensatable(name, "p", "do").compensate_with("undo", |_| ())
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let p = RetryPolicy::exponential(Duration::from_millis(100), 5)
+            .with_max_backoff(Duration::from_millis(350));
+        assert_eq!(p.backoff_ms(1, 0.0), 100);
+        assert_eq!(p.backoff_ms(2, 0.0), 200);
+        assert_eq!(p.backoff_ms(3, 0.0), 350);
+        assert_eq!(p.backoff_ms(1, 0.999_999), 50);
+        assert!(p.allows_another(4));
+        assert!(!p.allows_another(5));
+        assert!(
+            RetryPolicy::forever(Duration::from_millis(1), Duration::from_secs(1))
+                .allows_another(u32::MAX)
+        );
+    }
+
+    #[test]
+    fn definitions_are_checked() {
+        let no_comp = Flow::builder::<Data>("f", 1)
+            .step(Step::compensatable("a", "p", "do"))
+            .build();
+        assert!(matches!(
+            no_comp,
+            Err(DefinitionError::MissingCompensation { .. })
+        ));
+        let dup = Flow::builder::<Data>("f", 1)
+            .step(comp("a"))
+            .step(comp("a"))
+            .build();
+        assert!(matches!(dup, Err(DefinitionError::DuplicateStep { .. })));
+        let after_pivot = Flow::builder::<Data>("f", 1)
+            .step(Step::pivot("p", "p", "do"))
+            .step(comp("a"))
+            .build();
+        assert!(matches!(after_pivot, Err(DefinitionError::BadOrder { .. })));
+        let two_pivots = Flow::builder::<Data>("f", 1)
+            .step(Step::pivot("p", "p", "do"))
+            .step(Step::pivot("q", "p", "do"))
+            .build();
+        assert!(matches!(two_pivots, Err(DefinitionError::BadOrder { .. })));
+        let pivot_in_group = Flow::builder::<Data>("f", 1)
+            .parallel([comp("a"), Step::pivot("p", "p", "do")])
+            .build();
+        assert!(matches!(
+            pivot_in_group,
+            Err(DefinitionError::BadOrder { .. })
+        ));
+        let bad_name = Flow::builder::<Data>("Bad Name", 1).step(comp("a")).build();
+        assert!(matches!(bad_name, Err(DefinitionError::InvalidName { .. })));
+        assert!(matches!(
+            Flow::builder::<Data>("f", 0).step(comp("a")).build(),
+            Err(DefinitionError::ZeroVersion(_))
+        ));
+        assert!(matches!(
+            Flow::builder::<Data>("f", 1).build(),
+            Err(DefinitionError::NoSteps(_))
+        ));
+        let retriable_comp = Flow::builder::<Data>("f", 1)
+            .step(Step::retriable("r", "p", "do").compensate_with("undo", |_| ()))
+            .build();
+        assert!(matches!(
+            retriable_comp,
+            Err(DefinitionError::UnexpectedCompensation { .. })
+        ));
+    }
+
+    #[test]
+    fn input_errors_name_the_field() {
+        let flow = Flow::builder::<Data>("f", 1)
+            .step(comp("a"))
+            .build()
+            .unwrap();
+        let err = flow.parse_input(r#"{"n": "x"}"#).unwrap_err();
+        assert_eq!(err.field, "n");
+        let err = flow.parse_input("[").unwrap_err();
+        assert_eq!(err.field, "");
+        assert_eq!(
+            flow.parse_input(r#"{"n": 3}"#).unwrap(),
+            serde_json::json!({"n": 3})
+        );
+    }
+}

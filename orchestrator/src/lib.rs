@@ -1,1 +1,33 @@
-//! Placeholder
+//! The saga orchestrator service.
+//!
+//! Layout (the edges around the pure `sagas` machine):
+//! - [`config`], [`telemetry`]: flags/env and logging.
+//! - [`store`]: PostgreSQL tables (sagas, history, outbox), migrations.
+//! - [`engine`]: load → apply → persist state + history + outbox in one
+//!   transaction → commit → act. The only writer of saga state.
+//! - [`bus`]: RabbitMQ — connection supervision, topology, the confirming
+//!   publisher and the batching reply consumer.
+//! - [`relay`]: republishes outbox rows whose lease ran out.
+//! - [`timers`]: fires due step timers stored with the sagas.
+//! - [`watch`]: cross-instance history notifications for `WatchSaga`.
+//! - [`api`]: the gRPC service; [`health`]: what health reports.
+//! - [`app`]: wires everything and runs it until shutdown.
+//!
+//! Data flow: `StartSaga` → engine transaction (saga row, history, outbox) →
+//! publisher → `<ns>.commands` → participant → `<ns>.replies` → consumer →
+//! engine transaction → ... until the saga is terminal.
+
+pub mod api;
+pub mod app;
+pub mod bus;
+pub mod config;
+pub mod engine;
+pub mod health;
+pub mod relay;
+pub mod store;
+pub mod telemetry;
+pub mod timers;
+pub mod watch;
+
+pub use app::{Application, StartupError};
+pub use config::Config;

@@ -1,0 +1,483 @@
+//! The gRPC API (`saga.v1.SagaService`): request validation, mapping to the
+//! engine, and error codes.
+//!
+//! Error codes: malformed input or id → INVALID_ARGUMENT naming the field;
+//! unknown saga type, version or id → NOT_FOUND; cancel/retry in a state
+//! that does not allow it → FAILED_PRECONDITION; database unreachable →
+//! UNAVAILABLE.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use saga_proto::v1::{
+    self, CancelSagaRequest, GetSagaRequest, ListSagaTypesRequest, ListSagaTypesResponse,
+    ListSagasRequest, ListSagasResponse, RetrySagaRequest, StartSagaRequest, StartSagaResponse,
+    WatchSagaRequest, saga_service_server::SagaService,
+};
+use sagas::{CatalogError, SagaStatus, StepStatus};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    engine::{Engine, EngineError, StartRequest, is_connection_error},
+    store::{
+        StoreError,
+        history::{self, HistoryRow},
+        sagas::{self as saga_rows, Cursor, SagaRecord},
+    },
+    watch::WatchHub,
+};
+
+/// Largest accepted `input_json`, in bytes.
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Longest accepted cancel reason, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Page size when the request says 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest page.
+pub const MAX_PAGE_SIZE: u32 = 500;
+/// How often a watch stream re-reads history even without a notification.
+const WATCH_REREAD: Duration = Duration::from_secs(2);
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct SagaApi {
+    /// Drives sagas.
+    engine: Arc<Engine>,
+    /// Change notifications for watch streams.
+    hub: WatchHub,
+}
+
+impl SagaApi {
+    /// A service over `engine`.
+    pub fn new(engine: Arc<Engine>, hub: WatchHub) -> Self {
+        Self { engine, hub }
+    }
+}
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+fn parse_saga_id(text: &str) -> Result<Uuid, Status> {
+    if text.is_empty() {
+        return Err(invalid("saga_id", "must not be empty"));
+    }
+    if text.len() > 64 {
+        return Err(invalid("saga_id", "is not a UUID (too long)"));
+    }
+    Uuid::parse_str(text).map_err(|_| invalid("saga_id", format!("{text:?} is not a UUID")))
+}
+
+fn store_status(error: &StoreError) -> Status {
+    match error {
+        StoreError::Database(e) if is_connection_error(e) => {
+            Status::unavailable(format!("database unavailable: {e}"))
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::InvalidInput(e) if e.field.is_empty() => invalid("input_json", e.message),
+            EngineError::InvalidInput(e) => invalid(&format!("input_json.{}", e.field), e.message),
+            EngineError::UnknownFlow(e @ CatalogError::UnknownType(_)) => {
+                Status::not_found(format!("saga_type: {e}"))
+            }
+            EngineError::UnknownFlow(e) => Status::not_found(format!("definition_version: {e}")),
+            EngineError::SagaNotFound(id) => {
+                Status::not_found(format!("saga_id: saga {id} not found"))
+            }
+            EngineError::Refused(e) => Status::failed_precondition(e.to_string()),
+            EngineError::Store(e) => store_status(&e),
+        }
+    }
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The wire enum of a saga status.
+pub fn saga_state(status: SagaStatus) -> v1::SagaState {
+    match status {
+        SagaStatus::Running => v1::SagaState::Running,
+        SagaStatus::Compensating => v1::SagaState::Compensating,
+        SagaStatus::Completed => v1::SagaState::Completed,
+        SagaStatus::Compensated => v1::SagaState::Compensated,
+        SagaStatus::Failed => v1::SagaState::Failed,
+    }
+}
+
+fn step_state(status: StepStatus) -> v1::StepState {
+    match status {
+        StepStatus::Pending => v1::StepState::Pending,
+        StepStatus::Running => v1::StepState::Running,
+        StepStatus::Succeeded => v1::StepState::Succeeded,
+        StepStatus::Failed | StepStatus::CompensationFailed => v1::StepState::Failed,
+        StepStatus::Compensating => v1::StepState::Compensating,
+        StepStatus::Compensated => v1::StepState::Compensated,
+        StepStatus::Skipped => v1::StepState::Skipped,
+    }
+}
+
+/// The wire view of a stored saga.
+pub fn saga_view(record: &SagaRecord) -> v1::Saga {
+    let state = &record.state;
+    v1::Saga {
+        saga_id: state.id.to_string(),
+        saga_type: state.saga_type.clone(),
+        definition_version: state.version,
+        state: saga_state(state.status) as i32,
+        input_json: record.input.clone(),
+        data_json: state.data.to_string(),
+        steps: state
+            .steps
+            .iter()
+            .map(|s| v1::Step {
+                name: s.name.clone(),
+                state: step_state(s.status) as i32,
+                attempts: s.attempts,
+                error: s.error.clone().unwrap_or_default(),
+                compensation_attempts: s.compensation_attempts,
+            })
+            .collect(),
+        error: state.error.clone().unwrap_or_default(),
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        idempotency_key: record.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+fn event_view(row: &HistoryRow) -> v1::SagaEvent {
+    v1::SagaEvent {
+        saga_id: row.saga_id.to_string(),
+        seq: row.seq as u64,
+        kind: row.kind.clone(),
+        step: row.step.clone().unwrap_or_default(),
+        state: saga_state(row.status) as i32,
+        at: Some(timestamp(row.at)),
+        detail: row.detail.clone(),
+    }
+}
+
+/// Opaque page token: hex of "<created_at micros>:<id>".
+fn encode_token(record: &SagaRecord) -> String {
+    let raw = format!(
+        "{}:{}",
+        record.created_at.timestamp_micros(),
+        record.state.id
+    );
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Result<Cursor, Status> {
+    let bad = || invalid("page_token", "is not a token returned by ListSagas");
+    if token.len() % 2 != 0 || token.len() > 256 {
+        return Err(bad());
+    }
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    Ok(Cursor {
+        created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+        id: id.parse().map_err(|_| bad())?,
+    })
+}
+
+fn check_idempotency_key(key: &str) -> Result<(), Status> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(invalid(
+            "idempotency_key",
+            format!("must be at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(invalid(
+            "idempotency_key",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::SagaEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SagaService for SagaApi {
+    async fn start_saga(
+        &self,
+        request: Request<StartSagaRequest>,
+    ) -> Result<Response<StartSagaResponse>, Status> {
+        let request = request.into_inner();
+        if request.saga_type.is_empty() {
+            return Err(invalid("saga_type", "must not be empty"));
+        }
+        if request.saga_type.len() > 64 {
+            return Err(invalid("saga_type", "must be at most 64 bytes"));
+        }
+        if request.input_json.len() > MAX_INPUT_BYTES {
+            return Err(invalid(
+                "input_json",
+                format!(
+                    "is {} bytes; the limit is {MAX_INPUT_BYTES}",
+                    request.input_json.len()
+                ),
+            ));
+        }
+        check_idempotency_key(&request.idempotency_key)?;
+        let started = self
+            .engine
+            .start(StartRequest {
+                saga_type: request.saga_type,
+                version: request.definition_version,
+                input: request.input_json,
+                idempotency_key: (!request.idempotency_key.is_empty())
+                    .then_some(request.idempotency_key),
+            })
+            .await?;
+        Ok(Response::new(StartSagaResponse {
+            saga_id: started.saga_id.to_string(),
+            created: started.created,
+        }))
+    }
+
+    async fn get_saga(
+        &self,
+        request: Request<GetSagaRequest>,
+    ) -> Result<Response<v1::Saga>, Status> {
+        let id = parse_saga_id(&request.into_inner().saga_id)?;
+        let record = self.engine.get(id).await?;
+        Ok(Response::new(saga_view(&record)))
+    }
+
+    async fn list_sagas(
+        &self,
+        request: Request<ListSagasRequest>,
+    ) -> Result<Response<ListSagasResponse>, Status> {
+        let request = request.into_inner();
+        let status = match v1::SagaState::try_from(request.state) {
+            Ok(v1::SagaState::Unspecified) => None,
+            Ok(v1::SagaState::Running) => Some(SagaStatus::Running),
+            Ok(v1::SagaState::Compensating) => Some(SagaStatus::Compensating),
+            Ok(v1::SagaState::Completed) => Some(SagaStatus::Completed),
+            Ok(v1::SagaState::Compensated) => Some(SagaStatus::Compensated),
+            Ok(v1::SagaState::Failed) => Some(SagaStatus::Failed),
+            Err(_) => {
+                return Err(invalid(
+                    "state",
+                    format!("{} is not a SagaState", request.state),
+                ));
+            }
+        };
+        let saga_type = (!request.saga_type.is_empty()).then_some(request.saga_type.as_str());
+        if let Some(name) = saga_type {
+            if self.engine.catalog().get(name, 0).is_err() {
+                return Err(Status::not_found(format!(
+                    "saga_type: unknown saga type {name:?}"
+                )));
+            }
+        }
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let cursor = match request.page_token.as_str() {
+            "" => None,
+            token => Some(decode_token(token)?),
+        };
+        let mut records = saga_rows::list(
+            self.engine.store().pool(),
+            saga_type,
+            status,
+            cursor,
+            i64::from(page_size) + 1,
+        )
+        .await
+        .map_err(|e| store_status(&e))?;
+        let next_page_token = if records.len() > page_size as usize {
+            records.truncate(page_size as usize);
+            records.last().map(encode_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListSagasResponse {
+            sagas: records.iter().map(saga_view).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchSagaStream = WatchStream;
+
+    async fn watch_saga(
+        &self,
+        request: Request<WatchSagaRequest>,
+    ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        let id = parse_saga_id(&request.into_inner().saga_id)?;
+        // Subscribe before the first read so nothing falls in between.
+        let notifications = self.hub.subscribe();
+        self.engine.get(id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let pool = self.engine.store().pool().clone();
+        tokio::spawn(stream_history(pool, id, notifications, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_saga(
+        &self,
+        request: Request<CancelSagaRequest>,
+    ) -> Result<Response<v1::Saga>, Status> {
+        let request = request.into_inner();
+        let id = parse_saga_id(&request.saga_id)?;
+        if request.reason.len() > MAX_REASON_BYTES {
+            return Err(invalid(
+                "reason",
+                format!("must be at most {MAX_REASON_BYTES} bytes"),
+            ));
+        }
+        let record = self.engine.cancel(id, request.reason).await?;
+        Ok(Response::new(saga_view(&record)))
+    }
+
+    async fn retry_saga(
+        &self,
+        request: Request<RetrySagaRequest>,
+    ) -> Result<Response<v1::Saga>, Status> {
+        let id = parse_saga_id(&request.into_inner().saga_id)?;
+        let record = self.engine.retry(id).await?;
+        Ok(Response::new(saga_view(&record)))
+    }
+
+    async fn list_saga_types(
+        &self,
+        _request: Request<ListSagaTypesRequest>,
+    ) -> Result<Response<ListSagaTypesResponse>, Status> {
+        let saga_types = self
+            .engine
+            .catalog()
+            .list()
+            .into_iter()
+            .map(|(flow, latest)| v1::SagaType {
+                name: flow.name().to_owned(),
+                version: flow.version(),
+                latest,
+                input_description: flow.input_description().to_owned(),
+                steps: flow
+                    .steps()
+                    .iter()
+                    .map(|s| v1::StepDefinition {
+                        name: s.name.clone(),
+                        kind: s.kind.as_str().to_owned(),
+                        participant: s.participant.clone(),
+                        command: s.command.clone(),
+                        compensation_command: s.compensation.clone().unwrap_or_default(),
+                        group: s.stage as u32,
+                        timeout_ms: s.timeout.as_millis() as u32,
+                        max_attempts: s.retry.max_attempts.unwrap_or(0),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(ListSagaTypesResponse { saga_types }))
+    }
+}
+
+/// Sends the saga's history, then new rows as they come, until the terminal
+/// event or until the client goes away.
+async fn stream_history(
+    pool: sqlx::PgPool,
+    id: Uuid,
+    mut notifications: broadcast::Receiver<Uuid>,
+    tx: mpsc::Sender<Result<v1::SagaEvent, Status>>,
+) {
+    let mut last_seq = 0;
+    loop {
+        match history::since(&pool, id, last_seq).await {
+            Ok(rows) => {
+                for row in rows {
+                    last_seq = row.seq;
+                    let terminal = row.is_terminal();
+                    if tx.send(Ok(event_view(&row))).await.is_err() {
+                        return;
+                    }
+                    if terminal {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watch stream could not read history; will retry");
+            }
+        }
+        // Wait for news about this saga (or re-read after a while anyway).
+        let deadline = tokio::time::sleep(WATCH_REREAD);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => break,
+                () = tx.closed() => return,
+                notified = notifications.recv() => match notified {
+                    Ok(saga) if saga == id => break,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let cursor = Cursor {
+            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
+        let raw = format!("{}:{}", cursor.created_at.timestamp_micros(), cursor.id);
+        let token: String = raw.bytes().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(decode_token(&token).unwrap(), cursor);
+        for bad in ["zz", "abc", "00", "3a"] {
+            let status = decode_token(bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with("page_token"));
+        }
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert_eq!(
+            parse_saga_id("").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            parse_saga_id("not-a-uuid").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert!(
+            parse_saga_id(&"a".repeat(10_000))
+                .unwrap_err()
+                .message()
+                .starts_with("saga_id")
+        );
+        assert!(parse_saga_id(&Uuid::new_v4().to_string()).is_ok());
+    }
+}

@@ -1,0 +1,274 @@
+//! Wires the orchestrator together and runs it until shutdown.
+//!
+//! [`Application::build`] connects to PostgreSQL (creating the database and
+//! applying migrations), binds the gRPC listener (port 0 in tests; the real
+//! port is reported), and starts every task on a shared
+//! [`CancellationToken`]. [`Application::run_until_stopped`] waits for the
+//! token, then for every task to finish what it holds: the gRPC server stops
+//! taking calls, the reply consumer finishes and acknowledges its batch, the
+//! publisher flushes and awaits its confirms.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use backon::{ExponentialBuilder, Retryable};
+use saga_proto::v1::{FILE_DESCRIPTOR_SET, saga_service_server::SagaServiceServer};
+use sagas::Catalog;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::SagaApi,
+    bus::{self, BusSettings, publisher},
+    config::Config,
+    engine::Engine,
+    health::Health,
+    relay,
+    store::{Store, StoreError},
+    timers::{self, TimerSettings, TimerWakeups},
+    watch::WatchHub,
+};
+
+/// Largest gRPC request accepted (bigger ones get RESOURCE_EXHAUSTED).
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Why the orchestrator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// PostgreSQL could not be reached or migrated.
+    #[error("cannot prepare the database: {0}")]
+    Database(#[from] StoreError),
+    /// The gRPC address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Running sagas need a flow version this build does not have.
+    #[error("running sagas need flow versions this orchestrator does not have: {0}")]
+    MissingFlows(String),
+    /// The metrics exporter could not start.
+    #[error("cannot start the metrics exporter: {0}")]
+    Metrics(String),
+}
+
+/// A running orchestrator.
+#[derive(Debug)]
+pub struct Application {
+    /// Where the gRPC API listens.
+    grpc_addr: SocketAddr,
+    /// Stops everything.
+    shutdown: CancellationToken,
+    /// Every background task.
+    tasks: TaskTracker,
+    /// The engine (for tests and the dev runner).
+    engine: Arc<Engine>,
+    /// Dependency health.
+    health: Health,
+}
+
+impl Application {
+    /// Connects, migrates, binds and starts every task.
+    pub async fn build(
+        config: Config,
+        catalog: Catalog,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartupError> {
+        if let Some(addr) = config.metrics_addr {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| StartupError::Metrics(e.to_string()))?;
+        }
+        let connect = || Store::connect(&config.database_url, config.db_max_connections);
+        let store = connect
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_total_delay(Some(Duration::from_secs(60))),
+            )
+            .notify(|error, delay| tracing::warn!(%error, ?delay, "database not ready; retrying"))
+            .await?;
+        check_flows(&store, &catalog).await?;
+        let listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let grpc_addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+
+        let health = Health::new();
+        health.set_database(true);
+        let (publisher, outgoing) = publisher::channel(65_536);
+        let wakeups = TimerWakeups::default();
+        let topology = config.topology();
+        let engine = Arc::new(Engine::new(
+            store.clone(),
+            Arc::new(catalog),
+            topology.clone(),
+            publisher.clone(),
+            wakeups.clone(),
+            health.clone(),
+        ));
+        let hub = WatchHub::new();
+        let tasks = TaskTracker::new();
+
+        tasks.spawn(bus::run(
+            BusSettings {
+                url: config.amqp_url.clone(),
+                topology,
+                prefetch: config.reply_prefetch,
+                max_batch: usize::from(config.reply_batch),
+            },
+            engine.clone(),
+            outgoing,
+            health.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(timers::run(
+            engine.clone(),
+            wakeups,
+            TimerSettings::default(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(relay::run(
+            engine.clone(),
+            publisher,
+            health.clone(),
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+        tasks.spawn(hub.clone().run(store.pool().clone(), shutdown.clone()));
+        tasks.spawn(probe_database(
+            store.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        tasks.spawn(mirror_health(health.clone(), reporter, shutdown.clone()));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("embedded descriptor sets are valid");
+        let api = SagaServiceServer::new(SagaApi::new(engine.clone(), hub))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(api)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        tasks.spawn(async move {
+            if let Err(error) = server.await {
+                tracing::error!(%error, "gRPC server failed");
+            }
+        });
+        tasks.close();
+        tracing::info!(%grpc_addr, namespace = %config.namespace, "orchestrator started");
+        Ok(Self {
+            grpc_addr,
+            shutdown,
+            tasks,
+            engine,
+            health,
+        })
+    }
+
+    /// Where the gRPC API listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Dependency health.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Cancelling this stops the orchestrator gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for the shutdown token, then for every task to finish.
+    pub async fn run_until_stopped(self) {
+        self.shutdown.cancelled().await;
+        tracing::info!("shutting down: finishing work in hand");
+        self.tasks.wait().await;
+        self.engine.store().close().await;
+        tracing::info!("orchestrator stopped");
+    }
+}
+
+/// Refuses to start when running sagas need a flow version that is gone:
+/// they could never finish.
+async fn check_flows(store: &Store, catalog: &Catalog) -> Result<(), StartupError> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT DISTINCT saga_type, version FROM sagas WHERE status IN ('running', 'compensating', 'failed')",
+    )
+    .fetch_all(store.pool())
+    .await
+    .map_err(StoreError::from)?;
+    let missing: Vec<String> = rows
+        .into_iter()
+        .filter(|(name, version)| catalog.get(name, *version as u32).is_err())
+        .map(|(name, version)| format!("{name} v{version}"))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(StartupError::MissingFlows(missing.join(", ")))
+    }
+}
+
+async fn probe_database(store: Store, health: Health, shutdown: CancellationToken) {
+    loop {
+        health.set_database(store.ping().await);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn mirror_health(
+    health: Health,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut changes = health.subscribe();
+    loop {
+        let status = if health.is_serving() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter
+            .set_service_status("saga.v1.SagaService", status)
+            .await;
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                return;
+            }
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! RabbitMQ edge: connection supervision, topology, the outbox publisher and
+//! the reply consumer.
+//!
+//! [`run`] keeps one connection alive: it connects with backoff, declares the
+//! topology, runs the [`publisher`] and the [`consumer`] on their own
+//! channels, and starts over when the connection breaks. Health follows the
+//! connection. Messages are never lost by a broken connection: commands and
+//! events stay in the outbox until confirmed, and unacknowledged replies are
+//! redelivered by the broker.
+
+pub mod consumer;
+pub mod publisher;
+
+use std::{sync::Arc, time::Duration};
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use lapin::{
+    Channel, Connection, ConnectionProperties, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use saga_proto::amqp::{DELIVERY_LIMIT, Topology};
+use tokio_util::sync::CancellationToken;
+
+use crate::{engine::Engine, health::Health};
+
+/// Settings of the RabbitMQ edge.
+#[derive(Debug, Clone)]
+pub struct BusSettings {
+    /// `amqp://` URL of the broker.
+    pub url: String,
+    /// Names of exchanges and queues.
+    pub topology: Topology,
+    /// Unacknowledged replies the broker may push at once.
+    pub prefetch: u16,
+    /// Most replies handled in one database transaction.
+    pub max_batch: usize,
+}
+
+/// Arguments of every quorum queue: poison messages are dead-lettered after
+/// [`DELIVERY_LIMIT`] deliveries instead of cycling forever.
+pub fn quorum_queue_args(topology: &Topology) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(topology.dead_letter_exchange().into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    args
+}
+
+/// Declares the orchestrator's side of the topology (idempotent): commands,
+/// events and dead-letter exchanges, the dead-letter queue and the reply queue.
+pub async fn declare_topology(channel: &Channel, topology: &Topology) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (name, kind) in [
+        (topology.commands_exchange(), ExchangeKind::Direct),
+        (topology.events_exchange(), ExchangeKind::Topic),
+        (topology.dead_letter_exchange(), ExchangeKind::Fanout),
+    ] {
+        channel
+            .exchange_declare(name.into(), kind, durable, FieldTable::default())
+            .await?;
+    }
+    let queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut dead_letter_args = FieldTable::default();
+    dead_letter_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(topology.dead_letter_queue().into(), queue, dead_letter_args)
+        .await?;
+    channel
+        .queue_bind(
+            topology.dead_letter_queue().into(),
+            topology.dead_letter_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            topology.reply_queue().into(),
+            queue,
+            quorum_queue_args(topology),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Connects with exponential backoff until it succeeds or `shutdown` fires.
+pub async fn connect(url: &str, shutdown: &CancellationToken) -> Option<Connection> {
+    let attempt = || async { Connection::connect(url, ConnectionProperties::default()).await };
+    let retrying = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times(),
+        )
+        .notify(|error, delay| tracing::warn!(%error, ?delay, "cannot reach RabbitMQ, retrying"));
+    tokio::select! {
+        connection = retrying => connection.ok(),
+        () = shutdown.cancelled() => None,
+    }
+}
+
+/// Keeps the broker side running until `shutdown`: publisher and reply
+/// consumer on a live connection, reconnecting whenever it breaks.
+pub async fn run(
+    settings: BusSettings,
+    engine: Arc<Engine>,
+    mut outgoing: publisher::Outgoing,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let Some(connection) = connect(&settings.url, &shutdown).await else {
+            break;
+        };
+        match serve_connection(
+            &connection,
+            &settings,
+            &engine,
+            &mut outgoing,
+            &health,
+            &shutdown,
+        )
+        .await
+        {
+            Ok(()) => tracing::info!("RabbitMQ session ended"),
+            Err(error) => tracing::warn!(%error, "RabbitMQ session broke; reconnecting"),
+        }
+        health.set_broker(false);
+        let _ = connection.close(200, "bye".into()).await;
+    }
+}
+
+/// One connection's life: returns when it breaks or on shutdown (after the
+/// consumer finished its batch and the publisher flushed what it holds).
+async fn serve_connection(
+    connection: &Connection,
+    settings: &BusSettings,
+    engine: &Arc<Engine>,
+    outgoing: &mut publisher::Outgoing,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> lapin::Result<()> {
+    let setup = connection.create_channel().await?;
+    declare_topology(&setup, &settings.topology).await?;
+    let publish_channel = connection.create_channel().await?;
+    let consume_channel = connection.create_channel().await?;
+    health.set_broker(true);
+    tracing::info!(
+        namespace = settings.topology.namespace(),
+        "connected to RabbitMQ"
+    );
+    engine.relay_now();
+
+    // The consumer stops first on shutdown; the publisher then flushes.
+    let consumer_done = CancellationToken::new();
+    let mut events = connection.events_listener();
+    let broken = async {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(error) = event {
+                return error;
+            }
+        }
+        lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+            lapin::ConnectionState::Closed,
+        ))
+    };
+    let consumer = consumer::run(
+        consume_channel,
+        settings.topology.reply_queue(),
+        settings.prefetch,
+        settings.max_batch,
+        engine.clone(),
+        shutdown.clone(),
+    );
+    let publisher = publisher::run(
+        publish_channel,
+        outgoing,
+        engine.store().clone(),
+        consumer_done.clone(),
+    );
+    tokio::pin!(consumer, publisher, broken);
+    let mut consumer_result = None;
+    loop {
+        tokio::select! {
+            result = &mut consumer, if consumer_result.is_none() => {
+                // Consumer finished (shutdown) or broke: let the publisher
+                // flush what it holds before returning.
+                consumer_done.cancel();
+                consumer_result = Some(result);
+            }
+            result = &mut publisher => {
+                consumer_done.cancel();
+                return match consumer_result {
+                    Some(Err(e)) => Err(e),
+                    _ => result,
+                };
+            }
+            error = &mut broken => return Err(error),
+        }
+    }
+}

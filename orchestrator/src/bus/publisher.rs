@@ -1,0 +1,222 @@
+//! Publishes committed outbox rows with publisher confirms, pipelined: many
+//! messages are in flight at once and each row is deleted only after the
+//! broker confirmed it. An unroutable command (mandatory, no queue bound) is
+//! pushed back in the outbox with a growing delay and a warning, never
+//! dropped.
+
+use std::time::Duration;
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use lapin::{
+    BasicProperties, Channel, Confirmation,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
+};
+use saga_proto::amqp::{CONTENT_TYPE, TRACEPARENT_HEADER, traceparent};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{
+    Store,
+    outbox::{self, OutboxMessage},
+};
+
+/// Hands committed outbox rows to the publisher (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    /// Bounded: when the broker is away the queue fills and further rows
+    /// simply wait in the outbox for the relay.
+    tx: mpsc::Sender<OutboxMessage>,
+}
+
+/// The publisher's receiving end, kept across reconnections.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Rows to publish.
+    rx: mpsc::Receiver<OutboxMessage>,
+}
+
+/// A publisher handle and its receiving end, holding at most `capacity` rows.
+pub fn channel(capacity: usize) -> (Publisher, Outgoing) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (Publisher { tx }, Outgoing { rx })
+}
+
+impl Publisher {
+    /// Queues rows for publishing. Rows that do not fit stay in the outbox
+    /// until their lease runs out and the relay takes them.
+    pub fn publish(&self, messages: Vec<OutboxMessage>) {
+        for message in messages {
+            if self.tx.try_send(message).is_err() {
+                metrics::counter!("saga_outbox_deferred_to_relay_total").increment(1);
+            }
+        }
+    }
+}
+
+/// Delay before retrying an unroutable message after `attempts` tries.
+fn unroutable_backoff(attempts: i32) -> Duration {
+    let ms = 500u64.saturating_mul(1 << attempts.clamp(0, 6));
+    Duration::from_millis(ms.min(30_000))
+}
+
+fn properties(message: &OutboxMessage) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(traceparent(message.saga_id, message.message_id).into()),
+    );
+    let properties = BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(message.message_id.to_string().into())
+        .with_correlation_id(message.saga_id.to_string().into())
+        .with_type(message.message_type.as_str().into())
+        .with_headers(headers);
+    match &message.reply_to {
+        Some(reply_to) => properties.with_reply_to(reply_to.as_str().into()),
+        None => properties,
+    }
+}
+
+async fn send(
+    channel: &Channel,
+    message: &OutboxMessage,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            message.exchange.as_str().into(),
+            message.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: message.mandatory,
+                ..Default::default()
+            },
+            &message.body,
+            properties(message),
+        )
+        .await
+}
+
+/// A published message awaiting its confirm.
+type InFlight = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (OutboxMessage, lapin::Result<Confirmation>)> + Send>,
+>;
+
+/// Publishes from `outgoing` on `channel` until `stop` fires (then it
+/// publishes what is queued, waits for every confirm and returns) or the
+/// channel breaks (then unconfirmed rows stay in the outbox for the relay).
+pub async fn run(
+    channel: Channel,
+    outgoing: &mut Outgoing,
+    store: Store,
+    stop: CancellationToken,
+) -> lapin::Result<()> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
+    let deleter = tokio::spawn(delete_confirmed(store.clone(), confirmed_rx));
+    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some((message, confirmation)) = in_flight.next() => {
+                if let Err(error) = settle(&store, &confirmed_tx, message, confirmation) {
+                    break Err(error);
+                }
+            }
+            message = outgoing.rx.recv(), if !stopping => match message {
+                Some(message) => match send(&channel, &message).await {
+                    Ok(confirm) => in_flight.push(Box::pin(async move { (message, confirm.await) })),
+                    Err(error) => break Err(error),
+                },
+                None => stopping = true,
+            },
+            () = stop.cancelled(), if !stopping => stopping = true,
+            else => break Ok(()),
+        }
+        if stopping {
+            // Flush: publish what is queued, then wait for every confirm.
+            while let Ok(message) = outgoing.rx.try_recv() {
+                match send(&channel, &message).await {
+                    Ok(confirm) => {
+                        in_flight.push(Box::pin(async move { (message, confirm.await) }))
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            if in_flight.is_empty() {
+                break Ok(());
+            }
+        }
+    };
+    drop(confirmed_tx);
+    let _ = deleter.await;
+    result
+}
+
+/// Acts on one confirm: delete on ack, push back if unroutable, leave to the
+/// relay on nack.
+fn settle(
+    store: &Store,
+    confirmed: &mpsc::UnboundedSender<i64>,
+    message: OutboxMessage,
+    confirmation: lapin::Result<Confirmation>,
+) -> lapin::Result<()> {
+    match confirmation? {
+        Confirmation::Ack(None) | Confirmation::NotRequested => {
+            metrics::counter!("saga_messages_published_total", "type" => message.message_type.clone())
+                .increment(1);
+            let _ = confirmed.send(message.id);
+        }
+        Confirmation::Ack(Some(returned)) => {
+            let delay = unroutable_backoff(message.attempts);
+            tracing::warn!(
+                exchange = %message.exchange,
+                routing_key = %message.routing_key,
+                reply = %returned.reply_text,
+                retry_in = ?delay,
+                "message is unroutable (no queue bound yet); kept in the outbox"
+            );
+            metrics::counter!("saga_messages_unroutable_total").increment(1);
+            let store = store.clone();
+            let reason = format!("{} {}", returned.reply_code, returned.reply_text);
+            tokio::spawn(async move {
+                if let Err(error) = outbox::defer(store.pool(), message.id, delay, &reason).await {
+                    tracing::warn!(%error, "could not defer an unroutable message; the relay will retry it");
+                }
+            });
+        }
+        Confirmation::Nack(_) => {
+            tracing::warn!(
+                id = message.id,
+                "broker refused a message; the relay will retry it"
+            );
+            metrics::counter!("saga_messages_nacked_total").increment(1);
+        }
+    }
+    Ok(())
+}
+
+/// Deletes confirmed rows in batches (one statement for whatever has
+/// accumulated while the previous one ran).
+async fn delete_confirmed(store: Store, mut confirmed: mpsc::UnboundedReceiver<i64>) {
+    let mut ids = Vec::new();
+    while confirmed.recv_many(&mut ids, 1024).await > 0 {
+        let attempt = || async { outbox::delete(store.pool(), &ids).await };
+        let result = backon::Retryable::retry(
+            attempt,
+            backon::ExponentialBuilder::default()
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(10),
+        )
+        .await;
+        if let Err(error) = result {
+            // The rows stay; the relay publishes them again later, which
+            // receivers de-duplicate. Nothing is lost.
+            tracing::warn!(%error, count = ids.len(), "could not delete confirmed outbox rows");
+        }
+        ids.clear();
+    }
+}

@@ -1,0 +1,105 @@
+//! Configuration: flags with environment fallbacks, validated once at start.
+//! A bad value fails fast with a message naming the flag and variable.
+
+use std::{net::SocketAddr, str::FromStr};
+
+use saga_proto::amqp::Topology;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, coloured when on a terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of `orchestrator serve` (and of the orchestrator inside `dev`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// PostgreSQL URL; the database is created if missing.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/sagas", value_parser = parse_database_url)]
+    pub database_url: String,
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = parse_amqp_url)]
+    pub amqp_url: String,
+    /// Address the gRPC API listens on (port 0 picks a free one).
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Prefix of every exchange and queue name.
+    #[arg(long = "namespace", env = "SAGA_NAMESPACE", default_value = "saga", value_parser = parse_namespace)]
+    pub namespace: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    /// Largest database connection pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=200))]
+    pub db_max_connections: u32,
+    /// Unacknowledged replies RabbitMQ may push at once.
+    #[arg(long, env = "REPLY_PREFETCH", default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..))]
+    pub reply_prefetch: u16,
+    /// Most replies applied in one database transaction.
+    #[arg(long, env = "REPLY_BATCH", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub reply_batch: u16,
+    /// Serve Prometheus metrics on this address (off when unset).
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Exchange and queue names for the configured namespace.
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.namespace).expect("validated by the parser")
+    }
+}
+
+fn parse_database_url(text: &str) -> Result<String, String> {
+    sqlx::postgres::PgConnectOptions::from_str(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("not a PostgreSQL URL: {e}"))
+}
+
+fn parse_amqp_url(text: &str) -> Result<String, String> {
+    lapin::uri::AMQPUri::from_str(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("not an AMQP URL: {e}"))
+}
+
+fn parse_namespace(text: &str) -> Result<String, String> {
+    Topology::new(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn defaults_parse_and_bad_values_name_the_flag() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.config.namespace, "saga");
+        assert_eq!(cli.config.grpc_addr.port(), 50051);
+        for (flag, value) in [
+            ("--namespace", "Bad Name"),
+            ("--grpc-addr", "nowhere"),
+            ("--amqp-url", "http://x"),
+            ("--database-url", "mysql://x"),
+            ("--db-max-connections", "0"),
+        ] {
+            let error = Cli::try_parse_from(["x", flag, value])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(error.contains(flag), "{flag}: {error}");
+        }
+    }
+}

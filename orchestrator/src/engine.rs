@@ -1,0 +1,520 @@
+//! The engine: load → apply the pure machine → persist state, history and
+//! outbox in one transaction → commit → act.
+//!
+//! Every event (start, reply, timer, cancel, operator retry) goes through
+//! [`Engine::commit`]: the sagas concerned are locked (`FOR UPDATE`, in id
+//! order) for the whole transaction, so no saga is ever driven by two
+//! instances at once; only after the commit are messages handed to the
+//! publisher and timers armed. A crash at any point either loses the whole
+//! transaction (the event is redelivered or re-fired) or leaves committed
+//! outbox rows that the relay publishes.
+
+use std::{collections::HashMap, sync::Arc};
+
+use chrono::{DateTime, Utc};
+use saga_proto::amqp::{
+    self, COMMAND_TYPE, CommandMessage, LIFECYCLE_EVENT_TYPE, LifecycleEvent, ReplyMessage,
+    ReplyStatus, SagaLifecycleState, Topology,
+};
+use sagas::{
+    Action, Catalog, CatalogError, Context, Event, HistoryEntry, InputError, Outcome, Phase,
+    Refused, Reply, SagaInstance, SagaStatus,
+};
+use sqlx::PgConnection;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::{
+    bus::publisher::Publisher,
+    health::Health,
+    store::{
+        Store, StoreError, history,
+        outbox::{self, OutboxMessage},
+        sagas::{self as saga_rows, NewSaga, SagaRecord},
+    },
+    timers::TimerWakeups,
+};
+
+/// Why an engine operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The saga input is invalid.
+    #[error("invalid input: {0}")]
+    InvalidInput(#[from] InputError),
+    /// Unknown saga type or version.
+    #[error(transparent)]
+    UnknownFlow(#[from] CatalogError),
+    /// No saga with that id.
+    #[error("saga {0} not found")]
+    SagaNotFound(Uuid),
+    /// The saga's state does not allow the request.
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for EngineError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Store(StoreError::Database(error))
+    }
+}
+
+/// A `StartSaga` request, validated by the API layer for shape.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// Flow name.
+    pub saga_type: String,
+    /// Flow version; 0 = latest.
+    pub version: u32,
+    /// Input JSON as sent.
+    pub input: String,
+    /// Idempotency key, if any.
+    pub idempotency_key: Option<String>,
+}
+
+/// The answer to a start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The saga's id.
+    pub saga_id: Uuid,
+    /// False when the idempotency key was seen before.
+    pub created: bool,
+}
+
+/// Drives sagas: the only writer of saga state.
+#[derive(Debug)]
+pub struct Engine {
+    /// The database.
+    store: Store,
+    /// Flow definitions.
+    catalog: Arc<Catalog>,
+    /// Exchange and queue names.
+    topology: Topology,
+    /// Where committed messages go.
+    publisher: Publisher,
+    /// Arms in-process timer wake-ups.
+    timers: TimerWakeups,
+    /// Reports database reachability.
+    health: Health,
+    /// Asks the outbox relay to run now (e.g. after a reconnect).
+    relay_kick: Arc<Notify>,
+}
+
+/// What one transaction produced, to act on after commit.
+#[derive(Debug, Default)]
+struct Effects {
+    history: Vec<(Uuid, HistoryEntry)>,
+    outbox: Vec<OutboxMessage>,
+    wakeups: Vec<i64>,
+    finished: Vec<SagaStatus>,
+}
+
+fn context(now: DateTime<Utc>) -> Context {
+    Context {
+        now_ms: now.timestamp_millis(),
+        jitter: rand::random::<f64>(),
+    }
+}
+
+fn lifecycle_state(status: SagaStatus) -> SagaLifecycleState {
+    match status {
+        SagaStatus::Running => SagaLifecycleState::Running,
+        SagaStatus::Compensating => SagaLifecycleState::Compensating,
+        SagaStatus::Completed => SagaLifecycleState::Completed,
+        SagaStatus::Compensated => SagaLifecycleState::Compensated,
+        SagaStatus::Failed => SagaLifecycleState::Failed,
+    }
+}
+
+fn wire_phase(phase: Phase) -> amqp::Phase {
+    match phase {
+        Phase::Action => amqp::Phase::Action,
+        Phase::Compensation => amqp::Phase::Compensation,
+    }
+}
+
+/// The machine's view of a reply.
+pub fn reply_event(reply: &ReplyMessage) -> Event {
+    let outcome = match reply.status {
+        ReplyStatus::Success => Outcome::Success(reply.data.clone()),
+        ReplyStatus::Rejected => {
+            Outcome::Rejected(reply.reason.clone().unwrap_or_else(|| "rejected".into()))
+        }
+        ReplyStatus::TransientError => Outcome::TransientError(
+            reply
+                .reason
+                .clone()
+                .unwrap_or_else(|| "transient error".into()),
+        ),
+    };
+    Event::Reply(Reply {
+        step: reply.step.clone(),
+        phase: match reply.phase {
+            amqp::Phase::Action => Phase::Action,
+            amqp::Phase::Compensation => Phase::Compensation,
+        },
+        attempt: reply.attempt,
+        outcome,
+    })
+}
+
+impl Engine {
+    /// An engine over `store` running the flows of `catalog`.
+    pub fn new(
+        store: Store,
+        catalog: Arc<Catalog>,
+        topology: Topology,
+        publisher: Publisher,
+        timers: TimerWakeups,
+        health: Health,
+    ) -> Self {
+        Self {
+            store,
+            catalog,
+            topology,
+            publisher,
+            timers,
+            health,
+            relay_kick: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The flow catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Asks the outbox relay to run now.
+    pub fn relay_now(&self) {
+        self.relay_kick.notify_one();
+    }
+
+    /// Resolves when someone asked the relay to run.
+    pub async fn relay_requested(&self) {
+        self.relay_kick.notified().await;
+    }
+
+    /// Starts a saga, idempotently on (type, idempotency key). Input is
+    /// validated before anything is written.
+    pub async fn start(&self, request: StartRequest) -> Result<Started, EngineError> {
+        let flow = self.catalog.get(&request.saga_type, request.version)?;
+        let data = flow.parse_input(&request.input)?;
+        let now = Utc::now();
+        let saga_id = Uuid::now_v7();
+        let (state, transition) = sagas::start(&flow, saga_id, data, context(now));
+        let result = async {
+            let mut tx = self.store.pool().begin().await?;
+            let inserted = saga_rows::insert(
+                &mut tx,
+                &NewSaga {
+                    state: &state,
+                    idempotency_key: request.idempotency_key.as_deref(),
+                    input: &request.input,
+                    now,
+                },
+            )
+            .await?;
+            if !inserted {
+                let key = request.idempotency_key.as_deref().unwrap_or_default();
+                let existing = saga_rows::find_by_idempotency_key(&mut tx, &request.saga_type, key)
+                    .await?
+                    .expect("the conflicting saga is committed and visible");
+                tx.rollback().await?;
+                return Ok::<_, EngineError>((
+                    Started {
+                        saga_id: existing,
+                        created: false,
+                    },
+                    None,
+                ));
+            }
+            let mut effects = Effects::default();
+            self.collect(&state, transition, now, &mut effects);
+            let published = self.write_effects(&mut tx, &[], &effects, now).await?;
+            tx.commit().await?;
+            Ok((
+                Started {
+                    saga_id,
+                    created: true,
+                },
+                Some((published, effects)),
+            ))
+        }
+        .await;
+        let (started, effects) = self.observe(result)?;
+        if let Some((published, effects)) = effects {
+            metrics::counter!("saga_started_total", "saga_type" => request.saga_type).increment(1);
+            self.act(published, effects);
+        }
+        Ok(started)
+    }
+
+    /// Applies a batch of replies in one transaction.
+    pub async fn apply_replies(&self, replies: &[ReplyMessage]) -> Result<(), EngineError> {
+        let events: Vec<(Uuid, Event)> = replies
+            .iter()
+            .map(|r| (r.saga_id, reply_event(r)))
+            .collect();
+        let result = self.apply_events(&events).await;
+        self.observe(result)?;
+        metrics::counter!("saga_replies_applied_total").increment(replies.len() as u64);
+        Ok(())
+    }
+
+    /// Fires the timers of up to `limit` sagas that are due; returns how many
+    /// sagas it handled.
+    pub async fn fire_due_timers(&self, limit: i64) -> Result<usize, EngineError> {
+        let result = async {
+            let now = Utc::now();
+            let mut tx = self.store.pool().begin().await?;
+            let states = saga_rows::claim_due(&mut tx, now, limit).await?;
+            if states.is_empty() {
+                tx.rollback().await?;
+                return Ok::<_, EngineError>((0, None));
+            }
+            let events: Vec<(Uuid, Event)> = states
+                .iter()
+                .flat_map(|s| {
+                    s.due_timers(now.timestamp_millis())
+                        .into_iter()
+                        .map(|t| (s.id, Event::TimerFired(t)))
+                })
+                .collect();
+            let count = states.len();
+            let (published, effects) = self.apply_locked(&mut tx, states, &events, now).await?;
+            tx.commit().await?;
+            Ok((count, Some((published, effects))))
+        }
+        .await;
+        let (count, effects) = self.observe(result)?;
+        if let Some((published, effects)) = effects {
+            metrics::counter!("saga_timers_fired_total").increment(count as u64);
+            self.act(published, effects);
+        }
+        Ok(count)
+    }
+
+    /// Asks a running saga to compensate what it did.
+    pub async fn cancel(&self, saga_id: Uuid, reason: String) -> Result<SagaRecord, EngineError> {
+        self.operator_event(saga_id, Event::CancelRequested { reason })
+            .await
+    }
+
+    /// Resumes a FAILED saga where it stopped.
+    pub async fn retry(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
+        self.operator_event(saga_id, Event::OperatorRetry).await
+    }
+
+    /// One saga as stored.
+    pub async fn get(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
+        let found = saga_rows::get(self.store.pool(), saga_id)
+            .await
+            .map_err(EngineError::from);
+        self.observe(found)?
+            .ok_or(EngineError::SagaNotFound(saga_id))
+    }
+
+    async fn operator_event(&self, saga_id: Uuid, event: Event) -> Result<SagaRecord, EngineError> {
+        let now = Utc::now();
+        let result = async {
+            let mut tx = self.store.pool().begin().await?;
+            let mut states = saga_rows::lock(&mut tx, &[saga_id]).await?;
+            let state = states.pop().ok_or(EngineError::SagaNotFound(saga_id))?;
+            let flow = self.catalog.get(&state.saga_type, state.version)?;
+            // Refusals are checked before anything is written.
+            let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
+            let mut effects = Effects::default();
+            self.collect(&next, transition, now, &mut effects);
+            let published = self.write_effects(&mut tx, &[&next], &effects, now).await?;
+            tx.commit().await?;
+            Ok::<_, EngineError>((published, effects))
+        }
+        .await;
+        let (published, effects) = self.observe(result)?;
+        self.act(published, effects);
+        self.get(saga_id).await
+    }
+
+    async fn apply_events(&self, events: &[(Uuid, Event)]) -> Result<(), EngineError> {
+        let now = Utc::now();
+        let mut ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.store.pool().begin().await?;
+        let states = saga_rows::lock(&mut tx, &ids).await?;
+        let (published, effects) = self.apply_locked(&mut tx, states, events, now).await?;
+        tx.commit().await?;
+        self.act(published, effects);
+        Ok(())
+    }
+
+    /// Applies `events` in order to the locked `states` and writes the result.
+    async fn apply_locked(
+        &self,
+        tx: &mut PgConnection,
+        states: Vec<SagaInstance>,
+        events: &[(Uuid, Event)],
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<OutboxMessage>, Effects), EngineError> {
+        let mut states: HashMap<Uuid, SagaInstance> =
+            states.into_iter().map(|s| (s.id, s)).collect();
+        let mut changed: Vec<Uuid> = Vec::new();
+        let mut effects = Effects::default();
+        for (saga_id, event) in events {
+            let Some(state) = states.get(saga_id) else {
+                tracing::warn!(%saga_id, "message for an unknown saga ignored");
+                metrics::counter!("saga_messages_for_unknown_sagas_total").increment(1);
+                continue;
+            };
+            let flow = match self.catalog.get(&state.saga_type, state.version) {
+                Ok(flow) => flow,
+                Err(error) => {
+                    tracing::error!(%saga_id, %error, "saga runs a flow version this orchestrator does not have");
+                    continue;
+                }
+            };
+            match sagas::apply(state, &flow, event, context(now)) {
+                Ok((next, transition)) => {
+                    self.collect(&next, transition, now, &mut effects);
+                    states.insert(*saga_id, next);
+                    if !changed.contains(saga_id) {
+                        changed.push(*saga_id);
+                    }
+                }
+                Err(refused) => tracing::warn!(%saga_id, %refused, "event refused"),
+            }
+        }
+        let changed: Vec<&SagaInstance> = changed.iter().map(|id| &states[id]).collect();
+        let published = self.write_effects(tx, &changed, &effects, now).await?;
+        Ok((published, effects))
+    }
+
+    /// Turns a transition's actions into outbox rows, history and wake-ups.
+    fn collect(
+        &self,
+        state: &SagaInstance,
+        transition: sagas::Transition,
+        now: DateTime<Utc>,
+        effects: &mut Effects,
+    ) {
+        effects.history.extend(
+            transition
+                .history
+                .into_iter()
+                .map(|entry| (state.id, entry)),
+        );
+        for action in transition.actions {
+            match action {
+                Action::SendCommand(command) => {
+                    let message = CommandMessage {
+                        saga_id: state.id,
+                        saga_type: state.saga_type.clone(),
+                        saga_version: state.version,
+                        step: command.step,
+                        phase: wire_phase(command.phase),
+                        attempt: command.attempt,
+                        participant: command.participant.clone(),
+                        command: command.command,
+                        idempotency_key: command.idempotency_key,
+                        compensates: command.compensates,
+                        payload: command.payload,
+                    };
+                    effects.outbox.push(OutboxMessage {
+                        id: 0,
+                        saga_id: state.id,
+                        message_id: Uuid::new_v4(),
+                        message_type: COMMAND_TYPE.to_owned(),
+                        exchange: self.topology.commands_exchange(),
+                        routing_key: command.participant,
+                        reply_to: Some(self.topology.reply_queue()),
+                        mandatory: true,
+                        body: serde_json::to_vec(&message).expect("commands always serialise"),
+                        attempts: 0,
+                    });
+                }
+                Action::ScheduleTimer { due_at_ms, .. } => effects.wakeups.push(due_at_ms),
+                Action::PublishLifecycle { status } => {
+                    let state_name = lifecycle_state(status);
+                    let event = LifecycleEvent {
+                        saga_id: state.id,
+                        saga_type: state.saga_type.clone(),
+                        saga_version: state.version,
+                        state: state_name,
+                        data: state.data.clone(),
+                        error: state.error.clone(),
+                        at: now.to_rfc3339(),
+                    };
+                    effects.outbox.push(OutboxMessage {
+                        id: 0,
+                        saga_id: state.id,
+                        message_id: Uuid::new_v4(),
+                        message_type: LIFECYCLE_EVENT_TYPE.to_owned(),
+                        exchange: self.topology.events_exchange(),
+                        routing_key: amqp::event_routing_key(&state.saga_type, state_name),
+                        reply_to: None,
+                        // Nobody has to listen to lifecycle events.
+                        mandatory: false,
+                        body: serde_json::to_vec(&event).expect("events always serialise"),
+                        attempts: 0,
+                    });
+                }
+                Action::Finish { status } => effects.finished.push(status),
+            }
+        }
+    }
+
+    /// Writes states, history and outbox rows inside `tx`.
+    async fn write_effects(
+        &self,
+        tx: &mut PgConnection,
+        states: &[&SagaInstance],
+        effects: &Effects,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxMessage>, EngineError> {
+        saga_rows::save(tx, states, now).await?;
+        history::append(tx, &effects.history, now).await?;
+        let lease_until = now + outbox::PUBLISH_LEASE;
+        Ok(outbox::insert(tx, effects.outbox.clone(), lease_until).await?)
+    }
+
+    /// After commit: publish, arm timers, count.
+    fn act(&self, published: Vec<OutboxMessage>, effects: Effects) {
+        self.publisher.publish(published);
+        for due in effects.wakeups {
+            self.timers.wake_at(due);
+        }
+        for status in effects.finished {
+            metrics::counter!("saga_finished_total", "status" => status.as_str()).increment(1);
+        }
+    }
+
+    /// Mirrors database reachability into health.
+    fn observe<T>(&self, result: Result<T, EngineError>) -> Result<T, EngineError> {
+        match &result {
+            Err(EngineError::Store(StoreError::Database(error))) if is_connection_error(error) => {
+                self.health.set_database(false)
+            }
+            Ok(_) => self.health.set_database(true),
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// Whether a database error means "unreachable" rather than "bad statement".
+pub fn is_connection_error(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    ) || matches!(error, sqlx::Error::Database(e) if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}

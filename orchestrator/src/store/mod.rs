@@ -1,0 +1,100 @@
+//! PostgreSQL storage: one owner per table.
+//!
+//! - [`sagas`]: the `sagas` table (state, idempotency, listing, due timers).
+//! - [`history`]: the append-only `saga_history` table and its NOTIFY channel.
+//! - [`outbox`]: the `outbox` table (messages committed with the state that
+//!   produced them, deleted after the broker's confirm).
+//!
+//! The schema lives in `orchestrator/migrations` and is embedded in the
+//! binary; [`Store::connect`] creates the database if it is missing and
+//! applies the migrations.
+
+pub mod history;
+pub mod outbox;
+pub mod sagas;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    ConnectOptions, PgPool, Postgres,
+    migrate::MigrateDatabase,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or a statement failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// A stored status is not one the model knows (a bug or a manual edit).
+    #[error("unknown saga status {0:?} in the database")]
+    UnknownStatus(String),
+    /// A stored saga state could not be decoded (a bug or a manual edit).
+    #[error("saga {id}: stored state is unreadable: {source}")]
+    CorruptState {
+        /// The saga.
+        id: uuid::Uuid,
+        /// Why decoding failed.
+        source: serde_json::Error,
+    },
+}
+
+/// The orchestrator's database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Pooled connections; prepared statements are cached per connection.
+    pool: PgPool,
+}
+
+/// Embedded schema migrations.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Connects to `url` with at most `max_connections`, creating the database
+    /// if it does not exist, and applies the embedded migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        ensure_database(url).await?;
+        let options = PgConnectOptions::from_str(url)?
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether the database answers right now.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Creates the database named in `url` unless it exists. Two processes may
+/// race to create it: losing that race is fine.
+pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
+    if Postgres::database_exists(url).await? {
+        return Ok(());
+    }
+    match Postgres::create_database(url).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

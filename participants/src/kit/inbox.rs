@@ -1,0 +1,127 @@
+//! The inbox: one row per idempotency key, written in the same transaction
+//! as the business change and the reply's outbox row.
+//!
+//! A command first *claims* its key with `INSERT ... ON CONFLICT DO
+//! NOTHING`. PostgreSQL makes a concurrent duplicate wait on the unique
+//! index until the first transaction ends: if it committed, the duplicate
+//! sees the key taken and replays the stored outcome; if it rolled back (a
+//! transient error), the duplicate claims the key itself. Either way only
+//! one transaction ever applies the effect of a key.
+
+use saga_proto::amqp::{CommandMessage, Phase, ReplyMessage, ReplyStatus};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use super::handler::Outcome;
+
+pub(crate) fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Action => "action",
+        Phase::Compensation => "compensation",
+    }
+}
+
+/// Claims `command`'s key; `false` when it was already answered (or fenced
+/// by the compensation barrier).
+pub(crate) async fn claim(
+    conn: &mut PgConnection,
+    command: &CommandMessage,
+) -> Result<bool, sqlx::Error> {
+    let claimed = sqlx::query(
+        "INSERT INTO kit_inbox (idempotency_key, kind, saga_id, step, phase, command)
+         VALUES ($1, 'command', $2, $3, $4, $5)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&command.idempotency_key)
+    .bind(command.saga_id)
+    .bind(&command.step)
+    .bind(phase_name(command.phase))
+    .bind(&command.command)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(claimed == 1)
+}
+
+/// `status`, `data`, `reason` of an inbox row.
+type StoredRow = (
+    Option<String>,
+    Option<Json<serde_json::Value>>,
+    Option<String>,
+);
+
+/// The outcome stored for `key`, if the key is known.
+pub(crate) async fn stored_outcome(
+    conn: &mut PgConnection,
+    key: &str,
+) -> Result<Option<Outcome>, sqlx::Error> {
+    let row: Option<StoredRow> =
+        sqlx::query_as("SELECT status, data, reason FROM kit_inbox WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.map(|(status, data, reason)| match status.as_deref() {
+        Some("success") => Outcome::Success(data.map(|d| d.0).unwrap_or_default()),
+        _ => Outcome::Rejected(reason.unwrap_or_default()),
+    }))
+}
+
+/// Records the final outcome of a claimed key.
+pub(crate) async fn complete(
+    conn: &mut PgConnection,
+    key: &str,
+    outcome: &Outcome,
+) -> Result<(), sqlx::Error> {
+    let (status, data, reason) = match outcome {
+        Outcome::Success(data) => ("success", Some(Json(data)), None),
+        Outcome::Rejected(reason) => ("rejected", None, Some(reason.as_str())),
+    };
+    sqlx::query(
+        "UPDATE kit_inbox SET status = $2, data = $3, reason = $4, completed_at = now()
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .bind(status)
+    .bind(data)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The reply to `command` for `outcome`; echo fields come from the command
+/// being answered, so a replay to a retry carries the retry's `attempt`.
+pub(crate) fn reply(command: &CommandMessage, outcome: &Outcome) -> ReplyMessage {
+    let (status, data, reason) = match outcome {
+        Outcome::Success(data) => (ReplyStatus::Success, data.clone(), None),
+        Outcome::Rejected(reason) => (
+            ReplyStatus::Rejected,
+            serde_json::Value::Null,
+            Some(reason.clone()),
+        ),
+    };
+    ReplyMessage {
+        saga_id: command.saga_id,
+        step: command.step.clone(),
+        phase: command.phase,
+        attempt: command.attempt,
+        idempotency_key: command.idempotency_key.clone(),
+        status,
+        data,
+        reason,
+    }
+}
+
+/// A `transient_error` reply (nothing applied, nothing remembered).
+pub(crate) fn transient_reply(command: &CommandMessage, reason: String) -> ReplyMessage {
+    ReplyMessage {
+        saga_id: command.saga_id,
+        step: command.step.clone(),
+        phase: command.phase,
+        attempt: command.attempt,
+        idempotency_key: command.idempotency_key.clone(),
+        status: ReplyStatus::TransientError,
+        data: serde_json::Value::Null,
+        reason: Some(reason),
+    }
+}

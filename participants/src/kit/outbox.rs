@@ -1,0 +1,231 @@
+//! The reply outbox and its relay.
+//!
+//! A reply is inserted in the same transaction as the outcome it reports,
+//! so it can never be lost once the outcome is committed. The consumer
+//! publishes it right after the commit (publisher confirm, `mandatory`) and
+//! deletes the row on a clean confirm. Rows it could not publish (broker
+//! down, reply queue not declared yet) and rows left behind by a crash are
+//! picked up by the relay once their `available_at` has passed.
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use saga_proto::amqp::{CONTENT_TYPE, REPLY_TYPE, ReplyMessage, TRACEPARENT_HEADER, traceparent};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// How long the consumer owns a freshly written row before the relay may
+/// take it: longer than the consumer's own publish retries, so the two do
+/// not publish the same row at once in the normal case.
+pub(crate) const CONSUMER_GRACE: Duration = Duration::from_secs(15);
+
+/// A reply could not be handed to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel or connection failed.
+    #[error("publishing failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker returned the message: nothing is bound to the routing key
+    /// (the reply queue does not exist yet).
+    #[error("reply returned unroutable ({code} {text}) by the broker")]
+    Unroutable {
+        /// AMQP reply code, 312 NO_ROUTE.
+        code: u16,
+        /// Broker's text.
+        text: String,
+    },
+    /// The broker refused to take responsibility for the message.
+    #[error("reply negatively acknowledged by the broker")]
+    Nacked,
+    /// The channel was not in confirm mode (a bug: the kit enables it).
+    #[error("the publishing channel does not confirm")]
+    NotConfirmed,
+}
+
+/// A reply ready to be published.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingReply {
+    /// Outbox row, if one was written.
+    pub outbox_id: Option<i64>,
+    /// Queue to publish to through the default exchange.
+    pub reply_to: String,
+    /// Saga id: `correlation_id` and trace id.
+    pub saga_id: Uuid,
+    /// Serialized [`ReplyMessage`].
+    pub body: String,
+}
+
+impl PendingReply {
+    pub(crate) fn new(reply_to: &str, reply: &ReplyMessage) -> Self {
+        Self {
+            outbox_id: None,
+            reply_to: reply_to.to_owned(),
+            saga_id: reply.saga_id,
+            body: serde_json::to_string(reply).expect("a ReplyMessage always serializes"),
+        }
+    }
+}
+
+/// Writes `reply` to the outbox in the caller's transaction.
+pub(crate) async fn insert(
+    conn: &mut PgConnection,
+    reply: &mut PendingReply,
+) -> Result<(), sqlx::Error> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO kit_outbox (saga_id, reply_to, body, available_at)
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+         RETURNING id",
+    )
+    .bind(reply.saga_id)
+    .bind(&reply.reply_to)
+    .bind(&reply.body)
+    .bind(CONSUMER_GRACE.as_secs_f64())
+    .fetch_one(conn)
+    .await?;
+    reply.outbox_id = Some(id);
+    Ok(())
+}
+
+/// Deletes a row whose reply the broker confirmed.
+pub(crate) async fn delete(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM kit_outbox WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Publishes one reply through the default exchange and waits for the
+/// broker's confirm. `mandatory` turns "no such queue" into an error here
+/// instead of a silent drop.
+pub(crate) async fn publish(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
+    let message_id = Uuid::now_v7();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(LongString::from(traceparent(reply.saga_id, message_id))),
+    );
+    let properties = BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.to_string().into())
+        .with_correlation_id(reply.saga_id.to_string().into())
+        .with_type(REPLY_TYPE.into())
+        .with_headers(headers);
+    let confirmation = channel
+        .basic_publish(
+            "".into(),
+            reply.reply_to.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            reply.body.as_bytes(),
+            properties,
+        )
+        .await?
+        .await?;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Unroutable {
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            })
+        }
+        Confirmation::Nack(None) => Err(PublishError::Nacked),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+    }
+}
+
+/// Which rows a relay pass takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sweep {
+    /// Rows whose `available_at` has passed (periodic pass).
+    Due,
+    /// Every row (start-up and shutdown flush: no publish of this process
+    /// is in flight then).
+    All,
+}
+
+/// Backoff of a row the relay failed to publish, after `attempts` failures.
+fn relay_backoff(attempts: i32) -> Duration {
+    let exp = attempts.clamp(0, 8) as u32;
+    Duration::from_millis(250 * 2u64.pow(exp)).min(Duration::from_secs(30))
+}
+
+/// One relay pass: claims up to `batch` rows with `FOR UPDATE SKIP LOCKED`
+/// (several relays never publish the same row), publishes each, deletes the
+/// confirmed ones and reschedules the others. Returns (published, failed).
+pub(crate) async fn relay_once(
+    pool: &PgPool,
+    channel: &Channel,
+    sweep: Sweep,
+    batch: i64,
+) -> Result<(usize, usize), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(i64, Uuid, String, String, i32)> = sqlx::query_as(
+        "SELECT id, saga_id, reply_to, body, attempts FROM kit_outbox
+         WHERE $1 OR available_at <= now()
+         ORDER BY id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(sweep == Sweep::All)
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    let (mut published, mut failed) = (0, 0);
+    for (id, saga_id, reply_to, body, attempts) in rows {
+        let reply = PendingReply {
+            outbox_id: Some(id),
+            reply_to,
+            saga_id,
+            body,
+        };
+        match publish(channel, &reply).await {
+            Ok(()) => {
+                sqlx::query("DELETE FROM kit_outbox WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                published += 1;
+            }
+            Err(e) => {
+                let wait = relay_backoff(attempts);
+                tracing::warn!(outbox_id = id, %saga_id, error = %e, retry_in = ?wait, "relay could not publish a reply");
+                sqlx::query(
+                    "UPDATE kit_outbox SET attempts = attempts + 1, last_error = $2,
+                            available_at = now() + make_interval(secs => $3)
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(e.to_string())
+                .bind(wait.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+                failed += 1;
+                if matches!(e, PublishError::Amqp(_)) {
+                    // The channel is gone; the rest would fail the same way.
+                    break;
+                }
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok((published, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_backoff_grows_and_caps() {
+        assert_eq!(relay_backoff(0), Duration::from_millis(250));
+        assert_eq!(relay_backoff(1), Duration::from_millis(500));
+        assert_eq!(relay_backoff(100), Duration::from_secs(30));
+    }
+}

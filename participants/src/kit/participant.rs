@@ -1,0 +1,754 @@
+//! A command-handling participant: registration, start-up, and the
+//! per-delivery pipeline (decode → inbox claim → barrier → handler →
+//! inbox + outbox → commit → publish with confirm → delete outbox row → ack).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use saga_proto::amqp::{CommandMessage, Phase, Topology, validate_name};
+use serde::de::DeserializeOwned;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::barrier::{self, Barrier};
+use super::consumer::{self, ConsumerSettings, DeliveryHandler};
+use super::database::{self, DatabaseError, PoolSettings};
+use super::faults::FaultInjector;
+use super::handler::{Command, Handler, HandlerError, Outcome, Route, erase};
+use super::inbox;
+use super::outbox::{self, PendingReply, PublishError, Sweep};
+use super::stats::{Stats, StatsSnapshot, bump};
+use super::topology;
+
+/// Why a participant could not be built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    /// The participant's name is not usable in queue names and routing keys.
+    #[error(transparent)]
+    InvalidName(#[from] saga_proto::amqp::InvalidName),
+    /// No command was registered.
+    #[error("participant {0} registers no command")]
+    NoCommands(String),
+    /// A command name was registered twice.
+    #[error("participant {participant} registers command {command} twice")]
+    DuplicateCommand {
+        /// The participant.
+        participant: String,
+        /// The command.
+        command: String,
+    },
+    /// The database could not be prepared.
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    /// The start-up hook failed.
+    #[error("start-up of participant {participant} failed")]
+    Setup {
+        /// The participant.
+        participant: String,
+        /// What failed.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Shutdown was requested before the participant was running.
+    #[error("shut down before participant {0} started")]
+    ShutDown(String),
+}
+
+/// A start-up hook: runs once on the migrated pool before consuming
+/// (e.g. seeding reference data).
+pub type SetupHook = Arc<
+    dyn Fn(PgPool) -> Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send>> + Send + Sync,
+>;
+
+/// Registers a participant's commands. See [`Participant::builder`].
+pub struct ParticipantBuilder {
+    /// Participant name: routing key and queue suffix.
+    name: String,
+    /// Command name → handler.
+    routes: BTreeMap<String, Route>,
+    /// First duplicate registration, reported by `build`.
+    duplicate: Option<String>,
+    /// The service's own migrations (versions ≥ 1000).
+    migrations: Option<Migrator>,
+    /// Runs after migrations, before consuming.
+    setup: Option<SetupHook>,
+}
+
+impl std::fmt::Debug for ParticipantBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantBuilder")
+            .field("name", &self.name)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParticipantBuilder {
+    fn register<P, H>(mut self, command: &str, phase: Phase, handler: H) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        H: Handler<P>,
+    {
+        let route = Route {
+            phase,
+            handler: erase(handler),
+        };
+        if self.routes.insert(command.to_owned(), route).is_some() && self.duplicate.is_none() {
+            self.duplicate = Some(command.to_owned());
+        }
+        self
+    }
+
+    /// Registers a forward action. Its payload is decoded into `P`; a
+    /// payload that does not fit is rejected (final, remembered) with the
+    /// failing field's path in the reason.
+    pub fn action<P, H>(self, command: &str, handler: H) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        H: Handler<P>,
+    {
+        self.register(command, Phase::Action, handler)
+    }
+
+    /// Registers a compensation. The kit only runs it when the action it
+    /// undoes (the command's `compensates` key) succeeded here and was not
+    /// compensated yet; otherwise it answers success without calling it.
+    pub fn compensation<P, H>(self, command: &str, handler: H) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        H: Handler<P>,
+    {
+        self.register(command, Phase::Compensation, handler)
+    }
+
+    /// The service's migrations (`sqlx::migrate!("migrations/<svc>")`),
+    /// applied after the kit's; their versions must be ≥ 1000.
+    pub fn migrations(mut self, migrations: Migrator) -> Self {
+        self.migrations = Some(migrations);
+        self
+    }
+
+    /// A hook run once on the migrated pool before consuming.
+    pub fn setup<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(PgPool) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), sqlx::Error>> + Send + 'static,
+    {
+        self.setup = Some(Arc::new(move |pool| Box::pin(hook(pool))));
+        self
+    }
+
+    /// Checks the registration.
+    pub fn build(self) -> Result<Participant, KitError> {
+        validate_name(&self.name)?;
+        if let Some(command) = self.duplicate {
+            return Err(KitError::DuplicateCommand {
+                participant: self.name,
+                command,
+            });
+        }
+        if self.routes.is_empty() {
+            return Err(KitError::NoCommands(self.name));
+        }
+        Ok(Participant {
+            name: self.name,
+            routes: Arc::new(self.routes),
+            migrations: self.migrations,
+            setup: self.setup,
+        })
+    }
+}
+
+/// Where and how a participant runs.
+#[derive(Debug, Clone)]
+pub struct ParticipantConfig {
+    /// RabbitMQ URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_url: String,
+    /// Namespace of every exchange and queue name.
+    pub topology: Topology,
+    /// The participant's own database (created if missing).
+    pub database: PgConnectOptions,
+    /// Pool sizing.
+    pub pool: PoolSettings,
+    /// Most unacknowledged deliveries the broker pushes at once.
+    pub prefetch: u16,
+    /// Most commands handled at once (each holds a pooled connection).
+    pub concurrency: usize,
+    /// How often the relay looks for replies left in the outbox.
+    pub relay_interval: Duration,
+    /// Fault injection; share one injector across a process's participants.
+    pub faults: Arc<FaultInjector>,
+}
+
+impl ParticipantConfig {
+    /// Defaults for everything but the addresses: prefetch 16, concurrency
+    /// 4, pool of 5, relay every second, no faults.
+    pub fn new(amqp_url: &str, topology: Topology, database: PgConnectOptions) -> Self {
+        Self {
+            amqp_url: amqp_url.to_owned(),
+            topology,
+            database,
+            pool: PoolSettings::default(),
+            prefetch: 16,
+            concurrency: 4,
+            relay_interval: Duration::from_secs(1),
+            faults: FaultInjector::none(),
+        }
+    }
+}
+
+/// A participant ready to start: name, handlers, migrations.
+pub struct Participant {
+    /// Participant name.
+    name: String,
+    /// Command name → handler.
+    routes: Arc<BTreeMap<String, Route>>,
+    /// Service migrations.
+    migrations: Option<Migrator>,
+    /// Start-up hook.
+    setup: Option<SetupHook>,
+}
+
+impl std::fmt::Debug for Participant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participant")
+            .field("name", &self.name)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Participant {
+    /// Starts registering the commands of participant `name`.
+    pub fn builder(name: &str) -> ParticipantBuilder {
+        ParticipantBuilder {
+            name: name.to_owned(),
+            routes: BTreeMap::new(),
+            duplicate: None,
+            migrations: None,
+            setup: None,
+        }
+    }
+
+    /// The participant's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens (creates, migrates) the database, waiting for PostgreSQL with
+    /// backoff, runs the setup hook, then spawns the consumer. Returns once
+    /// the consumer task is spawned; use [`ParticipantHandle::ready`] to
+    /// wait until it is registered with the broker. Runs until `shutdown`.
+    pub async fn start(
+        self,
+        config: ParticipantConfig,
+        shutdown: CancellationToken,
+    ) -> Result<ParticipantHandle, KitError> {
+        let pool = database::open(
+            config.database.clone(),
+            &config.pool,
+            self.migrations,
+            &shutdown,
+        )
+        .await?
+        .ok_or_else(|| KitError::ShutDown(self.name.clone()))?;
+        if let Some(setup) = &self.setup {
+            setup(pool.clone())
+                .await
+                .map_err(|source| KitError::Setup {
+                    participant: self.name.clone(),
+                    source,
+                })?;
+        }
+        let stats = Arc::new(Stats::default());
+        let service = Arc::new(CommandService {
+            name: self.name.clone(),
+            topology: config.topology.clone(),
+            routes: self.routes,
+            pool: pool.clone(),
+            faults: config.faults.clone(),
+            stats: stats.clone(),
+            relay_interval: config.relay_interval,
+        });
+        Ok(ParticipantHandle::spawn(
+            self.name,
+            service,
+            ConsumerSettings {
+                amqp_url: config.amqp_url,
+                prefetch: config.prefetch,
+                concurrency: config.concurrency,
+            },
+            pool,
+            stats,
+            shutdown,
+        ))
+    }
+}
+
+/// A running participant (or event subscriber).
+#[derive(Debug)]
+pub struct ParticipantHandle {
+    /// Participant name.
+    name: String,
+    /// Its database pool (closed when the participant stops).
+    pool: PgPool,
+    /// What it did so far.
+    stats: Arc<Stats>,
+    /// True once consuming.
+    ready: watch::Receiver<bool>,
+    /// The consumer task; ends after shutdown.
+    task: JoinHandle<()>,
+}
+
+impl ParticipantHandle {
+    pub(crate) fn spawn<H: DeliveryHandler>(
+        name: String,
+        handler: Arc<H>,
+        settings: ConsumerSettings,
+        pool: PgPool,
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (ready_tx, ready) = watch::channel(false);
+        let task_pool = pool.clone();
+        let task = tokio::spawn(async move {
+            consumer::serve(handler, settings, shutdown, ready_tx).await;
+            task_pool.close().await;
+        });
+        Self {
+            name,
+            pool,
+            stats,
+            ready,
+            task,
+        }
+    }
+
+    /// The participant's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its database pool (to inspect its tables).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Counters of what it did.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Waits until its queue is declared and consumed from. Returns
+    /// immediately if it already was; never returns if it stops first
+    /// without ever consuming (use with a timeout or a shutdown select).
+    pub async fn ready(&mut self) {
+        if self.ready.wait_for(|ready| *ready).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits until it stopped (after shutdown: in-hand work finished,
+    /// outbox flushed, connections closed).
+    pub async fn stopped(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(participant = %self.name, error = %e, "participant task failed");
+        }
+    }
+}
+
+/// The command pipeline of one participant.
+struct CommandService {
+    /// Participant name.
+    name: String,
+    /// Namespace.
+    topology: Topology,
+    /// Command name → handler.
+    routes: Arc<BTreeMap<String, Route>>,
+    /// Its own database.
+    pool: PgPool,
+    /// Fault injection.
+    faults: Arc<FaultInjector>,
+    /// Counters.
+    stats: Arc<Stats>,
+    /// Period of the relay.
+    relay_interval: Duration,
+}
+
+/// What the transaction decided for one command.
+enum Decision {
+    /// An outcome is committed (now or earlier); `pending` is `None` when
+    /// the drop-reply fault swallowed the reply.
+    Answered {
+        pending: Option<PendingReply>,
+        replay: bool,
+    },
+    /// Nothing was applied; tell the orchestrator to retry.
+    Transient { pending: PendingReply },
+}
+
+const RELAY_BATCH: i64 = 100;
+
+impl CommandService {
+    async fn decide(
+        &self,
+        message: &Arc<CommandMessage>,
+        reply_to: &str,
+    ) -> Result<Decision, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let key = message.idempotency_key.as_str();
+        if !inbox::claim(&mut tx, message).await? {
+            let outcome = inbox::stored_outcome(&mut tx, key)
+                .await?
+                .ok_or_else(|| sqlx::Error::RowNotFound)?;
+            let pending = self
+                .queue_reply(&mut tx, message, &outcome, reply_to)
+                .await?;
+            tx.commit().await?;
+            bump(
+                &self.stats.replayed,
+                &self.name,
+                "participant_commands_replayed_total",
+                1,
+            );
+            return Ok(Decision::Answered {
+                pending,
+                replay: true,
+            });
+        }
+        let outcome = match self.execute(&mut tx, message).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tx.rollback().await.ok();
+                return Ok(self.transient(message, reply_to, e.to_string()));
+            }
+        };
+        inbox::complete(&mut tx, key, &outcome).await?;
+        let pending = self
+            .queue_reply(&mut tx, message, &outcome, reply_to)
+            .await?;
+        tx.commit().await?;
+        match outcome {
+            Outcome::Success(_) => bump(
+                &self.stats.applied,
+                &self.name,
+                "participant_commands_applied_total",
+                1,
+            ),
+            Outcome::Rejected(_) => bump(
+                &self.stats.rejected,
+                &self.name,
+                "participant_commands_rejected_total",
+                1,
+            ),
+        }
+        Ok(Decision::Answered {
+            pending,
+            replay: false,
+        })
+    }
+
+    fn transient(&self, message: &CommandMessage, reply_to: &str, reason: String) -> Decision {
+        tracing::warn!(participant = %self.name, saga_id = %message.saga_id, key = %message.idempotency_key, %reason, "transient error");
+        bump(
+            &self.stats.transient,
+            &self.name,
+            "participant_commands_transient_total",
+            1,
+        );
+        Decision::Transient {
+            pending: PendingReply::new(reply_to, &inbox::transient_reply(message, reason)),
+        }
+    }
+
+    /// Runs the command in the claimed transaction.
+    async fn execute(
+        &self,
+        tx: &mut PgConnection,
+        message: &Arc<CommandMessage>,
+    ) -> Result<Outcome, HandlerError> {
+        if message.participant != self.name {
+            return Ok(Outcome::rejected(format!(
+                "command addressed to participant {:?} reached {:?}",
+                message.participant, self.name
+            )));
+        }
+        let Some(route) = self.routes.get(&message.command) else {
+            let known: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+            return Ok(Outcome::rejected(format!(
+                "unknown command {:?} for participant {}; known: {}",
+                message.command,
+                self.name,
+                known.join(", ")
+            )));
+        };
+        if route.phase != message.phase {
+            return Ok(Outcome::rejected(format!(
+                "command {} is registered as {}, received as {}",
+                message.command,
+                inbox::phase_name(route.phase),
+                inbox::phase_name(message.phase)
+            )));
+        }
+        if route.phase == Phase::Action {
+            return self.run_handler(tx, route, message, None).await;
+        }
+        let Some(action_key) = message.compensates.as_deref() else {
+            return Ok(Outcome::rejected(
+                "a compensation must name the action it undoes in `compensates`",
+            ));
+        };
+        let noop = |why: &str| {
+            bump(
+                &self.stats.compensation_noops,
+                &self.name,
+                "participant_compensation_noops_total",
+                1,
+            );
+            Outcome::Success(serde_json::json!({ "noop": why }))
+        };
+        Ok(match barrier::enter(tx, message, action_key).await? {
+            Barrier::ActionNeverArrived => noop("action_never_arrived"),
+            Barrier::AlreadyCompensated(_) => noop("already_compensated"),
+            Barrier::ActionRejected => {
+                barrier::mark_compensated(tx, action_key, &message.idempotency_key).await?;
+                noop("action_rejected")
+            }
+            Barrier::Undo(action_data) => {
+                let outcome = self
+                    .run_handler(tx, route, message, Some(action_data))
+                    .await?;
+                if matches!(outcome, Outcome::Success(_)) {
+                    barrier::mark_compensated(tx, action_key, &message.idempotency_key).await?;
+                }
+                outcome
+            }
+        })
+    }
+
+    /// Calls the handler inside a savepoint so a rejection leaves no trace
+    /// of what the handler wrote before deciding.
+    async fn run_handler(
+        &self,
+        tx: &mut PgConnection,
+        route: &Route,
+        message: &Arc<CommandMessage>,
+        action_data: Option<serde_json::Value>,
+    ) -> Result<Outcome, HandlerError> {
+        sqlx::query("SAVEPOINT kit_handler")
+            .execute(&mut *tx)
+            .await?;
+        let command = Command {
+            message: message.clone(),
+            payload: message.payload.clone(),
+            action_data,
+        };
+        let outcome = match (route.handler)(&mut *tx, command) {
+            Ok(handling) => handling.await?,
+            Err(reason) => Outcome::Rejected(reason),
+        };
+        let end = match outcome {
+            Outcome::Success(_) => "RELEASE SAVEPOINT kit_handler",
+            Outcome::Rejected(_) => "ROLLBACK TO SAVEPOINT kit_handler",
+        };
+        sqlx::query(end).execute(&mut *tx).await?;
+        Ok(outcome)
+    }
+
+    async fn queue_reply(
+        &self,
+        tx: &mut PgConnection,
+        message: &CommandMessage,
+        outcome: &Outcome,
+        reply_to: &str,
+    ) -> Result<Option<PendingReply>, sqlx::Error> {
+        if self.faults.drop_reply() {
+            tracing::warn!(participant = %self.name, saga_id = %message.saga_id, key = %message.idempotency_key, "fault injection: dropping the reply");
+            return Ok(None);
+        }
+        let mut pending = PendingReply::new(reply_to, &inbox::reply(message, outcome));
+        outbox::insert(tx, &mut pending).await?;
+        Ok(Some(pending))
+    }
+
+    /// Publishes with a few quick retries (e.g. the reply queue is being
+    /// declared right now); on failure the outbox row stays for the relay.
+    async fn publish(&self, publisher: &Channel, pending: &PendingReply) {
+        let attempt = || outbox::publish(publisher, pending);
+        let published = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(5),
+            )
+            // A failed channel stays failed; the relay retries on the next.
+            .when(|e| !matches!(e, PublishError::Amqp(_)))
+            .await;
+        match published {
+            Ok(()) => {
+                bump(
+                    &self.stats.replies_published,
+                    &self.name,
+                    "participant_replies_published_total",
+                    1,
+                );
+                if let Some(id) = pending.outbox_id
+                    && let Err(e) = outbox::delete(&self.pool, id).await
+                {
+                    // The relay will publish it again: a harmless duplicate.
+                    tracing::warn!(participant = %self.name, outbox_id = id, error = %e, "could not delete a published outbox row");
+                }
+            }
+            Err(e) => {
+                bump(
+                    &self.stats.replies_deferred,
+                    &self.name,
+                    "participant_replies_deferred_total",
+                    1,
+                );
+                tracing::warn!(participant = %self.name, saga_id = %pending.saga_id, error = %e, "reply not published; left to the relay");
+            }
+        }
+    }
+
+    async fn relay(&self, publisher: &Channel, sweep: Sweep) -> bool {
+        loop {
+            match outbox::relay_once(&self.pool, publisher, sweep, RELAY_BATCH).await {
+                Ok((published, failed)) => {
+                    if published > 0 {
+                        tracing::info!(participant = %self.name, published, "relay published replies");
+                        bump(
+                            &self.stats.relayed,
+                            &self.name,
+                            "participant_replies_relayed_total",
+                            published as u64,
+                        );
+                        bump(
+                            &self.stats.replies_published,
+                            &self.name,
+                            "participant_replies_published_total",
+                            published as u64,
+                        );
+                    }
+                    if failed > 0 || published < RELAY_BATCH as usize {
+                        return failed == 0;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(participant = %self.name, error = %e, "relay pass failed");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl DeliveryHandler for CommandService {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn queue(&self) -> String {
+        self.topology.participant_queue(&self.name)
+    }
+
+    async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        topology::declare_participant(channel, &self.topology, &self.name).await
+    }
+
+    async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Channel) {
+        self.faults.delay().await;
+        let message: CommandMessage = match serde_json::from_slice(&delivery.data) {
+            Ok(message) => message,
+            Err(e) => {
+                bump(
+                    &self.stats.poison,
+                    &self.name,
+                    "participant_poison_messages_total",
+                    1,
+                );
+                tracing::warn!(participant = %self.name, error = %e, bytes = delivery.data.len(), "undecodable command: dead-lettering it");
+                if let Err(e) = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                {
+                    tracing::warn!(participant = %self.name, error = %e, "could not reject a poison message");
+                }
+                return;
+            }
+        };
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|q| q.as_str().to_owned())
+            .filter(|q| !q.is_empty())
+            .unwrap_or_else(|| self.topology.reply_queue());
+        let message = Arc::new(message);
+        let decision = if self.faults.fail_command() {
+            self.transient(&message, &reply_to, "fault injection: failure".into())
+        } else {
+            match self.decide(&message, &reply_to).await {
+                Ok(decision) => decision,
+                Err(e) => self.transient(&message, &reply_to, format!("database error: {e}")),
+            }
+        };
+        let pending = match decision {
+            Decision::Answered { pending, replay } => {
+                tracing::debug!(participant = %self.name, saga_id = %message.saga_id, key = %message.idempotency_key, replay, "answered");
+                self.faults.committed();
+                pending
+            }
+            Decision::Transient { pending } => Some(pending),
+        };
+        if let Some(pending) = pending {
+            self.publish(&publisher, &pending).await;
+            if self.faults.duplicate_reply() {
+                tracing::warn!(participant = %self.name, saga_id = %message.saga_id, "fault injection: duplicating the reply");
+                outbox::publish(&publisher, &pending).await.ok();
+            }
+        }
+        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            // The broker redelivers it; the inbox answers with the same reply.
+            tracing::warn!(participant = %self.name, error = %e, "could not ack a command");
+        }
+    }
+
+    async fn background(
+        self: Arc<Self>,
+        publisher: Channel,
+        stop: CancellationToken,
+        _first: bool,
+    ) {
+        // Every publish of earlier sessions is finished by now, so all rows
+        // are fair game: crash leftovers get out at once.
+        self.relay(&publisher, Sweep::All).await;
+        let mut ticks = tokio::time::interval(self.relay_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => { self.relay(&publisher, Sweep::Due).await; }
+            }
+        }
+    }
+
+    async fn drain(self: Arc<Self>, publisher: Channel) {
+        if !self.relay(&publisher, Sweep::All).await {
+            tracing::warn!(participant = %self.name, "replies remain in the outbox at shutdown; the relay sends them on the next start");
+        }
+    }
+}

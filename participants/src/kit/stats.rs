@@ -1,0 +1,85 @@
+//! Counters of what a participant did, kept twice: as `metrics` counters
+//! (exported by whatever recorder the process installs, labelled with the
+//! participant's name) and as in-process atomics that tests and the `dev`
+//! command can read directly.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What happened to deliveries; every field counts since start.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Commands whose handler ran and committed a success.
+    pub applied: AtomicU64,
+    /// Commands whose handler ran and committed a rejection (including
+    /// unknown commands and bad payloads).
+    pub rejected: AtomicU64,
+    /// Duplicates answered from the inbox without running the handler.
+    pub replayed: AtomicU64,
+    /// Compensations that found nothing to undo (never arrived, rejected,
+    /// already compensated).
+    pub compensation_noops: AtomicU64,
+    /// Commands answered `transient_error` (rolled back).
+    pub transient: AtomicU64,
+    /// Deliveries rejected without requeue (dead-lettered) because they
+    /// could not be decoded.
+    pub poison: AtomicU64,
+    /// Replies confirmed by the broker (consumer and relay together).
+    pub replies_published: AtomicU64,
+    /// Replies left in the outbox for the relay after the consumer's own
+    /// retries failed.
+    pub replies_deferred: AtomicU64,
+    /// Replies the relay published.
+    pub relayed: AtomicU64,
+    /// Lifecycle events recorded (event subscribers only).
+    pub events_recorded: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`Stats::applied`].
+    pub applied: u64,
+    /// See [`Stats::rejected`].
+    pub rejected: u64,
+    /// See [`Stats::replayed`].
+    pub replayed: u64,
+    /// See [`Stats::compensation_noops`].
+    pub compensation_noops: u64,
+    /// See [`Stats::transient`].
+    pub transient: u64,
+    /// See [`Stats::poison`].
+    pub poison: u64,
+    /// See [`Stats::replies_published`].
+    pub replies_published: u64,
+    /// See [`Stats::replies_deferred`].
+    pub replies_deferred: u64,
+    /// See [`Stats::relayed`].
+    pub relayed: u64,
+    /// See [`Stats::events_recorded`].
+    pub events_recorded: u64,
+}
+
+impl Stats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            applied: get(&self.applied),
+            rejected: get(&self.rejected),
+            replayed: get(&self.replayed),
+            compensation_noops: get(&self.compensation_noops),
+            transient: get(&self.transient),
+            poison: get(&self.poison),
+            replies_published: get(&self.replies_published),
+            replies_deferred: get(&self.replies_deferred),
+            relayed: get(&self.relayed),
+            events_recorded: get(&self.events_recorded),
+        }
+    }
+}
+
+/// Bumps `counter` and the `metrics` counter `participant_<metric>_total`.
+pub(crate) fn bump(counter: &AtomicU64, participant: &str, metric: &'static str, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+    metrics::counter!(metric, "participant" => participant.to_owned()).increment(by);
+}

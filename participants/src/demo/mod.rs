@@ -1,1 +1,377 @@
-//! Demo participants.
+//! The demo participants of the order-placement flow, and a runner that
+//! starts any of them in one process, each on its own database and its own
+//! connections.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), participants::demo::DemoError> {
+//! use participants::demo::{self, DemoConfig, Service};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = DemoConfig::from_urls(
+//!     "amqp://guest:guest@127.0.0.1:5672/%2f",
+//!     "saga",
+//!     "postgres://postgres@127.0.0.1:5432/postgres",
+//! )?;
+//! let shutdown = CancellationToken::new();
+//! demo::run(&Service::ALL, config, shutdown).await
+//! # }
+//! ```
+//!
+//! Databases: service `<name>` uses database `<prefix><name>` on the server
+//! of the base URL, with the prefix defaulting to `<namespace>_` (so
+//! `saga_inventory`, `saga_payment`, `saga_orders`, `saga_notification`).
+
+pub mod inventory;
+pub mod notification;
+pub mod orders;
+pub mod payment;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use saga_proto::amqp::{InvalidName, Topology};
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::kit::{
+    FaultConfig, FaultConfigError, FaultInjector, KitError, ParticipantConfig, ParticipantHandle,
+    PoolSettings,
+};
+
+/// PostgreSQL truncates longer identifiers, which could merge two databases.
+const MAX_DATABASE_NAME: usize = 63;
+
+/// One of the demo services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Service {
+    /// Stock reservations.
+    Inventory,
+    /// Charges, authorizations and captures.
+    Payment,
+    /// Order confirmation.
+    Orders,
+    /// Lifecycle-event subscriber.
+    Notification,
+}
+
+impl Service {
+    /// Every demo service.
+    pub const ALL: [Service; 4] = [
+        Service::Inventory,
+        Service::Payment,
+        Service::Orders,
+        Service::Notification,
+    ];
+
+    /// The name: participant name, queue suffix and database suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Inventory => inventory::NAME,
+            Service::Payment => payment::NAME,
+            Service::Orders => orders::NAME,
+            Service::Notification => notification::NAME,
+        }
+    }
+
+    /// Parses a list of names where `all` means every service; duplicates
+    /// are ignored and the order is stable.
+    pub fn parse_list<S: AsRef<str>>(names: &[S]) -> Result<Vec<Service>, UnknownService> {
+        let mut services = Vec::new();
+        for name in names {
+            let name = name.as_ref();
+            if name == "all" {
+                services.extend(Service::ALL);
+            } else {
+                services.push(name.parse()?);
+            }
+        }
+        services.sort();
+        services.dedup();
+        Ok(services)
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a demo service.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("unknown participant {0:?}: expected inventory, payment, orders, notification or all")]
+pub struct UnknownService(pub String);
+
+impl FromStr for Service {
+    type Err = UnknownService;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Service::ALL
+            .into_iter()
+            .find(|service| service.name() == s)
+            .ok_or_else(|| UnknownService(s.to_owned()))
+    }
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The namespace is not valid.
+    #[error(transparent)]
+    Namespace(#[from] InvalidName),
+    /// The database URL could not be parsed.
+    #[error("invalid database URL: {0}")]
+    DatabaseUrl(#[source] sqlx::Error),
+    /// A derived database name is too long for PostgreSQL.
+    #[error(
+        "database name {0:?} is longer than {MAX_DATABASE_NAME} bytes; use a shorter namespace or prefix"
+    )]
+    DatabaseNameTooLong(String),
+    /// The fault knobs are out of range.
+    #[error(transparent)]
+    Faults(#[from] FaultConfigError),
+    /// A service failed to start.
+    #[error("starting {service}")]
+    Start {
+        /// The service.
+        service: Service,
+        /// Why.
+        #[source]
+        source: KitError,
+    },
+}
+
+/// Configuration shared by the demo services.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+    /// Namespace of every exchange and queue.
+    pub topology: Topology,
+    /// Server and credentials; the database name is replaced per service.
+    pub database: PgConnectOptions,
+    /// Prefix of each service's database name; `None` means `<namespace>_`.
+    pub database_prefix: Option<String>,
+    /// Pool of each service (default 5 connections).
+    pub pool: PoolSettings,
+    /// Prefetch per service.
+    pub prefetch: u16,
+    /// Commands handled at once per service.
+    pub concurrency: usize,
+    /// How often each relay looks at its outbox.
+    pub relay_interval: Duration,
+    /// Fault injection, shared by every command participant of the process
+    /// (the notification service has none).
+    pub faults: FaultConfig,
+}
+
+impl DemoConfig {
+    /// Defaults for everything but the addresses.
+    pub fn new(amqp_url: &str, topology: Topology, database: PgConnectOptions) -> Self {
+        Self {
+            amqp_url: amqp_url.to_owned(),
+            topology,
+            database,
+            database_prefix: None,
+            pool: PoolSettings::default(),
+            prefetch: 16,
+            concurrency: 4,
+            relay_interval: Duration::from_secs(1),
+            faults: FaultConfig::default(),
+        }
+    }
+
+    /// Parses the namespace and the base database URL.
+    pub fn from_urls(
+        amqp_url: &str,
+        namespace: &str,
+        database_url: &str,
+    ) -> Result<Self, DemoError> {
+        let topology = Topology::new(namespace)?;
+        let database = database_url
+            .parse::<PgConnectOptions>()
+            .map_err(DemoError::DatabaseUrl)?;
+        Ok(Self::new(amqp_url, topology, database))
+    }
+
+    /// The database name of `service`.
+    pub fn database_name(&self, service: Service) -> String {
+        let prefix = self
+            .database_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}_", self.topology.namespace()));
+        format!("{prefix}{}", service.name())
+    }
+
+    /// The connect options of `service`'s database.
+    pub fn database_for(&self, service: Service) -> PgConnectOptions {
+        self.database
+            .clone()
+            .database(&self.database_name(service))
+            .application_name(&format!("participant-{}", service.name()))
+    }
+
+    fn participant_config(
+        &self,
+        service: Service,
+        faults: &std::sync::Arc<FaultInjector>,
+    ) -> ParticipantConfig {
+        ParticipantConfig {
+            amqp_url: self.amqp_url.clone(),
+            topology: self.topology.clone(),
+            database: self.database_for(service),
+            pool: self.pool.clone(),
+            prefetch: self.prefetch,
+            concurrency: self.concurrency,
+            relay_interval: self.relay_interval,
+            faults: match service {
+                Service::Notification => FaultInjector::none(),
+                _ => faults.clone(),
+            },
+        }
+    }
+}
+
+/// The running demo services.
+#[derive(Debug)]
+pub struct Demo {
+    /// One handle per started service, in [`Service`] order.
+    handles: Vec<(Service, ParticipantHandle)>,
+}
+
+impl Demo {
+    /// The handle of `service`, if it was started.
+    pub fn get(&self, service: Service) -> Option<&ParticipantHandle> {
+        self.handles
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, h)| h)
+    }
+
+    /// Waits until every service consumes from its queue.
+    pub async fn ready(&mut self) {
+        for (_, handle) in &mut self.handles {
+            handle.ready().await;
+        }
+    }
+
+    /// Waits until every service stopped (after the shutdown token fired).
+    pub async fn stopped(self) {
+        futures::future::join_all(self.handles.into_iter().map(|(_, h)| h.stopped())).await;
+    }
+}
+
+/// Starts `services` (databases created and migrated, consumers spawned)
+/// and returns once each has its database; call [`Demo::ready`] to wait
+/// until they consume. Everything stops when `shutdown` fires.
+pub async fn start(
+    services: &[Service],
+    config: DemoConfig,
+    shutdown: CancellationToken,
+) -> Result<Demo, DemoError> {
+    config.faults.validate()?;
+    for &service in services {
+        let name = config.database_name(service);
+        if name.len() > MAX_DATABASE_NAME {
+            return Err(DemoError::DatabaseNameTooLong(name));
+        }
+    }
+    let faults = FaultInjector::new(config.faults.clone());
+    let starts = services.iter().map(|&service| {
+        let participant_config = config.participant_config(service, &faults);
+        let shutdown = shutdown.clone();
+        async move {
+            let started = match service {
+                Service::Inventory => match inventory::participant() {
+                    Ok(p) => p.start(participant_config, shutdown).await,
+                    Err(e) => Err(e),
+                },
+                Service::Payment => match payment::participant() {
+                    Ok(p) => p.start(participant_config, shutdown).await,
+                    Err(e) => Err(e),
+                },
+                Service::Orders => match orders::participant() {
+                    Ok(p) => p.start(participant_config, shutdown).await,
+                    Err(e) => Err(e),
+                },
+                Service::Notification => notification::start(participant_config, shutdown).await,
+            };
+            started
+                .map(|handle| (service, handle))
+                .map_err(|source| DemoError::Start { service, source })
+        }
+    });
+    let results = futures::future::join_all(starts).await;
+    let mut handles = Vec::new();
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        // Do not leave the others running without an owner.
+        shutdown.cancel();
+        Demo { handles }.stopped().await;
+        return Err(error);
+    }
+    Ok(Demo { handles })
+}
+
+/// Runs `services` until `shutdown` fires, then stops them gracefully
+/// (in-hand commands finish, outboxes are flushed). This is what the
+/// orchestrator's `dev` command calls.
+pub async fn run(
+    services: &[Service],
+    config: DemoConfig,
+    shutdown: CancellationToken,
+) -> Result<(), DemoError> {
+    let demo = start(services, config, shutdown).await?;
+    demo.stopped().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_lists_parse() {
+        assert_eq!(
+            Service::parse_list(&["all"]).unwrap(),
+            Service::ALL.to_vec()
+        );
+        assert_eq!(
+            Service::parse_list(&["payment", "inventory", "payment"]).unwrap(),
+            vec![Service::Inventory, Service::Payment]
+        );
+        assert_eq!(
+            Service::parse_list(&["billing"]).unwrap_err(),
+            UnknownService("billing".into())
+        );
+    }
+
+    #[test]
+    fn database_names_derive_from_the_namespace() {
+        let config = DemoConfig::from_urls(
+            "amqp://localhost",
+            "saga",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        )
+        .unwrap();
+        assert_eq!(config.database_name(Service::Inventory), "saga_inventory");
+        assert_eq!(
+            config.database_for(Service::Payment).get_database(),
+            Some("saga_payment")
+        );
+        let prefixed = DemoConfig {
+            database_prefix: Some("x_".into()),
+            ..config
+        };
+        assert_eq!(prefixed.database_name(Service::Orders), "x_orders");
+    }
+}

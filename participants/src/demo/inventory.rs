@@ -1,0 +1,190 @@
+//! `inventory`: stock per SKU.
+//!
+//! - `reserve` {order_id, items: [{sku, quantity}]} → `{"reservation_id"}`;
+//!   rejected (naming the SKU) when a SKU is unknown or short of stock.
+//! - `release` {order_id, reservation_id} (compensation): puts the stock of
+//!   the reservation made under the compensated action's key back.
+//!
+//! Tables: `inventory_stock` (sku, available), `inventory_reservations`
+//! (the ledger: one row per reservation, `reserved` → `released`),
+//! `inventory_reservation_items`. SKUs `sku-1` … `sku-100` are seeded with
+//! 1,000,000,000 units each when absent.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::kit::{Command, HandlerFuture, KitError, Outcome, Participant};
+
+/// Participant name.
+pub const NAME: &str = "inventory";
+/// Seeded SKUs are `sku-1` … `sku-SEEDED_SKUS`.
+pub const SEEDED_SKUS: i32 = 100;
+/// Units each seeded SKU starts with.
+pub const SEEDED_STOCK: i64 = 1_000_000_000;
+
+/// `reserve` payload.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReservePayload {
+    /// The order the stock is for.
+    pub order_id: String,
+    /// Lines to reserve; a SKU may appear several times.
+    pub items: Vec<ReserveItem>,
+}
+
+/// One line of a reservation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReserveItem {
+    /// Stock keeping unit.
+    pub sku: String,
+    /// Units, > 0.
+    pub quantity: u32,
+}
+
+/// `release` payload. The reservation is found by the compensated action's
+/// key, so `reservation_id` may be null (the saga never learnt it).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReleasePayload {
+    /// The order.
+    pub order_id: String,
+    /// The reservation, if the saga knows it.
+    #[serde(default)]
+    pub reservation_id: Option<String>,
+}
+
+/// The inventory participant.
+pub fn participant() -> Result<Participant, KitError> {
+    Participant::builder(NAME)
+        .migrations(sqlx::migrate!("migrations/inventory"))
+        .setup(seed)
+        .action("reserve", reserve)
+        .compensation("release", release)
+        .build()
+}
+
+/// Creates the seeded SKUs that do not exist yet.
+pub async fn seed(pool: PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO inventory_stock (sku, available)
+         SELECT 'sku-' || g, $2 FROM generate_series(1, $1) AS g
+         ON CONFLICT (sku) DO NOTHING",
+    )
+    .bind(SEEDED_SKUS)
+    .bind(SEEDED_STOCK)
+    .execute(&pool)
+    .await?;
+    Ok(())
+}
+
+fn reserve(conn: &mut PgConnection, command: Command<ReservePayload>) -> HandlerFuture<'_> {
+    Box::pin(async move {
+        let payload = &command.payload;
+        if payload.items.is_empty() {
+            return Ok(Outcome::rejected("a reservation needs at least one item"));
+        }
+        // Aggregated and sorted, so concurrent reservations lock stock rows
+        // in the same order and cannot deadlock.
+        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+        for (i, item) in payload.items.iter().enumerate() {
+            if item.quantity == 0 {
+                return Ok(Outcome::rejected(format!(
+                    "items[{i}].quantity: must be greater than 0 (SKU {})",
+                    item.sku
+                )));
+            }
+            *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
+        }
+        let reservation_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO inventory_reservations (reservation_id, action_key, saga_id, order_id, status)
+             VALUES ($1, $2, $3, $4, 'reserved')",
+        )
+        .bind(reservation_id)
+        .bind(command.action_key())
+        .bind(command.saga_id())
+        .bind(&payload.order_id)
+        .execute(&mut *conn)
+        .await?;
+        for (sku, quantity) in wanted {
+            let taken: Option<i64> = sqlx::query_scalar(
+                "UPDATE inventory_stock SET available = available - $2
+                 WHERE sku = $1 AND available >= $2
+                 RETURNING available",
+            )
+            .bind(sku)
+            .bind(quantity)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if taken.is_none() {
+                let available: Option<i64> =
+                    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
+                        .bind(sku)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                // The kit rolls back what this reservation took so far.
+                return Ok(Outcome::rejected(match available {
+                    None => format!("unknown SKU {sku}"),
+                    Some(available) => format!(
+                        "insufficient stock for SKU {sku}: {quantity} requested, {available} available"
+                    ),
+                }));
+            }
+            sqlx::query(
+                "INSERT INTO inventory_reservation_items (reservation_id, sku, quantity)
+                 VALUES ($1, $2, $3)",
+            )
+            .bind(reservation_id)
+            .bind(sku)
+            .bind(quantity)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(Outcome::success(
+            serde_json::json!({ "reservation_id": reservation_id.to_string() }),
+        ))
+    })
+}
+
+fn release(conn: &mut PgConnection, command: Command<ReleasePayload>) -> HandlerFuture<'_> {
+    Box::pin(async move {
+        let released: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE inventory_reservations SET status = 'released', released_at = now()
+             WHERE action_key = $1 AND status = 'reserved'
+             RETURNING reservation_id",
+        )
+        .bind(command.action_key())
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(reservation_id) = released else {
+            // The kit only calls us after a successful reserve, so this is
+            // a reservation released by hand; nothing left to give back.
+            return Ok(Outcome::success(serde_json::json!({ "released": false })));
+        };
+        if let Some(claimed) = &command.payload.reservation_id
+            && claimed != &reservation_id.to_string()
+        {
+            tracing::warn!(order_id = %command.payload.order_id, %claimed, actual = %reservation_id, "release names another reservation than its action made; releasing the action's");
+        }
+        let items: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sku, quantity FROM inventory_reservation_items
+             WHERE reservation_id = $1 ORDER BY sku",
+        )
+        .bind(reservation_id)
+        .fetch_all(&mut *conn)
+        .await?;
+        // One row at a time in SKU order: the same lock order as reserve.
+        for (sku, quantity) in items {
+            sqlx::query("UPDATE inventory_stock SET available = available + $2 WHERE sku = $1")
+                .bind(sku)
+                .bind(quantity)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(Outcome::success(serde_json::json!({
+            "reservation_id": reservation_id.to_string(),
+            "released": true,
+        })))
+    })
+}

@@ -183,7 +183,7 @@ fn encode_token(record: &SagaRecord) -> String {
 
 fn decode_token(token: &str) -> Result<Cursor, Status> {
     let bad = || invalid("page_token", "is not a token returned by ListSagas");
-    if token.len() % 2 != 0 || token.len() > 256 {
+    if !token.len().is_multiple_of(2) || token.len() > 256 {
         return Err(bad());
     }
     let bytes: Vec<u8> = (0..token.len())
@@ -286,12 +286,12 @@ impl SagaService for SagaApi {
             }
         };
         let saga_type = (!request.saga_type.is_empty()).then_some(request.saga_type.as_str());
-        if let Some(name) = saga_type {
-            if self.engine.catalog().get(name, 0).is_err() {
-                return Err(Status::not_found(format!(
-                    "saga_type: unknown saga type {name:?}"
-                )));
-            }
+        if let Some(name) = saga_type
+            && self.engine.catalog().get(name, 0).is_err()
+        {
+            return Err(Status::not_found(format!(
+                "saga_type: unknown saga type {name:?}"
+            )));
         }
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,

@@ -1,1 +1,36 @@
-//! Placeholder
+//! Test harness of saga-orchestrator's integration and failure-injection
+//! suites (the suites themselves are in `tests/suite`).
+//!
+//! - [`env`]: a private namespace and databases per test, removed afterwards.
+//! - [`app`]: an in-process orchestrator on port 0 with a gRPC client and
+//!   helpers such as [`app::TestApp::wait_for_state`].
+//! - [`scripted`]: a participant that answers commands as the test scripts
+//!   it, speaking the raw AMQP contract (no kit), and records what it saw.
+//!
+//! Waiting is always on a condition with a deadline, never a bare sleep.
+
+pub mod app;
+pub mod env;
+pub mod scripted;
+
+use std::{future::Future, time::Duration};
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`
+/// with `what` in the message.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,1 +1,452 @@
-fn main() {}
+//! `sagactl`: the command-line client of saga-orchestrator.
+//!
+//! Exit codes a script can use: 0 success (with `--wait`/`watch`: the saga
+//! COMPLETED); 1 the call failed (connection, NOT_FOUND, INVALID_ARGUMENT,
+//! ...); 2 bad command line; 3 the saga ended COMPENSATED; 4 the saga ended
+//! FAILED.
+
+use std::{io::Read, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use futures::StreamExt;
+use saga_proto::v1::{
+    CancelSagaRequest, GetSagaRequest, ListSagaTypesRequest, ListSagasRequest, RetrySagaRequest,
+    Saga, SagaEvent, SagaState, StartSagaRequest, StepState, WatchSagaRequest,
+    saga_service_client::SagaServiceClient,
+};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Command-line client of saga-orchestrator",
+    after_help = "Exit codes: 0 ok (saga COMPLETED with --wait/watch), 1 call failed, 2 bad usage, \
+                  3 saga COMPENSATED, 4 saga FAILED."
+)]
+struct Cli {
+    /// Orchestrator gRPC address.
+    #[arg(
+        long,
+        env = "SAGA_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a saga.
+    Start {
+        /// Flow name, e.g. order_placement.
+        saga_type: String,
+        /// Input JSON, `@file` to read a file, or `-` for stdin.
+        #[arg(long)]
+        input: String,
+        /// Flow version (0 = latest).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+        /// Idempotency key: a repeat returns the first saga.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Follow the saga until it ends and exit with its outcome.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one saga with its steps.
+    Get {
+        /// Saga id.
+        saga_id: String,
+    },
+    /// List sagas, newest first.
+    List {
+        /// Only this flow.
+        #[arg(long = "type", default_value = "")]
+        saga_type: String,
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Page size (at most 500).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Token from a previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Stream a saga's history until it ends.
+    Watch {
+        /// Saga id.
+        saga_id: String,
+    },
+    /// Cancel a running saga (compensates what it did).
+    Cancel {
+        /// Saga id.
+        saga_id: String,
+        /// Why, for the history.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Resume a FAILED saga where it stopped.
+    Retry {
+        /// Saga id.
+        saga_id: String,
+    },
+    /// List the flows the orchestrator runs.
+    Types,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    Failed,
+}
+
+impl From<StateArg> for SagaState {
+    fn from(state: StateArg) -> Self {
+        match state {
+            StateArg::Running => SagaState::Running,
+            StateArg::Compensating => SagaState::Compensating,
+            StateArg::Completed => SagaState::Completed,
+            StateArg::Compensated => SagaState::Compensated,
+            StateArg::Failed => SagaState::Failed,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match SagaState::try_from(state).unwrap_or(SagaState::Unspecified) {
+        SagaState::Unspecified => "UNSPECIFIED",
+        SagaState::Running => "RUNNING",
+        SagaState::Compensating => "COMPENSATING",
+        SagaState::Completed => "COMPLETED",
+        SagaState::Compensated => "COMPENSATED",
+        SagaState::Failed => "FAILED",
+    }
+}
+
+fn step_name(state: i32) -> &'static str {
+    match StepState::try_from(state).unwrap_or(StepState::Unspecified) {
+        StepState::Unspecified => "UNSPECIFIED",
+        StepState::Pending => "PENDING",
+        StepState::Running => "RUNNING",
+        StepState::Succeeded => "SUCCEEDED",
+        StepState::Failed => "FAILED",
+        StepState::Compensating => "COMPENSATING",
+        StepState::Compensated => "COMPENSATED",
+        StepState::Skipped => "SKIPPED",
+    }
+}
+
+fn outcome_code(state: i32) -> ExitCode {
+    match SagaState::try_from(state) {
+        Ok(SagaState::Completed) => ExitCode::SUCCESS,
+        Ok(SagaState::Compensated) => ExitCode::from(3),
+        Ok(SagaState::Failed) => ExitCode::from(4),
+        _ => ExitCode::from(1),
+    }
+}
+
+fn timestamp(ts: &Option<prost_types::Timestamp>) -> String {
+    ts.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+fn table() -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table
+}
+
+fn saga_json(saga: &Saga) -> serde_json::Value {
+    serde_json::json!({
+        "saga_id": saga.saga_id,
+        "saga_type": saga.saga_type,
+        "definition_version": saga.definition_version,
+        "state": state_name(saga.state),
+        "input": serde_json::from_str::<serde_json::Value>(&saga.input_json).unwrap_or(serde_json::Value::Null),
+        "data": serde_json::from_str::<serde_json::Value>(&saga.data_json).unwrap_or(serde_json::Value::Null),
+        "error": saga.error,
+        "created_at": timestamp(&saga.created_at),
+        "updated_at": timestamp(&saga.updated_at),
+        "steps": saga.steps.iter().map(|s| serde_json::json!({
+            "name": s.name, "state": step_name(s.state), "attempts": s.attempts,
+            "compensation_attempts": s.compensation_attempts, "error": s.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_saga(saga: &Saga, json: bool) {
+    if json {
+        println!("{}", saga_json(saga));
+        return;
+    }
+    println!("saga     {}", saga.saga_id);
+    println!("type     {} v{}", saga.saga_type, saga.definition_version);
+    println!("state    {}", state_name(saga.state));
+    if !saga.error.is_empty() {
+        println!("error    {}", saga.error);
+    }
+    println!(
+        "created  {}   updated {}",
+        timestamp(&saga.created_at),
+        timestamp(&saga.updated_at)
+    );
+    println!("data     {}", saga.data_json);
+    let mut steps = table();
+    steps.set_header([
+        "step",
+        "state",
+        "attempts",
+        "compensation attempts",
+        "error",
+    ]);
+    for s in &saga.steps {
+        steps.add_row([
+            s.name.clone(),
+            step_name(s.state).to_owned(),
+            s.attempts.to_string(),
+            s.compensation_attempts.to_string(),
+            s.error.clone(),
+        ]);
+    }
+    println!("{steps}");
+}
+
+fn print_event(event: &SagaEvent, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"seq": event.seq, "at": timestamp(&event.at), "kind": event.kind,
+                "step": event.step, "state": state_name(event.state), "detail": event.detail})
+        );
+    } else {
+        println!(
+            "{:>4}  {}  {:<13} {:<22} {:<18} {}",
+            event.seq,
+            timestamp(&event.at),
+            state_name(event.state),
+            event.kind,
+            event.step,
+            event.detail
+        );
+    }
+}
+
+fn read_input(input: &str) -> anyhow::Result<String> {
+    if input == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        Ok(text)
+    } else if let Some(path) = input.strip_prefix('@') {
+        Ok(std::fs::read_to_string(path)?)
+    } else {
+        Ok(input.to_owned())
+    }
+}
+
+/// Streams the saga's history; returns its final state.
+async fn follow(
+    client: &mut SagaServiceClient<Channel>,
+    saga_id: &str,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let mut stream = client
+        .watch_saga(WatchSagaRequest {
+            saga_id: saga_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut last = SagaState::Unspecified as i32;
+    while let Some(event) = stream.next().await {
+        let event = event?;
+        print_event(&event, json);
+        last = event.state;
+    }
+    Ok(last)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut client = SagaServiceClient::connect(cli.addr.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the orchestrator at {}: {e}", cli.addr))?;
+    let json = cli.json;
+    match cli.command {
+        Command::Start {
+            saga_type,
+            input,
+            version,
+            idempotency_key,
+            wait,
+        } => {
+            let response = client
+                .start_saga(StartSagaRequest {
+                    saga_type,
+                    input_json: read_input(&input)?,
+                    idempotency_key,
+                    definition_version: version,
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"saga_id": response.saga_id, "created": response.created})
+                );
+            } else if response.created {
+                println!("started {}", response.saga_id);
+            } else {
+                println!(
+                    "already started {} (same idempotency key)",
+                    response.saga_id
+                );
+            }
+            if wait {
+                let state = follow(&mut client, &response.saga_id, json).await?;
+                if !json {
+                    println!("saga {} ended {}", response.saga_id, state_name(state));
+                }
+                return Ok(outcome_code(state));
+            }
+        }
+        Command::Get { saga_id } => {
+            let saga = client
+                .get_saga(GetSagaRequest { saga_id })
+                .await?
+                .into_inner();
+            print_saga(&saga, json);
+        }
+        Command::List {
+            saga_type,
+            state,
+            limit,
+            page_token,
+        } => {
+            let page = client
+                .list_sagas(ListSagasRequest {
+                    saga_type,
+                    state: state.map_or(SagaState::Unspecified, SagaState::from) as i32,
+                    page_size: limit,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            if json {
+                let sagas: Vec<_> = page.sagas.iter().map(saga_json).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"sagas": sagas, "next_page_token": page.next_page_token})
+                );
+            } else {
+                let mut rows = table();
+                rows.set_header(["saga id", "type", "version", "state", "created", "error"]);
+                for saga in &page.sagas {
+                    rows.add_row([
+                        saga.saga_id.clone(),
+                        saga.saga_type.clone(),
+                        saga.definition_version.to_string(),
+                        state_name(saga.state).to_owned(),
+                        timestamp(&saga.created_at),
+                        saga.error.clone(),
+                    ]);
+                }
+                println!("{rows}");
+                if !page.next_page_token.is_empty() {
+                    println!("next page: --page-token {}", page.next_page_token);
+                }
+            }
+        }
+        Command::Watch { saga_id } => {
+            let state = follow(&mut client, &saga_id, json).await?;
+            return Ok(outcome_code(state));
+        }
+        Command::Cancel { saga_id, reason } => {
+            let saga = client
+                .cancel_saga(CancelSagaRequest { saga_id, reason })
+                .await?
+                .into_inner();
+            print_saga(&saga, json);
+        }
+        Command::Retry { saga_id } => {
+            let saga = client
+                .retry_saga(RetrySagaRequest { saga_id })
+                .await?
+                .into_inner();
+            print_saga(&saga, json);
+        }
+        Command::Types => {
+            let types = client
+                .list_saga_types(ListSagaTypesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                let list: Vec<_> = types
+                    .saga_types
+                    .iter()
+                    .map(|t| serde_json::json!({
+                        "name": t.name, "version": t.version, "latest": t.latest, "input": t.input_description,
+                        "steps": t.steps.iter().map(|s| serde_json::json!({"name": s.name, "kind": s.kind,
+                            "participant": s.participant, "command": s.command,
+                            "compensation": s.compensation_command, "group": s.group})).collect::<Vec<_>>(),
+                    }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for t in &types.saga_types {
+                    println!(
+                        "{} v{}{}",
+                        t.name,
+                        t.version,
+                        if t.latest { " (latest)" } else { "" }
+                    );
+                    println!("  input: {}", t.input_description);
+                    let mut steps = table();
+                    steps.set_header([
+                        "group",
+                        "step",
+                        "kind",
+                        "participant",
+                        "command",
+                        "compensation",
+                        "timeout ms",
+                    ]);
+                    for s in &t.steps {
+                        steps.add_row([
+                            s.group.to_string(),
+                            s.name.clone(),
+                            s.kind.clone(),
+                            s.participant.clone(),
+                            s.command.clone(),
+                            s.compensation_command.clone(),
+                            s.timeout_ms.to_string(),
+                        ]);
+                    }
+                    println!("{steps}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

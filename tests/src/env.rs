@@ -1,0 +1,147 @@
+//! Per-test isolation: a random namespace (exchanges and queues) and
+//! databases named after it, all removed when the [`TestEnv`] is dropped,
+//! even if the test panicked.
+
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{ExchangeDeleteOptions, QueueDeleteOptions},
+};
+use uuid::Uuid;
+
+/// PostgreSQL server of the tests (trust auth).
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+/// RabbitMQ of the tests.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One test's private namespace and databases.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// Prefix of every exchange, queue and database of this test.
+    pub namespace: String,
+    /// Databases created under this env (dropped at the end).
+    databases: std::sync::Mutex<Vec<String>>,
+    /// Extra queues to delete at the end.
+    queues: std::sync::Mutex<Vec<String>>,
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestEnv {
+    /// A fresh namespace like `t3f9a1c2d`.
+    pub fn new() -> Self {
+        let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+        Self {
+            namespace,
+            databases: Default::default(),
+            queues: Default::default(),
+        }
+    }
+
+    /// The URL of database `<namespace>_<suffix>`, registered for removal.
+    pub fn database_url(&self, suffix: &str) -> String {
+        let name = format!("{}_{suffix}", self.namespace);
+        let mut databases = self.databases.lock().unwrap();
+        if !databases.contains(&name) {
+            databases.push(name.clone());
+        }
+        format!("{POSTGRES}/{name}")
+    }
+
+    /// Registers an extra queue for removal.
+    pub fn track_queue(&self, queue: &str) {
+        self.queues.lock().unwrap().push(queue.to_owned());
+    }
+
+    /// Exchange and queue names of this env.
+    pub fn topology(&self) -> saga_proto::amqp::Topology {
+        saga_proto::amqp::Topology::new(&self.namespace).unwrap()
+    }
+
+    async fn cleanup(namespace: String, databases: Vec<String>, queues: Vec<String>) {
+        if let Ok(mut conn) =
+            sqlx::PgConnection::connect_with_url(&format!("{POSTGRES}/postgres")).await
+        {
+            for db in databases {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        }
+        let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+        else {
+            return;
+        };
+        let Ok(channel) = connection.create_channel().await else {
+            return;
+        };
+        let topology = saga_proto::amqp::Topology::new(&namespace).unwrap();
+        let mut all_queues = vec![topology.reply_queue(), topology.dead_letter_queue()];
+        for participant in [
+            "inventory",
+            "payment",
+            "orders",
+            "notification",
+            "alpha",
+            "beta",
+            "gamma",
+            "delta",
+        ] {
+            all_queues.push(topology.participant_queue(participant));
+        }
+        all_queues.push(format!("{namespace}.notification.lifecycle"));
+        all_queues.extend(queues);
+        for queue in all_queues {
+            // A failed delete closes the channel; use a fresh one each time.
+            if let Ok(ch) = connection.create_channel().await {
+                let _ = ch
+                    .queue_delete(queue.into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        for exchange in [
+            topology.commands_exchange(),
+            topology.events_exchange(),
+            topology.dead_letter_exchange(),
+        ] {
+            if let Ok(ch) = connection.create_channel().await {
+                let _ = ch
+                    .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = channel.close(200, "bye".into()).await;
+        let _ = connection.close(200, "bye".into()).await;
+    }
+}
+
+trait ConnectWithUrl: Sized {
+    async fn connect_with_url(url: &str) -> Result<Self, sqlx::Error>;
+}
+
+impl ConnectWithUrl for sqlx::PgConnection {
+    async fn connect_with_url(url: &str) -> Result<Self, sqlx::Error> {
+        use sqlx::Connection as _;
+        sqlx::PgConnection::connect(url).await
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let namespace = self.namespace.clone();
+        let databases = std::mem::take(&mut *self.databases.lock().unwrap());
+        let queues = std::mem::take(&mut *self.queues.lock().unwrap());
+        // Drop runs inside the test's runtime; clean up on a runtime of our own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(Self::cleanup(namespace, databases, queues));
+        })
+        .join();
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration suites of saga-orchestrator against real PostgreSQL and
+//! RabbitMQ. Every test has its own namespace and databases.
+
+mod api;
+mod flows;
+mod instances;
+mod support;

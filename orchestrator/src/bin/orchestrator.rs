@@ -1,7 +1,10 @@
-//! `orchestrator serve`: runs the saga orchestrator.
+//! `orchestrator serve` runs the saga orchestrator; `orchestrator dev` runs
+//! it together with every demo participant in one process (each on its own
+//! connections and database, exactly as if separate).
 
 use clap::{Parser, Subcommand};
 use orchestrator::{Application, Config, telemetry};
+use participants::demo::{self, DemoConfig, Service};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -18,22 +21,61 @@ struct Cli {
 enum Command {
     /// Run the orchestrator service.
     Serve(Config),
+    /// Run the orchestrator and the demo participants (inventory, payment,
+    /// orders, notification) in one process, for trying things out.
+    Dev(Config),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
     match cli.command {
         Command::Serve(config) => {
             telemetry::init(config.log_format);
-            let shutdown = CancellationToken::new();
             let app =
                 Application::build(config, sagas::Catalog::standard(), shutdown.clone()).await?;
             tokio::spawn(stop_on_signal(shutdown));
             app.run_until_stopped().await;
         }
+        Command::Dev(config) => {
+            telemetry::init(config.log_format);
+            let demo_config =
+                DemoConfig::from_urls(&config.amqp_url, &config.namespace, &config.database_url)?;
+            let grpc_addr = config.grpc_addr;
+            let app =
+                Application::build(config, sagas::Catalog::standard(), shutdown.clone()).await?;
+            let mut participants =
+                demo::start(&Service::ALL, demo_config, shutdown.clone()).await?;
+            participants.ready().await;
+            print_instructions(app.grpc_addr(), grpc_addr.port() == 50051);
+            tokio::spawn(stop_on_signal(shutdown));
+            tokio::join!(app.run_until_stopped(), participants.stopped());
+        }
     }
     Ok(())
+}
+
+fn print_instructions(addr: std::net::SocketAddr, default_addr: bool) {
+    let sagactl = if default_addr {
+        "cargo run --release --bin sagactl --".to_owned()
+    } else {
+        format!("cargo run --release --bin sagactl -- --addr http://{addr}")
+    };
+    println!(
+        r#"
+saga-orchestrator is running on {addr} with the demo participants inventory, payment, orders and notification.
+
+Place an order (completes):
+  {sagactl} start order_placement --wait --input '{{"order_id":"o-1","customer_id":"alice","items":[{{"sku":"sku-1","quantity":2,"unit_price_cents":1999}}]}}'
+
+Place an order that cannot be served (more than the stock: compensates):
+  {sagactl} start order_placement --wait --input '{{"order_id":"o-2","customer_id":"alice","items":[{{"sku":"sku-2","quantity":2000000000,"unit_price_cents":1}}]}}'
+
+Then: {sagactl} list | get <saga-id> | watch <saga-id> | types
+Stop with Ctrl-C.
+"#
+    );
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.

@@ -173,8 +173,10 @@ pub struct StepRecord {
     pub action_generation: u32,
     /// Same as `action_generation`, for the compensation.
     pub compensation_generation: u32,
-    /// Some attempt's outcome is unknown (it timed out), so the action may
-    /// have taken effect and must be compensated if the saga rolls back.
+    /// The action was sent and no rejection has settled its key, so it may
+    /// have taken effect (an attempt timed out, or a copy of a command that
+    /// met a transient error may still be delivered) and must be
+    /// compensated if the saga rolls back.
     pub maybe_applied: bool,
     /// The last answer for the current key was a rejection.
     pub last_rejected: bool,

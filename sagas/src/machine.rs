@@ -12,7 +12,11 @@
 //!   compensated too (participants treat a compensation for an action they
 //!   never saw as a successful no-op).
 //! - A business rejection is final for the step: no retry.
-//! - A transient error means "not applied, try again": retried with backoff.
+//! - A transient error means "this delivery did not apply, try again":
+//!   retried with backoff. It does not prove the action never applies: a
+//!   duplicate of the same command may still be delivered, so only a
+//!   rejection (which participants remember per key) clears the suspicion
+//!   that an issued action took effect.
 //! - Replies and timers that do not match what a step waits for (older
 //!   attempts, duplicates, anything after the saga ended) change nothing but
 //!   a history entry.
@@ -563,6 +567,12 @@ impl Run<'_> {
             }
         };
         record.round_attempts += 1;
+        if phase == Phase::Action {
+            // Once sent, the action may take effect (a duplicate of this
+            // command can outlive any transient error); only a rejection of
+            // the key clears this.
+            record.maybe_applied = true;
+        }
         let due_at_ms = self
             .ctx
             .now_ms
@@ -726,12 +736,16 @@ impl Run<'_> {
     /// A step failed going forward: roll back, or (after the point of no
     /// return) stop for an operator.
     fn turn_back(&mut self, index: usize, reason: String) {
+        let took_effect = self.saga.steps[index].status == StepStatus::Succeeded;
         match self.flow.steps()[index].kind {
-            StepKind::Retriable => {
+            StepKind::Compensatable => self.begin_backward(reason),
+            StepKind::Pivot if !took_effect => self.begin_backward(reason),
+            // A pivot that took effect (its reply data was unusable) cannot
+            // be undone, so the stages before it must not be rolled back.
+            StepKind::Pivot | StepKind::Retriable => {
                 self.saga.steps[index].status = StepStatus::Failed;
                 self.fail_saga(Direction::Forward, reason)
             }
-            StepKind::Compensatable | StepKind::Pivot => self.begin_backward(reason),
         }
     }
 

@@ -99,6 +99,8 @@ enum Command {
     },
     /// List the flows the orchestrator runs.
     Types,
+    /// Check the orchestrator's health (exit 0 when SERVING, 1 otherwise).
+    Health,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -289,6 +291,9 @@ async fn follow(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Health = cli.command {
+        return health(&cli.addr).await;
+    }
     let mut client = SagaServiceClient::connect(cli.addr.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the orchestrator at {}: {e}", cli.addr))?;
@@ -396,6 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_saga(&saga, json);
         }
+        Command::Health => unreachable!("handled above"),
         Command::Types => {
             let types = client
                 .list_saga_types(ListSagaTypesRequest {})
@@ -449,4 +455,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the standard gRPC health service; SERVING means PostgreSQL and
+/// RabbitMQ are both reachable.
+async fn health(addr: &str) -> anyhow::Result<ExitCode> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = Channel::from_shared(addr.to_owned())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the orchestrator at {addr}: {e}"))?;
+    let mut client = HealthClient::new(channel);
+    let status = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    let serving = status == ServingStatus::Serving as i32;
+    println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+    Ok(if serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

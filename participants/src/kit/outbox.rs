@@ -97,6 +97,20 @@ pub(crate) async fn delete(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Hands a row the consumer could not publish to the relay right away
+/// (instead of after [`CONSUMER_GRACE`]), counting the failure.
+pub(crate) async fn defer(pool: &PgPool, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE kit_outbox SET attempts = attempts + 1, last_error = $2, available_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Publishes one reply through the default exchange and waits for the
 /// broker's confirm. `mandatory` turns "no such queue" into an error here
 /// instead of a silent drop.

@@ -619,6 +619,12 @@ impl CommandService {
                     1,
                 );
                 tracing::warn!(participant = %self.name, saga_id = %pending.saga_id, error = %e, "reply not published; left to the relay");
+                if let Some(id) = pending.outbox_id
+                    && let Err(e) = outbox::defer(&self.pool, id, &e.to_string()).await
+                {
+                    // It still becomes due after the grace period.
+                    tracing::warn!(participant = %self.name, outbox_id = id, error = %e, "could not hand a reply to the relay");
+                }
             }
         }
     }

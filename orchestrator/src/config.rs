@@ -54,15 +54,20 @@ impl Config {
 }
 
 fn parse_database_url(text: &str) -> Result<String, String> {
+    if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+        return Err("not a PostgreSQL URL: use postgres://user@host:port/database".into());
+    }
     sqlx::postgres::PgConnectOptions::from_str(text)
         .map(|_| text.to_owned())
         .map_err(|e| format!("not a PostgreSQL URL: {e}"))
 }
 
 fn parse_amqp_url(text: &str) -> Result<String, String> {
-    lapin::uri::AMQPUri::from_str(text)
-        .map(|_| text.to_owned())
-        .map_err(|e| format!("not an AMQP URL: {e}"))
+    let uri = lapin::uri::AMQPUri::from_str(text).map_err(|e| format!("not an AMQP URL: {e}"))?;
+    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
+        return Err("only amqp:// is supported (this build has no TLS)".into());
+    }
+    Ok(text.to_owned())
 }
 
 fn parse_namespace(text: &str) -> Result<String, String> {
@@ -92,6 +97,7 @@ mod tests {
             ("--namespace", "Bad Name"),
             ("--grpc-addr", "nowhere"),
             ("--amqp-url", "http://x"),
+            ("--amqp-url", "amqps://x"),
             ("--database-url", "mysql://x"),
             ("--db-max-connections", "0"),
         ] {

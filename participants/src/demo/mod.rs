@@ -249,11 +249,15 @@ impl Demo {
             .map(|(_, h)| h)
     }
 
-    /// Waits until every service consumes from its queue.
-    pub async fn ready(&mut self) {
+    /// Waits until every service consumes from its queue: `true` then,
+    /// `false` if one stopped first (shutdown).
+    pub async fn ready(&mut self) -> bool {
         for (_, handle) in &mut self.handles {
-            handle.ready().await;
+            if !handle.ready().await {
+                return false;
+            }
         }
+        true
     }
 
     /// Waits until every service stopped (after the shutdown token fired).

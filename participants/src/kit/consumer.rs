@@ -70,6 +70,8 @@ enum SessionError {
     Amqp(#[from] lapin::Error),
     #[error("the broker cancelled the consumer")]
     Cancelled,
+    #[error("a channel was closed")]
+    ChannelClosed,
 }
 
 fn reconnect_backoff() -> ExponentialBuilder {
@@ -80,12 +82,14 @@ fn reconnect_backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
-async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// Connects with backoff; the connection is named after the queue so an
+/// operator can tell participants (and namespaces) apart in the broker.
+async fn connect(url: &str, name: &str, queue: &str) -> lapin::Result<Connection> {
     let connect = || async {
         Connection::connect(
             url,
             ConnectionProperties::default()
-                .with_connection_name(format!("participant-{name}").into()),
+                .with_connection_name(format!("participant {name} on {queue}").into()),
         )
         .await
     };
@@ -107,10 +111,11 @@ pub(crate) async fn serve<H: DeliveryHandler>(
 ) {
     let mut first = true;
     let mut failures: u32 = 0;
+    let queue = handler.queue();
     loop {
         let connection = tokio::select! {
             () = shutdown.cancelled() => return,
-            c = connect(&settings.amqp_url, handler.name()) => match c {
+            c = connect(&settings.amqp_url, handler.name(), &queue) => match c {
                 Ok(c) => c,
                 // Only reachable if the backoff were bounded.
                 Err(e) => {
@@ -193,6 +198,8 @@ async fn session<H: DeliveryHandler>(
     ));
     let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let tasks = TaskTracker::new();
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         // Take a permit before the next delivery so at most `concurrency`
         // are in hand; the rest wait in the prefetch buffer.
@@ -204,6 +211,14 @@ async fn session<H: DeliveryHandler>(
         let next = tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
+            _ = health.tick() => {
+                // A channel closed by the broker (not the connection) would
+                // otherwise leave us consuming with no way to reply.
+                if !publish_channel.status().connected() || !consume_channel.status().connected() {
+                    break Err(SessionError::ChannelClosed);
+                }
+                continue;
+            }
             next = consumer.next() => next,
         };
         match next {

@@ -350,13 +350,12 @@ impl ParticipantHandle {
         self.stats.snapshot()
     }
 
-    /// Waits until its queue is declared and consumed from. Returns
-    /// immediately if it already was; never returns if it stops first
-    /// without ever consuming (use with a timeout or a shutdown select).
-    pub async fn ready(&mut self) {
-        if self.ready.wait_for(|ready| *ready).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+    /// Waits until its queue is declared and consumed from: `true` then,
+    /// `false` if it stopped (shutdown) without ever consuming. While the
+    /// broker is unreachable this keeps waiting, so bound it with a timeout
+    /// where that matters.
+    pub async fn ready(&mut self) -> bool {
+        self.ready.wait_for(|ready| *ready).await.is_ok()
     }
 
     /// Waits until it stopped (after shutdown: in-hand work finished,

@@ -5,8 +5,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use participants::kit::FaultConfig;
 use saga_proto::amqp::{Phase, ReplyStatus};
 use serde_json::json;
@@ -31,29 +29,6 @@ fn participant_process(app: &TestApp, extra: &[&str]) -> Child {
         .expect("start the participant binary")
 }
 
-/// Waits until `queue` has a consumer (the process is up and consuming).
-async fn wait_for_consumer(app: &TestApp, queue: &str) {
-    eventually(&format!("a consumer on {queue}"), || async {
-        // A passive declare of a missing queue closes its channel: use a
-        // fresh one each time.
-        let channel = app.connection.create_channel().await.ok()?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok();
-        channel.close(200, "ok".into()).await.ok();
-        declared.filter(|q| q.consumer_count() > 0).map(|_| ())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_commit_and_publish_loses_no_reply() {
     let mut app = TestApp::empty(FaultConfig::default()).await;
@@ -61,7 +36,7 @@ async fn a_crash_between_commit_and_publish_loses_no_reply() {
     let queue = app.topology.participant_queue("inventory");
 
     let mut crashing = participant_process(&app, &["--fault-crash-after", "1"]);
-    wait_for_consumer(&app, &queue).await;
+    app.wait_for_consumer(&queue).await;
     let reserve = command(
         "inventory",
         "reserve",

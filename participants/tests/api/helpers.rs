@@ -273,9 +273,11 @@ impl TestApp {
         .await
         .expect("demo starts in time")
         .expect("demo starts");
-        tokio::time::timeout(DEADLINE, running.ready())
-            .await
-            .expect("demo consumes in time");
+        assert!(
+            tokio::time::timeout(DEADLINE, running.ready())
+                .await
+                .expect("demo consumes in time")
+        );
         app.demo = Some(running);
         app
     }
@@ -292,6 +294,10 @@ impl TestApp {
     /// Config for a custom participant `name` (its own database).
     pub fn participant_config(&mut self, name: &str, faults: FaultConfig) -> ParticipantConfig {
         let database = self.database_of(name);
+        let queue = self.topology.participant_queue(name);
+        if !self.extra_queues.contains(&queue) {
+            self.extra_queues.push(queue);
+        }
         let mut config = ParticipantConfig::new(&amqp_url(), self.topology.clone(), database);
         config.pool = self.config.pool.clone();
         config.relay_interval = self.config.relay_interval;
@@ -311,9 +317,11 @@ impl TestApp {
             .await
             .expect("participant starts in time")
             .expect("participant starts");
-        tokio::time::timeout(DEADLINE, handle.ready())
-            .await
-            .expect("participant consumes in time");
+        assert!(
+            tokio::time::timeout(DEADLINE, handle.ready())
+                .await
+                .expect("participant consumes in time")
+        );
         self.custom.push(handle);
         self.custom.len() - 1
     }
@@ -445,6 +453,29 @@ impl TestApp {
                 .map(|m| m.delivery.data.clone())
         })
         .await
+    }
+
+    /// Waits until `queue` has a consumer (the process is up and consuming).
+    pub async fn wait_for_consumer(&self, queue: &str) {
+        eventually(&format!("a consumer on {queue}"), || async {
+            // A passive declare of a missing queue closes its channel: use a
+            // fresh one each time.
+            let channel = self.connection.create_channel().await.ok()?;
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .ok();
+            channel.close(200, "ok".into()).await.ok();
+            declared.filter(|q| q.consumer_count() > 0).map(|_| ())
+        })
+        .await;
     }
 
     /// Stops every participant, deletes the namespace's queues and

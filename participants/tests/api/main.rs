@@ -12,3 +12,4 @@ mod orders;
 mod outbox;
 mod payment;
 mod poison;
+mod reconnect;

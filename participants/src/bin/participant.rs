@@ -53,7 +53,7 @@ struct Args {
     #[arg(required = true, value_name = "NAME", value_parser = participant_name)]
     names: Vec<String>,
 
-    /// Base PostgreSQL URL; each participant uses database <prefix><name> on that server.
+    /// Base PostgreSQL URL; each participant uses the database PREFIX + NAME on that server.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -62,7 +62,7 @@ struct Args {
     )]
     database_url: String,
 
-    /// Prefix of the per-participant database names [default: <namespace>_].
+    /// Prefix (PREFIX) of the per-participant database names; default: the namespace and '_'.
     #[arg(long, env = "DATABASE_PREFIX")]
     database_prefix: Option<String>,
 

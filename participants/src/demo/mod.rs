@@ -238,9 +238,22 @@ impl DemoConfig {
 pub struct Demo {
     /// One handle per started service, in [`Service`] order.
     handles: Vec<(Service, ParticipantHandle)>,
+    /// Child of the caller's token: stops only the demo services.
+    shutdown: CancellationToken,
 }
 
 impl Demo {
+    /// Asks every demo service to stop (the caller's token is untouched);
+    /// await [`Demo::stopped`] to wait for it.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Every started service with its handle.
+    pub fn handles(&self) -> impl Iterator<Item = (Service, &ParticipantHandle)> {
+        self.handles.iter().map(|(s, h)| (*s, h))
+    }
+
     /// The handle of `service`, if it was started.
     pub fn get(&self, service: Service) -> Option<&ParticipantHandle> {
         self.handles
@@ -281,6 +294,9 @@ pub async fn start(
             return Err(DemoError::DatabaseNameTooLong(name));
         }
     }
+    // A failed start must stop the services already started without
+    // cancelling the caller's token (it may run an orchestrator too).
+    let shutdown = shutdown.child_token();
     let faults = FaultInjector::new(config.faults.clone());
     let starts = services.iter().map(|&service| {
         let participant_config = config.participant_config(service, &faults);
@@ -317,13 +333,13 @@ pub async fn start(
             }
         }
     }
+    let demo = Demo { handles, shutdown };
     if let Some(error) = first_error {
-        // Do not leave the others running without an owner.
-        shutdown.cancel();
-        Demo { handles }.stopped().await;
+        demo.shutdown();
+        demo.stopped().await;
         return Err(error);
     }
-    Ok(Demo { handles })
+    Ok(demo)
 }
 
 /// Runs `services` until `shutdown` fires, then stops them gracefully

@@ -32,7 +32,7 @@
 //!   until the broker confirmed the reply (a missing reply queue returns the
 //!   mandatory message, which counts as a failure); the relay retries with
 //!   backoff.
-//! - **Compensation barrier** ([`barrier`](self)) keyed by the action's
+//! - **Compensation barrier** keyed by the action's
 //!   key: compensating an action never seen is a remembered no-op that
 //!   refuses the late action; compensating twice (even under different
 //!   keys) has effect once.

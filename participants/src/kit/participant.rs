@@ -390,13 +390,19 @@ enum Decision {
     /// An outcome is committed (now or earlier); `pending` is `None` when
     /// the drop-reply fault swallowed the reply.
     Answered {
+        /// The reply to publish, already in the outbox.
         pending: Option<PendingReply>,
+        /// Whether the outcome came from the inbox (a duplicate).
         replay: bool,
     },
     /// Nothing was applied; tell the orchestrator to retry.
-    Transient { pending: PendingReply },
+    Transient {
+        /// The `transient_error` reply (not in the outbox: nothing to lose).
+        pending: PendingReply,
+    },
 }
 
+/// Most outbox rows one relay transaction claims.
 const RELAY_BATCH: i64 = 100;
 
 impl CommandService {

@@ -13,7 +13,8 @@ pub struct Stats {
     /// Commands whose handler ran and committed a rejection (including
     /// unknown commands and bad payloads).
     pub rejected: AtomicU64,
-    /// Duplicates answered from the inbox without running the handler.
+    /// Duplicates answered from the inbox without running the handler
+    /// (for an event subscriber: events already recorded).
     pub replayed: AtomicU64,
     /// Compensations that found nothing to undo (never arrived, rejected,
     /// already compensated).
@@ -78,7 +79,8 @@ impl Stats {
     }
 }
 
-/// Bumps `counter` and the `metrics` counter `participant_<metric>_total`.
+/// Bumps `counter` and the `metrics` counter named `metric` (e.g.
+/// `participant_poison_messages_total`), labelled with the participant.
 pub(crate) fn bump(counter: &AtomicU64, participant: &str, metric: &'static str, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
     metrics::counter!(metric, "participant" => participant.to_owned()).increment(by);

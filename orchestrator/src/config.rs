@@ -41,12 +41,24 @@ pub struct Config {
     /// Most replies applied in one database transaction.
     #[arg(long, env = "REPLY_BATCH", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub reply_batch: u16,
+    /// Also run the synthetic `bench_chain_<n>` flows (for saga-bench).
+    #[arg(long, env = "SAGA_BENCH_FLOWS")]
+    pub bench_flows: bool,
     /// Serve Prometheus metrics on this address (off when unset).
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
+    /// The flows this configuration runs.
+    pub fn catalog(&self) -> sagas::Catalog {
+        if self.bench_flows {
+            sagas::Catalog::with_bench_flows()
+        } else {
+            sagas::Catalog::standard()
+        }
+    }
+
     /// Exchange and queue names for the configured namespace.
     pub fn topology(&self) -> Topology {
         Topology::new(&self.namespace).expect("validated by the parser")

@@ -289,6 +289,7 @@ impl Engine {
                 .collect();
             let count = states.len();
             let (published, effects) = self.apply_locked(&mut tx, states, &events, now).await?;
+            crate::crash_point!("orchestrator::timer_before_commit");
             tx.commit().await?;
             Ok((count, Some((published, effects))))
         }
@@ -486,6 +487,7 @@ impl Engine {
 
     /// After commit: publish, arm timers, count.
     fn act(&self, published: Vec<OutboxMessage>, effects: Effects) {
+        crate::crash_point!("orchestrator::after_commit_before_publish");
         self.publisher.publish(published);
         for due in effects.wakeups {
             self.timers.wake_at(due);

@@ -13,9 +13,26 @@
 //! - [`api`]: the gRPC service; [`health`]: what health reports.
 //! - [`app`]: wires everything and runs it until shutdown.
 //!
+//! Crash points (feature `failpoints`): `orchestrator::after_commit_before_publish`,
+//! `orchestrator::after_publish_before_outbox_delete`,
+//! `orchestrator::after_reply_commit_before_ack`, `orchestrator::timer_before_commit`.
+//!
 //! Data flow: `StartSaga` → engine transaction (saga row, history, outbox) →
 //! publisher → `<ns>.commands` → participant → `<ns>.replies` → consumer →
 //! engine transaction → ... until the saga is terminal.
+
+/// Marks a named point where failure-injection tests may crash the process
+/// (`FAILPOINTS="<name>=return"`, or `=5%return`, `=3*off->return` ...).
+/// Compiled to nothing unless the `failpoints` feature is on.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            tracing::error!(point = $name, "crash point reached: aborting");
+            std::process::abort()
+        })
+    };
+}
 
 pub mod api;
 pub mod app;

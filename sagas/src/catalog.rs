@@ -56,6 +56,18 @@ impl Catalog {
         catalog
     }
 
+    /// The standard flows plus the synthetic `bench_chain_<n>` flows of
+    /// [`crate::flows::bench`].
+    pub fn with_bench_flows() -> Self {
+        let mut catalog = Self::standard();
+        for flow in crate::flows::bench::definitions() {
+            catalog
+                .register(flow)
+                .expect("bench flows have unique (name, version)");
+        }
+        catalog
+    }
+
     /// Adds a flow version.
     pub fn register(&mut self, flow: Flow) -> Result<(), CatalogError> {
         let versions = self.flows.entry(flow.name().to_owned()).or_default();

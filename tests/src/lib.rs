@@ -10,6 +10,7 @@
 //! Waiting is always on a condition with a deadline, never a bare sleep.
 
 pub mod app;
+pub mod bench;
 pub mod env;
 pub mod scripted;
 

@@ -29,12 +29,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Reads FAILPOINTS (only with the `failpoints` feature; see `crash_point!`).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let shutdown = CancellationToken::new();
     match cli.command {
         Command::Serve(config) => {
             telemetry::init(config.log_format);
-            let app =
-                Application::build(config, sagas::Catalog::standard(), shutdown.clone()).await?;
+            let catalog = config.catalog();
+            let app = Application::build(config, catalog, shutdown.clone()).await?;
             tokio::spawn(stop_on_signal(shutdown));
             app.run_until_stopped().await;
         }
@@ -43,8 +46,8 @@ async fn main() -> anyhow::Result<()> {
             let demo_config =
                 DemoConfig::from_urls(&config.amqp_url, &config.namespace, &config.database_url)?;
             let grpc_addr = config.grpc_addr;
-            let app =
-                Application::build(config, sagas::Catalog::standard(), shutdown.clone()).await?;
+            let catalog = config.catalog();
+            let app = Application::build(config, catalog, shutdown.clone()).await?;
             let mut participants =
                 demo::start(&Service::ALL, demo_config, shutdown.clone()).await?;
             participants.ready().await;

@@ -78,6 +78,7 @@ pub async fn run(
             // the broker hands it to another instance.
             return Ok(());
         }
+        crate::crash_point!("orchestrator::after_reply_commit_before_ack");
         for delivery in &accepted {
             ack(delivery).await?;
         }

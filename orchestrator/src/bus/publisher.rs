@@ -168,6 +168,7 @@ fn settle(
         Confirmation::Ack(None) | Confirmation::NotRequested => {
             metrics::counter!("saga_messages_published_total", "type" => message.message_type.clone())
                 .increment(1);
+            crate::crash_point!("orchestrator::after_publish_before_outbox_delete");
             let _ = confirmed.send(message.id);
         }
         Confirmation::Ack(Some(returned)) => {

@@ -6,6 +6,7 @@
 
 use crate::definition::Flow;
 
+pub mod bench;
 pub mod order_placement;
 
 /// Every shipped flow version.

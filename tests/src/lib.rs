@@ -4,6 +4,8 @@
 //! - [`env`]: a private namespace and databases per test, removed afterwards.
 //! - [`app`]: an in-process orchestrator on port 0 with a gRPC client and
 //!   helpers such as [`app::TestApp::wait_for_state`].
+//! - [`ledgers`]: typed reads of the demo participants' databases (stock,
+//!   money, confirmations, notifications) and whole-ledger checks.
 //! - [`scripted`]: a participant that answers commands as the test scripts
 //!   it, speaking the raw AMQP contract (no kit), and records what it saw.
 //!
@@ -12,6 +14,7 @@
 pub mod app;
 pub mod bench;
 pub mod env;
+pub mod ledgers;
 pub mod scripted;
 
 use std::{future::Future, time::Duration};

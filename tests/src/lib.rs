@@ -8,13 +8,23 @@
 //!   money, confirmations, notifications) and whole-ledger checks.
 //! - [`scripted`]: a participant that answers commands as the test scripts
 //!   it, speaking the raw AMQP contract (no kit), and records what it saw.
+//! - [`proxy`]: a TCP fault proxy (cut, refuse, black-hole, latency, commit
+//!   cuts) between services and RabbitMQ / PostgreSQL.
+//! - [`processes`]: real service processes to kill -9 and restart, with
+//!   their entry points.
+//! - [`cluster`]: the real system as processes behind proxies.
+//! - [`invariants`]: the checker every failure-injection run ends with.
 //!
 //! Waiting is always on a condition with a deadline, never a bare sleep.
 
 pub mod app;
 pub mod bench;
+pub mod cluster;
 pub mod env;
+pub mod invariants;
 pub mod ledgers;
+pub mod processes;
+pub mod proxy;
 pub mod scripted;
 
 use std::{future::Future, time::Duration};

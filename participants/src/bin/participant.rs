@@ -179,6 +179,9 @@ async fn shutdown_signal(token: CancellationToken) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Reads FAILPOINTS (only with the `failpoints` feature; see `crash_point!`).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let services = Service::parse_list(&args.names).context("NAME argument")?;
     let config = config(&args)?;
     init_tracing(args.log_format);

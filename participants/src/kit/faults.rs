@@ -8,9 +8,31 @@
 //! | [`FaultConfig::drop_reply_rate`] | `FAULT_DROP_REPLY_RATE` | probability that the outcome is committed (inbox) but no reply is ever sent; the orchestrator's timeout + retry gets it back from the inbox |
 //! | [`FaultConfig::duplicate_reply_rate`] | `FAULT_DUPLICATE_REPLY_RATE` | probability that a reply is published twice |
 //! | [`FaultConfig::crash_after`] | `FAULT_CRASH_AFTER` | `std::process::abort()` right after the N-th command of the process committed, before its reply is published |
+//!
+//! Named crash points (feature `failpoints`, driven by the `FAILPOINTS`
+//! environment variable through [`fail::FailScenario`], e.g.
+//! `FAILPOINTS="participant::before_ack=3*off->return"`):
+//!
+//! | Point | Where the process aborts |
+//! |-------|--------------------------|
+//! | `participant::after_commit_before_reply` | the command's outcome (inbox, business change, reply outbox row) is committed; the reply is not published and the delivery not acked |
+//! | `participant::before_ack` | the reply is published and confirmed; the command's delivery is not acked yet |
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Marks a named point where failure-injection tests may crash the process
+/// (`FAILPOINTS="<name>=return"`, or `=5%return`, `=3*off->return` ...).
+/// Compiled to nothing unless the `failpoints` feature is on.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            tracing::error!(point = $name, "crash point reached: aborting");
+            std::process::abort()
+        })
+    };
+}
 use std::time::Duration;
 
 /// A fault knob had a value out of range.

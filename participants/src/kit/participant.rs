@@ -721,6 +721,7 @@ impl DeliveryHandler for CommandService {
             Decision::Answered { pending, replay } => {
                 tracing::debug!(participant = %self.name, saga_id = %message.saga_id, key = %message.idempotency_key, replay, "answered");
                 self.faults.committed();
+                crate::crash_point!("participant::after_commit_before_reply");
                 pending
             }
             Decision::Transient { pending } => Some(pending),
@@ -732,6 +733,7 @@ impl DeliveryHandler for CommandService {
                 outbox::publish(&publisher, &pending).await.ok();
             }
         }
+        crate::crash_point!("participant::before_ack");
         if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
             // The broker redelivers it; the inbox answers with the same reply.
             tracing::warn!(participant = %self.name, error = %e, "could not ack a command");

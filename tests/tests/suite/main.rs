@@ -2,6 +2,8 @@
 //! RabbitMQ. Every test has its own namespace and databases.
 
 mod api;
+mod failure_crash;
+mod failure_support;
 mod flows;
 mod instances;
 mod support;

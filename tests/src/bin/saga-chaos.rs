@@ -1,0 +1,5 @@
+//! `saga-chaos`: see `saga_tests::chaos`.
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

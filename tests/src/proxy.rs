@@ -1,0 +1,537 @@
+//! A TCP fault proxy for loopback tests: services connect to the proxy
+//! instead of RabbitMQ or PostgreSQL, and the test breaks the network
+//! between them at will, without touching the shared servers.
+//!
+//! ```text
+//!  service ──▶ 127.0.0.1:<proxy port> ──(pump per direction)──▶ upstream (5672 / 5432)
+//! ```
+//!
+//! Faults, switchable at any moment ([`FaultProxy::set_mode`] and friends):
+//! - [`Mode::Pass`]: bytes flow untouched.
+//! - [`Mode::Refuse`]: every open connection is cut (reset) and new ones are
+//!   reset as soon as they are accepted — the server looks down.
+//! - [`Mode::BlackHole`]: nothing is forwarded in either direction and new
+//!   connections are accepted but never reach upstream; bytes already sent
+//!   wait, like TCP retransmissions, and flow again when the mode changes —
+//!   a network partition that heals.
+//! - [`Mode::Latency`]: every chunk is delivered that much later, in order.
+//! - [`FaultProxy::cut`]: a one-off reset of every open connection (a blip);
+//!   the mode does not change.
+//! - [`FaultProxy::cut_after_commits`]: the next `n` PostgreSQL `COMMIT`s are
+//!   forwarded, the server's answer is swallowed and the connection is cut:
+//!   a commit whose outcome the client never learns.
+//!
+//! Every connection is bounded in memory (a small queue of chunks per
+//! direction), so a black-holed peer is back-pressured rather than buffered
+//! without limit. Dropping the proxy closes its listener and every
+//! connection.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+/// What the proxy does with traffic right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward everything at once.
+    Pass,
+    /// Reset every connection, open or new.
+    Refuse,
+    /// Forward nothing (and hold it) until the mode changes.
+    BlackHole,
+    /// Forward everything after this delay.
+    Latency(Duration),
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on 127.0.0.1 for a proxy to {upstream}: {source}")]
+pub struct ProxyError {
+    /// The address the proxy would forward to.
+    upstream: SocketAddr,
+    /// Why binding failed.
+    source: std::io::Error,
+}
+
+/// Counters of what the proxy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Connections accepted (including refused ones).
+    pub accepted: u64,
+    /// Connections reset because the mode was `Refuse` when they arrived.
+    pub refused: u64,
+    /// Open connections cut by `cut`, `Refuse` or a commit cut.
+    pub cut: u64,
+    /// Commits forwarded whose answer was swallowed.
+    pub commits_cut: u64,
+    /// Connections open right now.
+    pub open: u64,
+}
+
+/// The simple-query message sqlx sends to end a transaction:
+/// `'Q'`, length 11 (big-endian, including itself), `"COMMIT\0"`.
+const COMMIT_MESSAGE: &[u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
+/// PostgreSQL's `ReadyForQuery` header: the answer to a query is complete.
+const READY_FOR_QUERY: &[u8] = b"Z\x00\x00\x00\x05";
+/// Chunks queued per direction before the reader stops reading.
+const QUEUED_CHUNKS: usize = 256;
+/// Largest chunk read at once.
+const CHUNK: usize = 16 * 1024;
+
+/// State shared by the accept loop, every connection and the handle.
+#[derive(Debug)]
+struct Shared {
+    /// Where connections go.
+    upstream: SocketAddr,
+    /// The current mode; pumps wait on changes.
+    mode: watch::Sender<Mode>,
+    /// Cancelled (and replaced) to cut every open connection at once.
+    generation: Mutex<CancellationToken>,
+    /// Commits still to cut.
+    commits_to_cut: AtomicU64,
+    /// Counters.
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    cut: AtomicU64,
+    commits_cut: AtomicU64,
+    open: AtomicU64,
+}
+
+impl Shared {
+    fn current_generation(&self) -> CancellationToken {
+        self.generation.lock().expect("generation lock").clone()
+    }
+
+    fn cut_all(&self) {
+        let mut generation = self.generation.lock().expect("generation lock");
+        generation.cancel();
+        *generation = CancellationToken::new();
+    }
+
+    /// Takes one commit to cut, if any is armed.
+    fn take_commit_cut(&self) -> bool {
+        self.commits_to_cut
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// A running fault proxy; see the module documentation.
+#[derive(Debug)]
+pub struct FaultProxy {
+    /// Where clients connect.
+    addr: SocketAddr,
+    /// Mode, counters and the cut switch.
+    shared: Arc<Shared>,
+    /// Stops the accept loop and every connection.
+    shutdown: CancellationToken,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` on a free loopback port, in [`Mode::Pass`].
+    pub async fn start(upstream: SocketAddr) -> Result<Self, ProxyError> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|source| ProxyError { upstream, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ProxyError { upstream, source })?;
+        let shared = Arc::new(Shared {
+            upstream,
+            mode: watch::Sender::new(Mode::Pass),
+            generation: Mutex::new(CancellationToken::new()),
+            commits_to_cut: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            cut: AtomicU64::new(0),
+            commits_cut: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+        });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+        Ok(Self {
+            addr,
+            shared,
+            shutdown,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The upstream this proxy forwards to.
+    pub fn upstream(&self) -> SocketAddr {
+        self.shared.upstream
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        *self.shared.mode.borrow()
+    }
+
+    /// Switches mode; `Refuse` also cuts every open connection.
+    pub fn set_mode(&self, mode: Mode) {
+        self.shared.mode.send_replace(mode);
+        if mode == Mode::Refuse {
+            self.shared.cut_all();
+        }
+        tracing::info!(proxy = %self.addr, upstream = %self.shared.upstream, ?mode, "proxy mode");
+    }
+
+    /// Forward everything again (held bytes flow on).
+    pub fn pass(&self) {
+        self.set_mode(Mode::Pass);
+    }
+
+    /// The server looks down: cut everything and reset new connections.
+    pub fn refuse(&self) {
+        self.set_mode(Mode::Refuse);
+    }
+
+    /// A partition: hold every byte until the mode changes.
+    pub fn black_hole(&self) {
+        self.set_mode(Mode::BlackHole);
+    }
+
+    /// Deliver every chunk `delay` late.
+    pub fn latency(&self, delay: Duration) {
+        self.set_mode(Mode::Latency(delay));
+    }
+
+    /// Resets every open connection once; new ones are served per the mode.
+    pub fn cut(&self) {
+        tracing::info!(proxy = %self.addr, upstream = %self.shared.upstream, "proxy cuts every connection");
+        self.shared.cut_all();
+    }
+
+    /// Arms the next `count` PostgreSQL commits (on any connection) to be
+    /// forwarded and then cut before the client hears the answer.
+    pub fn cut_after_commits(&self, count: u64) {
+        self.shared.commits_to_cut.store(count, Ordering::SeqCst);
+    }
+
+    /// Commits still armed to be cut.
+    pub fn commit_cuts_pending(&self) -> u64 {
+        self.shared.commits_to_cut.load(Ordering::SeqCst)
+    }
+
+    /// What the proxy did so far.
+    pub fn stats(&self) -> ProxyStats {
+        let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        ProxyStats {
+            accepted: load(&self.shared.accepted),
+            refused: load(&self.shared.refused),
+            cut: load(&self.shared.cut),
+            commits_cut: load(&self.shared.commits_cut),
+            open: load(&self.shared.open),
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.shared.cut_all();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((client, _)) = accepted else {
+            // EMFILE and friends: back off a little instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        if *shared.mode.borrow() == Mode::Refuse {
+            shared.refused.fetch_add(1, Ordering::SeqCst);
+            reset(client);
+            continue;
+        }
+        let generation = shared.current_generation();
+        tokio::spawn(connection(
+            client,
+            shared.clone(),
+            generation,
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Closes with RST rather than FIN, as a broken network or a dead server would.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Waits until the mode lets traffic through; `false` if cut meanwhile.
+async fn wait_until_open(mode: &mut watch::Receiver<Mode>, cut: &CancellationToken) -> bool {
+    loop {
+        let current = *mode.borrow_and_update();
+        match current {
+            Mode::Pass | Mode::Latency(_) => return true,
+            Mode::Refuse => return false,
+            Mode::BlackHole => {}
+        }
+        tokio::select! {
+            () = cut.cancelled() => return false,
+            changed = mode.changed() => if changed.is_err() { return false },
+        }
+    }
+}
+
+async fn connection(
+    client: TcpStream,
+    shared: Arc<Shared>,
+    generation: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    shared.open.fetch_add(1, Ordering::SeqCst);
+    let cut = generation.child_token();
+    let stop = shutdown.child_token();
+    let mut mode = shared.mode.subscribe();
+    let served = async {
+        // A black hole swallows the handshake too: the client sees a
+        // connection that never answers.
+        if !wait_until_open(&mut mode, &cut).await {
+            return None;
+        }
+        let upstream = tokio::select! {
+            () = cut.cancelled() => return None,
+            upstream = TcpStream::connect(shared.upstream) => upstream.ok()?,
+        };
+        let _ = upstream.set_nodelay(true);
+        let _ = client.set_nodelay(true);
+        let (client_read, client_write) = client.into_split();
+        let (upstream_read, upstream_write) = upstream.into_split();
+        let doomed = Arc::new(AtomicBool::new(false));
+        let to_server = pump(
+            client_read,
+            upstream_write,
+            shared.clone(),
+            cut.clone(),
+            Direction::ToServer {
+                doomed: doomed.clone(),
+            },
+        );
+        let to_client = pump(
+            upstream_read,
+            client_write,
+            shared.clone(),
+            cut.clone(),
+            Direction::ToClient { doomed },
+        );
+        let (a, b) = tokio::join!(to_server, to_client);
+        Some((a, b))
+    };
+    let result = tokio::select! {
+        () = stop.cancelled() => None,
+        result = served => result,
+    };
+    // Both halves are dropped by now; a cut drops them with linger 0 below.
+    let was_cut = cut.is_cancelled() || result.is_none();
+    if was_cut && !stop.is_cancelled() {
+        shared.cut.fetch_add(1, Ordering::SeqCst);
+    }
+    shared.open.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Which way a pump forwards, with what it needs for commit cuts.
+enum Direction {
+    /// Client → server: looks for COMMIT messages.
+    ToServer {
+        /// Set when a commit on this connection is to be cut.
+        doomed: Arc<AtomicBool>,
+    },
+    /// Server → client: swallows the answer of a doomed commit, then cuts.
+    ToClient {
+        /// Set by the other direction.
+        doomed: Arc<AtomicBool>,
+    },
+}
+
+/// Forwards one direction until EOF, an error or a cut. On a cut both
+/// sockets are reset (linger 0).
+async fn pump(
+    mut from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    shared: Arc<Shared>,
+    cut: CancellationToken,
+    direction: Direction,
+) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
+    let writer = tokio::spawn(deliver(rx, to, shared.mode.subscribe(), cut.clone()));
+    let mut buf = vec![0u8; CHUNK];
+    // The tail of the previous chunk, so a pattern split across reads is found.
+    let mut tail: Vec<u8> = Vec::new();
+    let mut swallowing = false;
+    loop {
+        let n = tokio::select! {
+            () = cut.cancelled() => break,
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+        };
+        let chunk = &buf[..n];
+        match &direction {
+            Direction::ToServer { doomed } => {
+                if shared.commits_to_cut.load(Ordering::SeqCst) > 0
+                    && contains_across(&tail, chunk, COMMIT_MESSAGE)
+                    && shared.take_commit_cut()
+                {
+                    // Set before forwarding, so the answer is swallowed.
+                    doomed.store(true, Ordering::SeqCst);
+                    shared.commits_cut.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!(proxy_upstream = %shared.upstream, "forwarding a COMMIT whose answer will be swallowed");
+                }
+            }
+            Direction::ToClient { doomed } => {
+                if !swallowing && doomed.load(Ordering::SeqCst) {
+                    swallowing = true;
+                    tail.clear();
+                    // Give the server a bounded time to answer the commit.
+                    let cut = cut.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        cut.cancel();
+                    });
+                }
+                if swallowing {
+                    if contains_across(&tail, chunk, READY_FOR_QUERY) {
+                        // The server committed and said so; the client never hears it.
+                        cut.cancel();
+                        break;
+                    }
+                    remember_tail(&mut tail, chunk, READY_FOR_QUERY.len());
+                    continue;
+                }
+            }
+        }
+        remember_tail(&mut tail, chunk, COMMIT_MESSAGE.len());
+        let delay = match *shared.mode.borrow() {
+            Mode::Latency(delay) => delay,
+            _ => Duration::ZERO,
+        };
+        if tx
+            .send((Instant::now() + delay, chunk.to_vec()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    if cut.is_cancelled() {
+        // The writer returns its half on a cut; reset the connection.
+        if let Ok(Some(to)) = writer.await
+            && let Ok(stream) = from.reunite(to)
+        {
+            reset(stream);
+        }
+    } else {
+        // EOF from this side: let queued bytes go, then half-close.
+        let _ = writer.await;
+    }
+}
+
+/// Writes queued chunks at their delivery time, holding them while the
+/// mode is a black hole. Returns the write half if the connection was cut.
+async fn deliver(
+    mut rx: mpsc::Receiver<(Instant, Vec<u8>)>,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    cut: CancellationToken,
+) -> Option<OwnedWriteHalf> {
+    loop {
+        let next = tokio::select! {
+            () = cut.cancelled() => return Some(to),
+            next = rx.recv() => next,
+        };
+        let Some((at, chunk)) = next else {
+            let _ = to.shutdown().await;
+            return None;
+        };
+        tokio::select! {
+            () = cut.cancelled() => return Some(to),
+            () = tokio::time::sleep_until(at) => {}
+        }
+        if !wait_until_open(&mut mode, &cut).await {
+            cut.cancel();
+            return Some(to);
+        }
+        let written = tokio::select! {
+            () = cut.cancelled() => return Some(to),
+            written = to.write_all(&chunk) => written,
+        };
+        if written.is_err() {
+            cut.cancel();
+            return Some(to);
+        }
+    }
+}
+
+/// Whether `pattern` occurs in `tail ++ chunk` (ending inside `chunk`).
+fn contains_across(tail: &[u8], chunk: &[u8], pattern: &[u8]) -> bool {
+    if chunk.windows(pattern.len()).any(|w| w == pattern) {
+        return true;
+    }
+    if tail.is_empty() {
+        return false;
+    }
+    let head = &chunk[..chunk.len().min(pattern.len() - 1)];
+    let joined: Vec<u8> = tail.iter().chain(head).copied().collect();
+    joined.windows(pattern.len()).any(|w| w == pattern)
+}
+
+/// Keeps the last `len - 1` bytes seen.
+fn remember_tail(tail: &mut Vec<u8>, chunk: &[u8], len: usize) {
+    let keep = len.saturating_sub(1);
+    tail.extend_from_slice(chunk);
+    if tail.len() > keep {
+        tail.drain(..tail.len() - keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_found_across_chunk_boundaries() {
+        let mut tail = Vec::new();
+        let first = b"xxxxQ\x00\x00\x00\x0bCOM";
+        assert!(!contains_across(&tail, first, COMMIT_MESSAGE));
+        remember_tail(&mut tail, first, COMMIT_MESSAGE.len());
+        assert!(contains_across(&tail, b"MIT\x00yy", COMMIT_MESSAGE));
+        assert!(contains_across(&[], COMMIT_MESSAGE, COMMIT_MESSAGE));
+        assert!(!contains_across(&tail, b"nothing", COMMIT_MESSAGE));
+    }
+}

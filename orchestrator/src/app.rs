@@ -127,6 +127,7 @@ impl Application {
                 topology,
                 prefetch: config.reply_prefetch,
                 max_batch: usize::from(config.reply_batch),
+                queue_type: config.queue_type,
             },
             engine.clone(),
             outgoing,

@@ -41,6 +41,9 @@ pub struct Config {
     /// Most replies applied in one database transaction.
     #[arg(long, env = "REPLY_BATCH", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub reply_batch: u16,
+    /// Kind of the reply queue (quorum unless measuring).
+    #[arg(long, env = "SAGA_QUEUE_TYPE", value_enum, default_value = "quorum")]
+    pub queue_type: crate::bus::QueueType,
     /// Also run the synthetic `bench_chain_<n>` flows (for saga-bench).
     #[arg(long, env = "SAGA_BENCH_FLOWS")]
     pub bench_flows: bool,

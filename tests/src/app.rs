@@ -46,6 +46,7 @@ pub fn config(env: &TestEnv) -> Config {
         reply_prefetch: 256,
         reply_batch: 64,
         bench_flows: false,
+        queue_type: orchestrator::bus::QueueType::Quorum,
         metrics_addr: None,
     }
 }

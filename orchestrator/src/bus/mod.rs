@@ -36,30 +36,55 @@ pub struct BusSettings {
     pub prefetch: u16,
     /// Most replies handled in one database transaction.
     pub max_batch: usize,
+    /// Kind of the reply queue.
+    pub queue_type: QueueType,
 }
 
 /// Arguments of every quorum queue: poison messages are dead-lettered after
 /// [`DELIVERY_LIMIT`] deliveries instead of cycling forever.
 pub fn quorum_queue_args(topology: &Topology) -> FieldTable {
+    work_queue_args(topology, QueueType::Quorum)
+}
+
+/// Which kind of queue work queues are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// Raft-replicated, delivery limit for poison messages (the default).
+    Quorum,
+    /// Classic durable queue (no delivery limit: poison messages are only
+    /// dead-lettered when a consumer rejects them). For measurements.
+    Classic,
+}
+
+/// Arguments of a work queue of the given type.
+pub fn work_queue_args(topology: &Topology, queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(topology.dead_letter_exchange().into()),
     );
-    args.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongLongInt(DELIVERY_LIMIT),
-    );
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+    }
     args
 }
 
 /// Declares the orchestrator's side of the topology (idempotent): commands,
 /// events and dead-letter exchanges, the dead-letter queue and the reply queue.
-pub async fn declare_topology(channel: &Channel, topology: &Topology) -> lapin::Result<()> {
+pub async fn declare_topology(
+    channel: &Channel,
+    topology: &Topology,
+    queue_type: QueueType,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -98,7 +123,7 @@ pub async fn declare_topology(channel: &Channel, topology: &Topology) -> lapin::
         .queue_declare(
             topology.reply_queue().into(),
             queue,
-            quorum_queue_args(topology),
+            work_queue_args(topology, queue_type),
         )
         .await?;
     Ok(())
@@ -164,7 +189,7 @@ async fn serve_connection(
     shutdown: &CancellationToken,
 ) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
-    declare_topology(&setup, &settings.topology).await?;
+    declare_topology(&setup, &settings.topology, settings.queue_type).await?;
     let publish_channel = connection.create_channel().await?;
     let consume_channel = connection.create_channel().await?;
     health.set_broker(true);

@@ -23,6 +23,7 @@ pub async fn run(
     topology: &Topology,
     names: &[&str],
     prefetch: u16,
+    queue_type: orchestrator::bus::QueueType,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
@@ -48,7 +49,7 @@ pub async fn run(
                     durable: true,
                     ..Default::default()
                 },
-                orchestrator::bus::quorum_queue_args(topology),
+                orchestrator::bus::work_queue_args(topology, queue_type),
             )
             .await?;
         setup

@@ -115,6 +115,9 @@ pub struct Args {
     /// Extra argument for `orchestrator serve` (repeatable), e.g. --orchestrator-arg=--reply-batch=256.
     #[arg(long = "orchestrator-arg", allow_hyphen_values = true)]
     pub orchestrator_args: Vec<String>,
+    /// Queue type of the reply and participant queues (echo mode).
+    #[arg(long, value_enum, default_value = "quorum")]
+    pub queue_type: orchestrator::bus::QueueType,
     /// gRPC connections used to start sagas.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
@@ -305,11 +308,15 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let database = format!("{}_orchestrator", args.namespace);
     system::recreate_database(&args.postgres, &database).await?;
     let database_url = format!("{}/{database}", args.postgres);
+    let mut orchestrator_args = args.orchestrator_args.clone();
+    if args.queue_type == orchestrator::bus::QueueType::Classic {
+        orchestrator_args.push("--queue-type=classic".into());
+    }
     let orchestrator = Orchestrator::start(
         &database_url,
         &args.amqp_url,
         &args.namespace,
-        &args.orchestrator_args,
+        &orchestrator_args,
     )
     .await?;
     eprintln!(
@@ -335,7 +342,15 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             tokio::spawn(async move {
                 match args.mode {
                     Mode::Echo => {
-                        echo::run(&args.amqp_url, &topology, &names, 512, participants_stop).await
+                        echo::run(
+                            &args.amqp_url,
+                            &topology,
+                            &names,
+                            512,
+                            args.queue_type,
+                            participants_stop,
+                        )
+                        .await
                     }
                     Mode::Demo => {
                         use participants::demo::{self, DemoConfig, Service};

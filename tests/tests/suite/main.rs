@@ -2,8 +2,10 @@
 //! RabbitMQ. Every test has its own namespace and databases.
 
 mod api;
+mod e2e;
 mod failure_crash;
 mod failure_support;
 mod flows;
 mod instances;
+mod raw_participant;
 mod support;

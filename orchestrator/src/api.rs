@@ -97,6 +97,9 @@ impl From<EngineError> for Status {
             }
             EngineError::Refused(e) => Status::failed_precondition(e.to_string()),
             EngineError::Store(e) => store_status(&e),
+            EngineError::IdempotencyRace => {
+                Status::aborted("idempotency key conflict; retry the call")
+            }
         }
     }
 }
@@ -332,9 +335,18 @@ impl SagaService for SagaApi {
         // Subscribe before the first read so nothing falls in between.
         let notifications = self.hub.subscribe();
         self.engine.get(id).await?;
-        let (tx, rx) = mpsc::channel(64);
         let pool = self.engine.store().pool().clone();
-        tokio::spawn(stream_history(pool, id, notifications, tx));
+        let watcher = Uuid::new_v4();
+        history::watch(&pool, id, watcher)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            stream_history(&pool, id, notifications, tx).await;
+            if let Err(error) = history::unwatch(&pool, id, watcher).await {
+                tracing::warn!(%error, saga_id = %id, "could not remove a watcher registration");
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -400,14 +412,14 @@ impl SagaService for SagaApi {
 /// Sends the saga's history, then new rows as they come, until the terminal
 /// event or until the client goes away.
 async fn stream_history(
-    pool: sqlx::PgPool,
+    pool: &sqlx::PgPool,
     id: Uuid,
     mut notifications: broadcast::Receiver<Uuid>,
     tx: mpsc::Sender<Result<v1::SagaEvent, Status>>,
 ) {
     let mut last_seq = 0;
     loop {
-        match history::since(&pool, id, last_seq).await {
+        match history::since(pool, id, last_seq).await {
             Ok(rows) => {
                 for row in rows {
                     last_seq = row.seq;

@@ -110,6 +110,7 @@ impl Application {
         let (publisher, outgoing) = publisher::channel(65_536);
         let wakeups = TimerWakeups::default();
         let topology = config.topology();
+        let hub = WatchHub::new();
         let engine = Arc::new(Engine::new(
             store.clone(),
             Arc::new(catalog),
@@ -117,8 +118,8 @@ impl Application {
             publisher.clone(),
             wakeups.clone(),
             health.clone(),
+            hub.clone(),
         ));
-        let hub = WatchHub::new();
         let tasks = TaskTracker::new();
 
         tasks.spawn(bus::run(

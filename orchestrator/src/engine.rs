@@ -28,11 +28,13 @@ use crate::{
     bus::publisher::Publisher,
     health::Health,
     store::{
-        Store, StoreError, history,
+        Store, StoreError,
         outbox::{self, OutboxMessage},
         sagas::{self as saga_rows, NewSaga, SagaRecord},
+        transition,
     },
     timers::TimerWakeups,
+    watch::WatchHub,
 };
 
 /// Why an engine operation failed.
@@ -53,6 +55,10 @@ pub enum EngineError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The saga holding an idempotency key vanished between two statements
+    /// (it cannot: sagas are never deleted); retrying is safe.
+    #[error("idempotency key conflict could not be resolved; retry")]
+    IdempotencyRace,
 }
 
 impl From<sqlx::Error> for EngineError {
@@ -100,6 +106,8 @@ pub struct Engine {
     health: Health,
     /// Asks the outbox relay to run now (e.g. after a reconnect).
     relay_kick: Arc<Notify>,
+    /// Tells this instance's watch streams about new history.
+    hub: WatchHub,
 }
 
 /// What one transaction produced, to act on after commit.
@@ -169,6 +177,7 @@ impl Engine {
         publisher: Publisher,
         timers: TimerWakeups,
         health: Health,
+        hub: WatchHub,
     ) -> Self {
         Self {
             store,
@@ -178,6 +187,7 @@ impl Engine {
             timers,
             health,
             relay_kick: Arc::new(Notify::new()),
+            hub,
         }
     }
 
@@ -209,51 +219,47 @@ impl Engine {
         let now = Utc::now();
         let saga_id = Uuid::now_v7();
         let (state, transition) = sagas::start(&flow, saga_id, data, context(now));
+        let mut effects = Effects::default();
+        self.collect(&state, transition, now, &mut effects);
+        let new = NewSaga {
+            state: &state,
+            idempotency_key: request.idempotency_key.as_deref(),
+            input: &request.input,
+            now,
+        };
         let result = async {
-            let mut tx = self.store.pool().begin().await?;
-            let inserted = saga_rows::insert(
-                &mut tx,
-                &NewSaga {
-                    state: &state,
-                    idempotency_key: request.idempotency_key.as_deref(),
-                    input: &request.input,
-                    now,
-                },
+            let mut conn = self.store.pool().acquire().await?;
+            // One statement, no explicit transaction. A taken key is looked up;
+            // the saga holding it is committed (ON CONFLICT waited for it).
+            let outbox = std::mem::take(&mut effects.outbox);
+            match transition::insert_started(
+                &mut conn,
+                &new,
+                &effects.history,
+                outbox,
+                now + outbox::PUBLISH_LEASE,
             )
-            .await?;
-            if !inserted {
-                let key = request.idempotency_key.as_deref().unwrap_or_default();
-                let existing = saga_rows::find_by_idempotency_key(&mut tx, &request.saga_type, key)
-                    .await?
-                    .expect("the conflicting saga is committed and visible");
-                tx.rollback().await?;
-                return Ok::<_, EngineError>((
-                    Started {
-                        saga_id: existing,
-                        created: false,
-                    },
-                    None,
-                ));
+            .await?
+            {
+                Some(published) => Ok::<_, EngineError>((saga_id, Some(published))),
+                None => {
+                    let key = request.idempotency_key.as_deref().unwrap_or_default();
+                    let existing =
+                        saga_rows::find_by_idempotency_key(&mut conn, &request.saga_type, key)
+                            .await?
+                            .ok_or(EngineError::IdempotencyRace)?;
+                    Ok((existing, None))
+                }
             }
-            let mut effects = Effects::default();
-            self.collect(&state, transition, now, &mut effects);
-            let published = self.write_effects(&mut tx, &[], &effects, now).await?;
-            tx.commit().await?;
-            Ok((
-                Started {
-                    saga_id,
-                    created: true,
-                },
-                Some((published, effects)),
-            ))
         }
         .await;
-        let (started, effects) = self.observe(result)?;
-        if let Some((published, effects)) = effects {
+        let (saga_id, published) = self.observe(result)?;
+        let created = published.is_some();
+        if let Some(published) = published {
             metrics::counter!("saga_started_total", "saga_type" => request.saga_type).increment(1);
             self.act(published, effects);
         }
-        Ok(started)
+        Ok(Started { saga_id, created })
     }
 
     /// Applies a batch of replies in one transaction.
@@ -333,7 +339,9 @@ impl Engine {
             let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
             let mut effects = Effects::default();
             self.collect(&next, transition, now, &mut effects);
-            let published = self.write_effects(&mut tx, &[&next], &effects, now).await?;
+            let published = self
+                .write_effects(&mut tx, &[&next], &mut effects, now)
+                .await?;
             tx.commit().await?;
             Ok::<_, EngineError>((published, effects))
         }
@@ -393,7 +401,7 @@ impl Engine {
             }
         }
         let changed: Vec<&SagaInstance> = changed.iter().map(|id| &states[id]).collect();
-        let published = self.write_effects(tx, &changed, &effects, now).await?;
+        let published = self.write_effects(tx, &changed, &mut effects, now).await?;
         Ok((published, effects))
     }
 
@@ -471,24 +479,37 @@ impl Engine {
         }
     }
 
-    /// Writes states, history and outbox rows inside `tx`.
+    /// Writes states, history and outbox rows inside `tx` (one statement).
     async fn write_effects(
         &self,
         tx: &mut PgConnection,
         states: &[&SagaInstance],
-        effects: &Effects,
+        effects: &mut Effects,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxMessage>, EngineError> {
-        saga_rows::save(tx, states, now).await?;
-        history::append(tx, &effects.history, now).await?;
-        let lease_until = now + outbox::PUBLISH_LEASE;
-        Ok(outbox::insert(tx, effects.outbox.clone(), lease_until).await?)
+        let outbox = std::mem::take(&mut effects.outbox);
+        Ok(transition::write(
+            tx,
+            states,
+            &effects.history,
+            outbox,
+            now,
+            now + outbox::PUBLISH_LEASE,
+        )
+        .await?)
     }
 
     /// After commit: publish, arm timers, count.
     fn act(&self, published: Vec<OutboxMessage>, effects: Effects) {
         crate::crash_point!("orchestrator::after_commit_before_publish");
         self.publisher.publish(published);
+        let mut last = None;
+        for (saga_id, _) in &effects.history {
+            if last != Some(*saga_id) {
+                self.hub.notify(*saga_id);
+                last = Some(*saga_id);
+            }
+        }
         for due in effects.wakeups {
             self.timers.wake_at(due);
         }

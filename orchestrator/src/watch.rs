@@ -1,10 +1,11 @@
 //! Live saga history for `WatchSaga`, across instances.
 //!
-//! Every transaction that appends history rows also sends a PostgreSQL
-//! NOTIFY with the saga id; one LISTEN connection per instance fans those out
-//! to the watch streams, which then read the new rows. A notification lost
-//! while the listener reconnects only delays a stream until its next
-//! periodic re-read.
+//! The engine tells the hub of its own instance about every saga it changed
+//! (in memory, after commit). For sagas driven by other instances, a watch
+//! stream registers in `saga_watchers`; transitions of watched sagas send a
+//! PostgreSQL NOTIFY with the saga id, and one LISTEN connection per instance
+//! fans those out. A notification lost while the listener reconnects only
+//! delays a stream until its next periodic re-read.
 
 use std::time::Duration;
 
@@ -36,6 +37,12 @@ impl WatchHub {
         }
     }
 
+    /// Tells this instance's streams that `saga_id` has new history.
+    pub fn notify(&self, saga_id: Uuid) {
+        // No receiver (nobody watching) is the common case and costs nothing.
+        let _ = self.tx.send(saga_id);
+    }
+
     /// Subscribes to change notifications.
     pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
         self.tx.subscribe()
@@ -64,7 +71,7 @@ impl WatchHub {
                     notification = listener.try_recv() => match notification {
                         Ok(Some(n)) => {
                             if let Ok(id) = n.payload().parse::<Uuid>() {
-                                let _ = self.tx.send(id);
+                                self.notify(id);
                             }
                         }
                         // Connection lost: reconnect (streams re-read on their own).

@@ -1,10 +1,10 @@
-//! The append-only `saga_history` table, and the NOTIFY channel that tells
-//! every orchestrator instance (and so every `WatchSaga` stream) that a saga
-//! has new history rows.
+//! The append-only `saga_history` table (written by [`super::transition`]),
+//! and `saga_watchers`: sagas some `WatchSaga` stream follows, which the
+//! transition NOTIFYs on [`CHANNEL`] so every instance hears of them.
 
 use chrono::{DateTime, Utc};
-use sagas::{HistoryEntry, SagaStatus};
-use sqlx::{PgConnection, PgPool, Row};
+use sagas::SagaStatus;
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -41,44 +41,25 @@ impl HistoryRow {
     }
 }
 
-/// Appends entries of several sagas in one statement and notifies
-/// listeners when the transaction commits.
-pub async fn append(
-    conn: &mut PgConnection,
-    entries: &[(Uuid, HistoryEntry)],
-    at: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = entries.iter().map(|(id, _)| *id).collect();
-    let seqs: Vec<i64> = entries.iter().map(|(_, e)| e.seq as i64).collect();
-    let kinds: Vec<&str> = entries.iter().map(|(_, e)| e.kind.as_str()).collect();
-    let steps: Vec<Option<&str>> = entries.iter().map(|(_, e)| e.step.as_deref()).collect();
-    let statuses: Vec<&str> = entries.iter().map(|(_, e)| e.status.as_str()).collect();
-    let details: Vec<&str> = entries.iter().map(|(_, e)| e.detail.as_str()).collect();
+/// Registers `watcher_id` as watching `saga_id`, so transitions of the saga
+/// NOTIFY (whichever instance drives it).
+pub async fn watch(pool: &PgPool, saga_id: Uuid, watcher_id: Uuid) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO saga_history (saga_id, seq, kind, step, status, detail, at)
-         SELECT u.id, u.seq, u.kind, u.step, u.status, u.detail, $7
-         FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[])
-              AS u(id, seq, kind, step, status, detail)",
+        "INSERT INTO saga_watchers (saga_id, watcher_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
-    .bind(&ids)
-    .bind(&seqs)
-    .bind(&kinds)
-    .bind(&steps)
-    .bind(&statuses)
-    .bind(&details)
-    .bind(at)
-    .execute(&mut *conn)
+    .bind(saga_id)
+    .bind(watcher_id)
+    .execute(pool)
     .await?;
-    let mut distinct: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    sqlx::query("SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id")
-        .bind(CHANNEL)
-        .bind(&distinct)
-        .execute(conn)
+    Ok(())
+}
+
+/// Removes a watcher registration.
+pub async fn unwatch(pool: &PgPool, saga_id: Uuid, watcher_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM saga_watchers WHERE saga_id = $1 AND watcher_id = $2")
+        .bind(saga_id)
+        .bind(watcher_id)
+        .execute(pool)
         .await?;
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! - [`history`]: the append-only `saga_history` table and its NOTIFY channel.
 //! - [`outbox`]: the `outbox` table (messages committed with the state that
 //!   produced them, deleted after the broker's confirm).
+//! - [`transition`]: the one statement that writes a transition's states,
+//!   history and outbox rows together.
 //!
 //! The schema lives in `orchestrator/migrations` and is embedded in the
 //! binary; [`Store::connect`] creates the database if it is missing and
@@ -12,6 +14,7 @@
 pub mod history;
 pub mod outbox;
 pub mod sagas;
+pub mod transition;
 
 use std::{str::FromStr, time::Duration};
 

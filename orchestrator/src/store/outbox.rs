@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -42,50 +42,6 @@ pub struct OutboxMessage {
     pub body: Vec<u8>,
     /// Publish attempts that came back unroutable.
     pub attempts: i32,
-}
-
-/// Inserts messages leased to the caller until `lease_until`; returns them
-/// with their ids.
-pub async fn insert(
-    conn: &mut PgConnection,
-    mut messages: Vec<OutboxMessage>,
-    lease_until: DateTime<Utc>,
-) -> Result<Vec<OutboxMessage>, StoreError> {
-    if messages.is_empty() {
-        return Ok(messages);
-    }
-    let saga_ids: Vec<Uuid> = messages.iter().map(|m| m.saga_id).collect();
-    let message_ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
-    let types: Vec<&str> = messages.iter().map(|m| m.message_type.as_str()).collect();
-    let exchanges: Vec<&str> = messages.iter().map(|m| m.exchange.as_str()).collect();
-    let keys: Vec<&str> = messages.iter().map(|m| m.routing_key.as_str()).collect();
-    let reply_tos: Vec<Option<&str>> = messages.iter().map(|m| m.reply_to.as_deref()).collect();
-    let mandatory: Vec<bool> = messages.iter().map(|m| m.mandatory).collect();
-    let bodies: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO outbox (saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, available_at)
-         SELECT u.saga_id, u.message_id, u.message_type, u.exchange, u.routing_key, u.reply_to, u.mandatory, u.body, $9
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[], $8::bytea[])
-              WITH ORDINALITY AS u(saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, n)
-         ORDER BY u.n
-         RETURNING id",
-    )
-    .bind(&saga_ids)
-    .bind(&message_ids)
-    .bind(&types)
-    .bind(&exchanges)
-    .bind(&keys)
-    .bind(&reply_tos)
-    .bind(&mandatory)
-    .bind(&bodies)
-    .bind(lease_until)
-    .fetch_all(conn)
-    .await?;
-    // RETURNING follows insertion order, which follows ORDER BY u.n.
-    for (message, id) in messages.iter_mut().zip(ids) {
-        message.id = id;
-    }
-    Ok(messages)
 }
 
 /// Claims up to `limit` rows whose lease ran out, leasing them to the caller

@@ -53,7 +53,8 @@ fn decode(row: &PgRow) -> Result<SagaRecord, StoreError> {
     })
 }
 
-fn due_at(state: &SagaInstance) -> Option<DateTime<Utc>> {
+/// The saga's earliest timer, or NULL once it is terminal.
+pub(super) fn due_at(state: &SagaInstance) -> Option<DateTime<Utc>> {
     if state.status.is_terminal() {
         return None;
     }
@@ -62,34 +63,9 @@ fn due_at(state: &SagaInstance) -> Option<DateTime<Utc>> {
         .and_then(DateTime::<Utc>::from_timestamp_millis)
 }
 
-fn state_json(state: &SagaInstance) -> serde_json::Value {
+/// The saga's state as stored.
+pub(super) fn state_json(state: &SagaInstance) -> serde_json::Value {
     serde_json::to_value(state).expect("saga state always serialises")
-}
-
-/// Inserts a new saga unless (type, idempotency key) exists. Returns `None`
-/// when the key was taken (by this or a concurrent transaction, which this
-/// waits for).
-pub async fn insert(conn: &mut PgConnection, new: &NewSaga<'_>) -> Result<bool, StoreError> {
-    let state = new.state;
-    let inserted = sqlx::query(
-        "INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
-         ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-    )
-    .bind(state.id)
-    .bind(&state.saga_type)
-    .bind(state.version as i32)
-    .bind(state.status.as_str())
-    .bind(new.idempotency_key)
-    .bind(new.input)
-    .bind(state_json(state))
-    .bind(state.error.as_deref())
-    .bind(due_at(state))
-    .bind(new.now)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
 }
 
 /// The saga started with (type, idempotency key), if any.
@@ -139,38 +115,6 @@ pub async fn claim_due(
     .fetch_all(conn)
     .await?;
     rows.iter().map(decode_state).collect()
-}
-
-/// Writes new states of locked sagas in one statement.
-pub async fn save(
-    conn: &mut PgConnection,
-    states: &[&SagaInstance],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    if states.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = states.iter().map(|s| s.id).collect();
-    let statuses: Vec<&str> = states.iter().map(|s| s.status.as_str()).collect();
-    let errors: Vec<Option<String>> = states.iter().map(|s| s.error.clone()).collect();
-    let dues: Vec<Option<DateTime<Utc>>> = states.iter().map(|s| due_at(s)).collect();
-    let jsons: Vec<serde_json::Value> = states.iter().map(|s| state_json(s)).collect();
-    sqlx::query(
-        "UPDATE sagas AS s SET status = u.status, error = u.error, next_due_at = u.due,
-                state = u.state, updated_at = $6
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::jsonb[])
-              AS u(id, status, error, due, state)
-         WHERE s.id = u.id",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&errors)
-    .bind(&dues)
-    .bind(&jsons)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// One saga by id.

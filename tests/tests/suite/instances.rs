@@ -82,3 +82,81 @@ async fn two_instances_finish_every_saga_exactly_once() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn watch_follows_a_saga_driven_by_another_instance() {
+    use futures::StreamExt;
+    let env = TestEnv::new();
+    let driver = TestApp::spawn(&env, catalog(Duration::from_secs(30))).await;
+    // Same database, another namespace: this instance never drives the saga,
+    // so its stream can only learn of transitions through NOTIFY.
+    let elsewhere = TestEnv::new();
+    let mut watcher_config = config(&env);
+    watcher_config.namespace = elsewhere.namespace.clone();
+    let watcher = TestApp::spawn_with(watcher_config, catalog(Duration::from_secs(30))).await;
+    let participants = ScriptedParticipant::start(
+        &env,
+        &PARTICIPANTS,
+        Arc::new(|c| {
+            if c.step == "step_b" {
+                Script::Hold
+            } else {
+                success(json!({}))
+            }
+        }),
+    )
+    .await;
+    let id = driver.start(FOUR_STEPS, 0, order("o-watch")).await;
+    saga_tests::eventually("step_b held", Duration::from_secs(10), || async {
+        (participants.held_count() == 1).then_some(())
+    })
+    .await;
+    let mut stream = watcher
+        .client
+        .clone()
+        .watch_saga(saga_proto::v1::WatchSagaRequest {
+            saga_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while !events
+        .iter()
+        .any(|e: &saga_proto::v1::SagaEvent| e.kind == "command_sent" && e.step == "step_b")
+    {
+        events.push(stream.next().await.unwrap().unwrap());
+    }
+    participants
+        .release_held(saga_proto::amqp::ReplyStatus::Success, json!({}))
+        .await;
+    // Re-reads happen every 2 s without news; NOTIFY makes this much faster,
+    // but the assertion is on content, not speed.
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .unwrap()
+    {
+        events.push(event.unwrap());
+    }
+    assert_eq!(events.last().unwrap().kind, "saga_completed");
+    assert!(events.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    let pool = driver.pool.clone();
+    saga_tests::eventually(
+        "the stream to remove its registration",
+        Duration::from_secs(10),
+        || {
+            let pool = pool.clone();
+            async move {
+                let watchers: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_watchers")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                (watchers == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    participants.stop().await;
+    watcher.stop().await;
+    driver.stop().await;
+}

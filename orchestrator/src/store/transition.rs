@@ -1,0 +1,205 @@
+//! Writes everything one transaction produced — new saga states, history
+//! rows, outbox rows, and NOTIFYs for watched sagas — in a single statement,
+//! so a transition costs one round trip besides its lock and its commit.
+
+use chrono::{DateTime, Utc};
+use sagas::{HistoryEntry, SagaInstance};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::{
+    StoreError,
+    history::CHANNEL,
+    outbox::OutboxMessage,
+    sagas::{NewSaga, due_at, state_json},
+};
+
+/// History rows as column arrays.
+struct HistoryColumns<'a> {
+    ids: Vec<Uuid>,
+    seqs: Vec<i64>,
+    kinds: Vec<&'a str>,
+    steps: Vec<Option<&'a str>>,
+    statuses: Vec<&'a str>,
+    details: Vec<&'a str>,
+}
+
+impl<'a> HistoryColumns<'a> {
+    fn new(entries: &'a [(Uuid, HistoryEntry)]) -> Self {
+        Self {
+            ids: entries.iter().map(|(id, _)| *id).collect(),
+            seqs: entries.iter().map(|(_, e)| e.seq as i64).collect(),
+            kinds: entries.iter().map(|(_, e)| e.kind.as_str()).collect(),
+            steps: entries.iter().map(|(_, e)| e.step.as_deref()).collect(),
+            statuses: entries.iter().map(|(_, e)| e.status.as_str()).collect(),
+            details: entries.iter().map(|(_, e)| e.detail.as_str()).collect(),
+        }
+    }
+}
+
+/// Outbox rows as column arrays.
+struct OutboxColumns<'a> {
+    saga_ids: Vec<Uuid>,
+    message_ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    exchanges: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    reply_tos: Vec<Option<&'a str>>,
+    mandatory: Vec<bool>,
+    bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> OutboxColumns<'a> {
+    fn new(messages: &'a [OutboxMessage]) -> Self {
+        Self {
+            saga_ids: messages.iter().map(|m| m.saga_id).collect(),
+            message_ids: messages.iter().map(|m| m.message_id).collect(),
+            types: messages.iter().map(|m| m.message_type.as_str()).collect(),
+            exchanges: messages.iter().map(|m| m.exchange.as_str()).collect(),
+            keys: messages.iter().map(|m| m.routing_key.as_str()).collect(),
+            reply_tos: messages.iter().map(|m| m.reply_to.as_deref()).collect(),
+            mandatory: messages.iter().map(|m| m.mandatory).collect(),
+            bodies: messages.iter().map(|m| m.body.as_slice()).collect(),
+        }
+    }
+}
+
+const INSERT_HISTORY: &str =
+    "INSERT INTO saga_history (saga_id, seq, kind, step, status, detail, at)
+         SELECT h.id, h.seq, h.kind, h.step, h.status, h.detail, $1
+         FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[])
+              AS h(id, seq, kind, step, status, detail)";
+
+const INSERT_OUTBOX: &str = "INSERT INTO outbox (saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, available_at)
+         SELECT o.saga_id, o.message_id, o.message_type, o.exchange, o.routing_key, o.reply_to, o.mandatory, o.body, $8
+         FROM UNNEST($9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bool[], $16::bytea[])
+              WITH ORDINALITY AS o(saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, n)";
+
+/// Stamps ids (returned in insertion order) onto the messages.
+fn assign_ids(messages: &mut [OutboxMessage], ids: Vec<i64>) {
+    debug_assert_eq!(messages.len(), ids.len());
+    for (message, id) in messages.iter_mut().zip(ids) {
+        message.id = id;
+    }
+}
+
+/// Writes the new states of locked sagas, their history rows and outbox
+/// rows (leased until `lease_until`), and NOTIFYs watched sagas. Returns the
+/// outbox rows with their ids.
+pub async fn write(
+    conn: &mut PgConnection,
+    states: &[&SagaInstance],
+    history: &[(Uuid, HistoryEntry)],
+    mut outbox: Vec<OutboxMessage>,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<OutboxMessage>, StoreError> {
+    let h = HistoryColumns::new(history);
+    let o = OutboxColumns::new(&outbox);
+    let ids: Vec<Uuid> = states.iter().map(|s| s.id).collect();
+    let statuses: Vec<&str> = states.iter().map(|s| s.status.as_str()).collect();
+    let errors: Vec<Option<&str>> = states.iter().map(|s| s.error.as_deref()).collect();
+    let dues: Vec<Option<DateTime<Utc>>> = states.iter().map(|s| due_at(s)).collect();
+    let jsons: Vec<serde_json::Value> = states.iter().map(|s| state_json(s)).collect();
+    let sql = format!(
+        "WITH hist AS ({INSERT_HISTORY}),
+              ob AS ({INSERT_OUTBOX} ORDER BY o.n RETURNING id),
+              upd AS (
+                UPDATE sagas AS s SET status = u.status, error = u.error, next_due_at = u.due,
+                       state = u.state, updated_at = $1
+                FROM UNNEST($17::uuid[], $18::text[], $19::text[], $20::timestamptz[], $21::jsonb[])
+                     AS u(id, status, error, due, state)
+                WHERE s.id = u.id),
+              watched AS (
+                SELECT pg_notify($22, w.saga_id::text)
+                FROM (SELECT DISTINCT saga_id FROM saga_watchers WHERE saga_id = ANY($2)) AS w)
+         SELECT (SELECT count(*) FROM watched) AS notified,
+                COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
+    );
+    let row = sqlx::query(&sql)
+        .bind(now)
+        .bind(&h.ids)
+        .bind(&h.seqs)
+        .bind(&h.kinds)
+        .bind(&h.steps)
+        .bind(&h.statuses)
+        .bind(&h.details)
+        .bind(lease_until)
+        .bind(&o.saga_ids)
+        .bind(&o.message_ids)
+        .bind(&o.types)
+        .bind(&o.exchanges)
+        .bind(&o.keys)
+        .bind(&o.reply_tos)
+        .bind(&o.mandatory)
+        .bind(&o.bodies)
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&errors)
+        .bind(&dues)
+        .bind(&jsons)
+        .bind(CHANNEL)
+        .fetch_one(conn)
+        .await?;
+    assign_ids(&mut outbox, row.try_get("ids")?);
+    Ok(outbox)
+}
+
+/// Inserts a new saga with its history and outbox rows in one statement
+/// (one round trip, no explicit transaction), unless (type, idempotency key)
+/// exists. Returns `None` when the key was taken.
+pub async fn insert_started(
+    conn: &mut PgConnection,
+    new: &NewSaga<'_>,
+    history: &[(Uuid, HistoryEntry)],
+    mut outbox: Vec<OutboxMessage>,
+    lease_until: DateTime<Utc>,
+) -> Result<Option<Vec<OutboxMessage>>, StoreError> {
+    let state = new.state;
+    let h = HistoryColumns::new(history);
+    let o = OutboxColumns::new(&outbox);
+    let sql = format!(
+        "WITH ins AS (
+                INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, created_at, updated_at)
+                VALUES ($17, $18, $19, $20, $21, $22, $23, $24, $25, $1, $1)
+                ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                RETURNING id),
+              hist AS ({INSERT_HISTORY} WHERE EXISTS (SELECT 1 FROM ins)),
+              ob AS ({INSERT_OUTBOX} WHERE EXISTS (SELECT 1 FROM ins) ORDER BY o.n RETURNING id)
+         SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
+                COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
+    );
+    let row = sqlx::query(&sql)
+        .bind(new.now)
+        .bind(&h.ids)
+        .bind(&h.seqs)
+        .bind(&h.kinds)
+        .bind(&h.steps)
+        .bind(&h.statuses)
+        .bind(&h.details)
+        .bind(lease_until)
+        .bind(&o.saga_ids)
+        .bind(&o.message_ids)
+        .bind(&o.types)
+        .bind(&o.exchanges)
+        .bind(&o.keys)
+        .bind(&o.reply_tos)
+        .bind(&o.mandatory)
+        .bind(&o.bodies)
+        .bind(state.id)
+        .bind(&state.saga_type)
+        .bind(state.version as i32)
+        .bind(state.status.as_str())
+        .bind(new.idempotency_key)
+        .bind(new.input)
+        .bind(state_json(state))
+        .bind(state.error.as_deref())
+        .bind(due_at(state))
+        .fetch_one(conn)
+        .await?;
+    if !row.try_get::<bool, _>("inserted")? {
+        return Ok(None);
+    }
+    assign_ids(&mut outbox, row.try_get("ids")?);
+    Ok(Some(outbox))
+}

@@ -870,46 +870,217 @@ async fn duplicated_replies_are_ignored_and_every_effect_applies_once() {
     shop.close().await;
 }
 
-/// A copy of every command the orchestrator sent (captured on a queue of
-/// our own bound next to the participants') is delivered twice more after
-/// the sagas ended: each is answered from the inbox, its reply ignored by
-/// the orchestrator, and no ledger moves.
+/// A queue of the test's own bound to `<ns>.commands` next to the demo
+/// participants' queues, so it receives a copy of every command the
+/// orchestrator sends them.
+struct CommandTap {
+    /// The tap's queue (exclusive: gone with the connection).
+    queue: String,
+    /// Publishes copies, with confirms.
+    publisher: lapin::Channel,
+    /// Reads the queue.
+    channel: lapin::Channel,
+    /// Owns both channels.
+    connection: lapin::Connection,
+}
+
+/// Header marking a copy the test published, so the tap never copies a copy.
+const COPY_HEADER: &str = "x-e2e-copy";
+
+impl CommandTap {
+    /// Binds the tap; call after the orchestrator declared `<ns>.commands`.
+    async fn bind(env: &TestEnv) -> Self {
+        use lapin::options::{ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions};
+        let topology = env.topology();
+        let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = connection.create_channel().await.unwrap();
+        let queue = format!("{}.tap", env.namespace);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for participant in ["inventory", "payment", "orders"] {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    topology.commands_exchange().into(),
+                    participant.into(),
+                    QueueBindOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let publisher = connection.create_channel().await.unwrap();
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            queue,
+            publisher,
+            channel,
+            connection,
+        }
+    }
+
+    /// Every command copied so far (the tap's queue is emptied).
+    async fn drain(&self) -> Vec<lapin::message::Delivery> {
+        let mut commands = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(
+                self.queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            if !is_copy(&message.delivery) {
+                commands.push(message.delivery);
+            }
+        }
+        commands
+    }
+
+    /// Sends `command` again to its participant, as the orchestrator did
+    /// (same body and properties, a new message id), and waits for the
+    /// broker's confirm.
+    async fn redeliver(&self, exchange: &str, command: &lapin::message::Delivery) {
+        redeliver(&self.publisher, exchange, command).await;
+    }
+
+    async fn close(self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+fn is_copy(delivery: &lapin::message::Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(COPY_HEADER))
+}
+
+async fn redeliver(publisher: &lapin::Channel, exchange: &str, command: &lapin::message::Delivery) {
+    let mut headers = command.properties.headers().clone().unwrap_or_default();
+    headers.insert(COPY_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
+    let properties = command
+        .properties
+        .clone()
+        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+        .with_headers(headers);
+    let confirmation = publisher
+        .basic_publish(
+            exchange.into(),
+            command.routing_key.clone(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &command.data,
+            properties,
+        )
+        .await
+        .expect("publish a copy")
+        .await
+        .expect("confirm of a copy");
+    assert_eq!(confirmation, lapin::Confirmation::Ack(None), "copy routed");
+}
+
+/// Commands the inbox answered without running a handler, over the three
+/// command participants.
+fn replayed(participants: &DemoParticipants) -> u64 {
+    [Service::Inventory, Service::Payment, Service::Orders]
+        .into_iter()
+        .map(|s| participants.handle(s).stats().replayed)
+        .sum()
+}
+
+/// Every command is delivered twice while the sagas run (a copy published
+/// the moment the tap sees it, so the two are often handled at once): each
+/// key applies once, the second delivery is answered from the inbox and
+/// its reply ignored by the orchestrator.
 #[tokio::test]
-async fn redelivered_commands_are_answered_from_the_inbox_and_change_nothing() {
-    use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueBindOptions};
+async fn every_command_delivered_twice_while_sagas_run_applies_once() {
+    use futures::StreamExt;
 
     let env = TestEnv::new();
     let shop = Shop::open(&env, FaultConfig::default()).await;
-    let topology = env.topology();
-    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let spy = format!("{}.spy", env.namespace);
-    channel
-        .queue_declare(
-            spy.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
+    let tap = CommandTap::bind(&env).await;
+    let exchange = env.topology().commands_exchange();
+    let mut consumer = tap
+        .channel
+        .basic_consume(
+            tap.queue.as_str().into(),
+            "doubler".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
                 ..Default::default()
             },
             lapin::types::FieldTable::default(),
         )
         .await
         .unwrap();
-    for participant in ["inventory", "payment", "orders"] {
-        channel
-            .queue_bind(
-                spy.as_str().into(),
-                topology.commands_exchange().into(),
-                participant.into(),
-                QueueBindOptions::default(),
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
+    let publisher = tap.publisher.clone();
+    let doubler = tokio::spawn(async move {
+        let mut copied = 0usize;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            if !is_copy(&delivery) {
+                redeliver(&publisher, &exchange, &delivery).await;
+                copied += 1;
+            }
+        }
+        copied
+    });
+
+    const ORDERS: [&str; 4] = ["o-twice-1", "o-twice-2", "o-twice-3", "o-twice-4"];
+    let expected = four_outcomes(&ORDERS);
+    let ids = place_four(&shop.app, &expected).await;
+    let total: i64 = expected.iter().map(|e| e.commands).sum();
+    saga_tests::eventually(
+        "every second delivery answered from the inbox",
+        Duration::from_secs(20),
+        || async { (replayed(&shop.participants) == total as u64).then_some(()) },
+    )
+    .await;
+    for (id, e) in ids.iter().zip(&expected) {
+        saga_tests::eventually(
+            &format!("the second replies of {} to be ignored", e.order),
+            Duration::from_secs(15),
+            || async {
+                (history_count(&shop.app, id, "reply_ignored").await == e.commands).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(shop.app.get(id).await.state, e.state as i32);
     }
+    assert_four_outcomes(&shop.db, &ORDERS).await;
+    tap.close().await;
+    assert_eq!(doubler.await.unwrap() as i64, total, "one copy per command");
+    shop.close().await;
+}
+
+/// After the sagas ended, a copy of every command they caused is delivered
+/// twice more: each is answered from the inbox, its reply ignored by the
+/// orchestrator, and no ledger moves.
+#[tokio::test]
+async fn redelivered_commands_are_answered_from_the_inbox_and_change_nothing() {
+    let env = TestEnv::new();
+    let shop = Shop::open(&env, FaultConfig::default()).await;
+    let tap = CommandTap::bind(&env).await;
+    let exchange = env.topology().commands_exchange();
 
     const ORDERS: [&str; 4] = ["o-re-1", "o-re-2", "o-re-3", "o-re-4"];
     let expected = four_outcomes(&ORDERS);
@@ -917,54 +1088,22 @@ async fn redelivered_commands_are_answered_from_the_inbox_and_change_nothing() {
     let db = &shop.db;
     let before: Vec<OrderLedger> =
         futures::future::join_all(ORDERS.iter().map(|o| db.order(o))).await;
-    let replayed = || {
-        [Service::Inventory, Service::Payment, Service::Orders]
-            .into_iter()
-            .map(|s| shop.participants.handle(s).stats().replayed)
-            .sum::<u64>()
-    };
-    let replayed_before = replayed();
+    let replayed_before = replayed(&shop.participants);
 
-    let mut commands = Vec::new();
-    while let Some(message) = channel
-        .basic_get(spy.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        commands.push(message.delivery);
-    }
+    let commands = tap.drain().await;
     let total: i64 = expected.iter().map(|e| e.commands).sum();
     assert_eq!(commands.len() as i64, total, "one command per step phase");
-
-    let publisher = connection.create_channel().await.unwrap();
-    publisher.confirm_select(Default::default()).await.unwrap();
-    for command in commands.iter().chain(&commands) {
-        let properties = command
-            .properties
-            .clone()
-            .with_message_id(uuid::Uuid::new_v4().to_string().into());
-        publisher
-            .basic_publish(
-                topology.commands_exchange().into(),
-                command.routing_key.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &command.data,
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+    for command in &commands {
+        // Twice in a row: the two copies are handled side by side.
+        tap.redeliver(&exchange, command).await;
+        tap.redeliver(&exchange, command).await;
     }
 
     let redelivered = 2 * commands.len() as u64;
     saga_tests::eventually(
         "every redelivered command answered from the inbox",
         Duration::from_secs(20),
-        || async { (replayed() == replayed_before + redelivered).then_some(()) },
+        || async { (replayed(&shop.participants) == replayed_before + redelivered).then_some(()) },
     )
     .await;
     for (id, e) in ids.iter().zip(&expected) {
@@ -986,6 +1125,82 @@ async fn redelivered_commands_are_answered_from_the_inbox_and_change_nothing() {
         before.into_iter().map(effects).collect::<Vec<_>>()
     );
     assert_four_outcomes(db, &ORDERS).await;
-    let _ = connection.close(200, "bye".into()).await;
+    tap.close().await;
     shop.close().await;
+}
+
+/// The whole-ledger checks are not vacuous: each kind of damage the
+/// failure-injection suites look for is reported.
+#[tokio::test]
+async fn ledger_checks_report_effects_applied_twice_or_not_undone() {
+    let env = TestEnv::new();
+    let shop = Shop::open(&env, FaultConfig::default()).await;
+    const ORDERS: [&str; 4] = ["o-bad-1", "o-bad-2", "o-bad-3", "o-bad-4"];
+    let expected = four_outcomes(&ORDERS);
+    place_four(&shop.app, &expected).await;
+    let Shop {
+        app,
+        participants,
+        db,
+    } = shop;
+    participants.stop().await;
+    assert_ledgers_consistent(&db).await;
+
+    let exec = |pool: &sqlx::PgPool, sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let rows = sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .unwrap()
+                .rows_affected();
+            assert_eq!(rows, 1, "{sql}");
+        }
+    };
+    // A charge applied twice: a second movement for the same payment.
+    exec(
+        db.payment(),
+        "INSERT INTO payment_movements (customer_id, saga_id, order_id, kind, amount_cents, reference_id)
+         SELECT customer_id, saga_id, order_id, kind, amount_cents, reference_id
+         FROM payment_movements WHERE order_id = 'o-bad-1'",
+    )
+    .await;
+    // A release the inbox remembers but the ledger does not show.
+    exec(
+        db.inventory(),
+        "UPDATE inventory_reservations SET status = 'reserved' WHERE order_id = 'o-bad-3'",
+    )
+    .await;
+    // An authorization whose key the inbox remembers as fenced.
+    exec(
+        db.payment(),
+        "UPDATE kit_inbox SET kind = 'barrier', status = 'rejected'
+         WHERE idempotency_key = (SELECT action_key FROM payment_authorizations
+                                  WHERE order_id = 'o-bad-2')",
+    )
+    .await;
+
+    let found = |lines: &[String], needle: &str| {
+        assert!(
+            lines.iter().any(|l| l.contains(needle)),
+            "{needle:?} not in {lines:#?}"
+        );
+    };
+    let doubles = db.double_effects().await;
+    assert_eq!(doubles.len(), 2, "{doubles:#?}");
+    found(&doubles, "payment: 2 charge movements for ");
+    found(&doubles, "whose inbox outcome is barrier rejected");
+    let imbalances = db.imbalances().await;
+    assert_eq!(imbalances.len(), 3, "{imbalances:#?}");
+    found(
+        &imbalances,
+        "inventory: sku-52 has 1000000000 available + 2 reserved, expected 1000000000 in all",
+    );
+    found(&imbalances, "is reserved but its inbox says compensated_by");
+    found(
+        &imbalances,
+        "payment: dup-a has balance 99999400, movements say 99998800",
+    );
+    app.stop().await;
+    db.close().await;
 }

@@ -128,6 +128,7 @@ impl Application {
                 topology,
                 prefetch: config.reply_prefetch,
                 max_batch: usize::from(config.reply_batch),
+                workers: usize::from(config.reply_workers),
                 queue_type: config.queue_type,
             },
             engine.clone(),

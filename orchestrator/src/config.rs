@@ -47,6 +47,9 @@ pub struct Config {
     /// Also run the synthetic `bench_chain_<n>` flows (for saga-bench).
     #[arg(long, env = "SAGA_BENCH_FLOWS")]
     pub bench_flows: bool,
+    /// Reply batches applied at once (each in its own transaction).
+    #[arg(long, env = "REPLY_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub reply_workers: u16,
     /// Serve Prometheus metrics on this address (off when unset).
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,

@@ -45,6 +45,7 @@ pub fn config(env: &TestEnv) -> Config {
         db_max_connections: 4,
         reply_prefetch: 256,
         reply_batch: 64,
+        reply_workers: 2,
         bench_flows: false,
         queue_type: orchestrator::bus::QueueType::Quorum,
         metrics_addr: None,

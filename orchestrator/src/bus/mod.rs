@@ -36,6 +36,8 @@ pub struct BusSettings {
     pub prefetch: u16,
     /// Most replies handled in one database transaction.
     pub max_batch: usize,
+    /// Reply batches applied at once.
+    pub workers: usize,
     /// Kind of the reply queue.
     pub queue_type: QueueType,
 }
@@ -215,8 +217,11 @@ async fn serve_connection(
     let consumer = consumer::run(
         consume_channel,
         settings.topology.reply_queue(),
-        settings.prefetch,
-        settings.max_batch,
+        consumer::ConsumerSettings {
+            prefetch: settings.prefetch,
+            max_batch: settings.max_batch,
+            workers: settings.workers,
+        },
         engine.clone(),
         shutdown.clone(),
     );

@@ -4,9 +4,12 @@
 //! demo payment's place next to the demo inventory, orders and notification
 //! services, and order placement runs end to end through it.
 //!
-//! Everything below the `RawPayment` line follows the document section by
-//! section: names and queue arguments, message properties, the command and
-//! reply envelopes, the inbox, the compensation barrier, ack after reply.
+//! It follows the document section by section: `Ledger` is "What a
+//! participant must guarantee" (inbox, compensation barrier, reply
+//! meanings; one lock acquisition stands for one local transaction), and
+//! `RawPayment` is "Names", "Properties of every message", "Command" and
+//! "Reply" (queue arguments, ack after a confirmed `mandatory` reply,
+//! undecodable commands rejected without requeue).
 
 use std::{
     collections::HashMap,

@@ -105,6 +105,9 @@ pub struct Node {
     pub role: Role,
     /// Its Prometheus exporter (fixed across restarts).
     pub metrics: SocketAddr,
+    /// Taken out of the system for good: never restarted by
+    /// [`Cluster::ensure_running`].
+    pub retired: bool,
 }
 
 impl Node {
@@ -247,6 +250,7 @@ impl Cluster {
                 database,
                 role: Role::Orchestrator { grpc },
                 metrics,
+                retired: false,
             });
         }
         let mut participants = Vec::new();
@@ -280,6 +284,7 @@ impl Cluster {
                 database,
                 role: Role::Participants(group.clone()),
                 metrics,
+                retired: false,
             });
         }
         let pool = sqlx::postgres::PgPoolOptions::new()
@@ -335,6 +340,21 @@ impl Cluster {
     pub fn client(&self, i: usize) -> SagaServiceClient<Channel> {
         SagaServiceClient::new(self.endpoint(i).connect_lazy())
             .max_decoding_message_size(16 * 1024 * 1024)
+    }
+
+    /// Clients of every orchestrator not retired, with a short request
+    /// timeout, for an [`crate::orders::OrderLoad`].
+    pub fn load_clients(&self) -> Vec<SagaServiceClient<Channel>> {
+        (0..self.orchestrators.len())
+            .filter(|&i| !self.orchestrators[i].retired)
+            .map(|i| {
+                SagaServiceClient::new(
+                    self.endpoint(i)
+                        .timeout(Duration::from_secs(5))
+                        .connect_lazy(),
+                )
+            })
+            .collect()
     }
 
     /// What orchestrator `i`'s standard health service says, or `None` if
@@ -553,16 +573,53 @@ impl Cluster {
     /// its own environment, and waits until each is ready.
     pub async fn ensure_running(&mut self) -> Result<(), ClusterError> {
         for i in 0..self.orchestrators.len() {
-            if !self.orchestrators[i].process.is_running() {
+            if !self.orchestrators[i].retired && !self.orchestrators[i].process.is_running() {
                 self.restart_orchestrator(i, &[]).await?;
             }
         }
         for i in 0..self.participants.len() {
-            if !self.participants[i].process.is_running() {
+            if !self.participants[i].retired && !self.participants[i].process.is_running() {
                 self.restart_participants(i, &[]).await?;
             }
         }
         Ok(())
+    }
+
+    /// The index of an orchestrator that is running (not retired).
+    pub fn live_orchestrator(&mut self) -> Option<usize> {
+        (0..self.orchestrators.len())
+            .find(|&i| !self.orchestrators[i].retired && self.orchestrators[i].process.is_running())
+    }
+
+    /// What an operator does about FAILED sagas once the fault is gone:
+    /// `RetrySaga` on each, then wait (bounded) until none is active, up to
+    /// `rounds` times. Returns the ids retried (each once per round).
+    pub async fn operator_retry_failed(&mut self, rounds: usize, within: Duration) -> Vec<String> {
+        let mut retried = Vec::new();
+        for _ in 0..rounds {
+            let failed: Vec<uuid::Uuid> =
+                sqlx::query_scalar("SELECT id FROM sagas WHERE status = 'failed'")
+                    .fetch_all(&self.pool)
+                    .await
+                    .unwrap_or_default();
+            if failed.is_empty() {
+                break;
+            }
+            let Some(i) = self.live_orchestrator() else {
+                break;
+            };
+            for id in failed {
+                let request = saga_proto::v1::RetrySagaRequest {
+                    saga_id: id.to_string(),
+                };
+                match self.client(i).retry_saga(request).await {
+                    Ok(_) => retried.push(id.to_string()),
+                    Err(status) => tracing::warn!(%id, %status, "operator retry refused"),
+                }
+            }
+            self.wait_all_terminal(within).await;
+        }
+        retried
     }
 
     /// Ends a run: heals every proxy, restarts whatever is down, waits (at

@@ -14,6 +14,10 @@
 //!   their entry points.
 //! - [`cluster`]: the real system as processes behind proxies.
 //! - [`invariants`]: the checker every failure-injection run ends with.
+//! - [`orders`]: orders with a known fate and a steady load of them that
+//!   survives orchestrator crashes.
+//! - [`inject`]: duplicates, stale replies, early compensations and poison
+//!   put on the broker behind the services' backs.
 //!
 //! Waiting is always on a condition with a deadline, never a bare sleep.
 
@@ -21,8 +25,10 @@ pub mod app;
 pub mod bench;
 pub mod cluster;
 pub mod env;
+pub mod inject;
 pub mod invariants;
 pub mod ledgers;
+pub mod orders;
 pub mod processes;
 pub mod proxy;
 pub mod scripted;

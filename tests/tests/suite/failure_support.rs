@@ -1,13 +1,17 @@
 //! What the failure-injection suites share: how to launch the service
-//! processes, and orders that end in a known way.
+//! processes, a cluster per test, and a seed to replay random schedules.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use saga_tests::{
-    cluster::{Cluster, ClusterOptions, order_input},
+    cluster::{Cluster, ClusterOptions, Node},
+    orders::{Fate, LoadSettings, OrderLoad, order},
     processes::{Launcher, Launchers},
 };
 use tokio::sync::SemaphorePermit;
+
+/// How long a test waits for its system to settle at the end.
+pub const SETTLE: Duration = Duration::from_secs(120);
 
 /// The thin service binaries of this crate (built by `cargo test`).
 pub fn launchers() -> Launchers {
@@ -27,30 +31,29 @@ pub async fn cluster(options: ClusterOptions) -> (SemaphorePermit<'static>, Clus
     (permit, cluster)
 }
 
-static NEXT_ORDER: AtomicU64 = AtomicU64::new(1);
-
-/// How an order is meant to end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
-    /// Everything succeeds.
-    Completes,
-    /// Payment refuses it (more than the opening balance): compensated.
-    InsufficientFunds,
-    /// Inventory refuses it (no such SKU): compensated.
-    UnknownSku,
+/// The seed of a test's random schedule: `SAGA_TEST_SEED` to replay one,
+/// else a fresh one (printed, so a failure can be replayed).
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("SAGA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("{test}: seed {seed} (replay with SAGA_TEST_SEED={seed})");
+    seed
 }
 
-/// A fresh order id and its input for `fate`.
-pub fn order(fate: Fate) -> (String, String) {
-    let n = NEXT_ORDER.fetch_add(1, Ordering::SeqCst);
-    let order_id = format!("o-{n}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let customer = format!("c-{}", n % 5);
-    let input = match fate {
-        Fate::Completes => order_input(&order_id, &customer, &format!("sku-{}", 1 + n % 20), 150),
-        Fate::InsufficientFunds => order_input(&order_id, &customer, "sku-1", 200_000_000),
-        Fate::UnknownSku => order_input(&order_id, &customer, "sku-none", 150),
-    };
-    (order_id, input)
+/// A steady load of `count` orders at `rate` per second over every
+/// orchestrator of `cluster`.
+pub fn load(cluster: &Cluster, count: usize, rate: f64, seed: u64) -> OrderLoad {
+    OrderLoad::spawn(
+        cluster.load_clients(),
+        LoadSettings {
+            rate_per_sec: rate,
+            max_orders: count,
+            ..LoadSettings::default()
+        },
+        seed,
+    )
 }
 
 /// Starts `count` orders on orchestrator 0, alternating versions 1 and 2,
@@ -68,4 +71,31 @@ pub async fn start_orders(cluster: &Cluster, count: usize, fates: &[Fate]) -> Ve
         );
     }
     ids
+}
+
+/// Waits (bounded) until counter `name` of `node` reaches `at_least`: the
+/// evidence that a fault really hit the recovery path under test.
+pub async fn expect_metric(node: &Node, name: &str, at_least: f64, within: Duration) -> f64 {
+    let deadline = std::time::Instant::now() + within;
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = Cluster::metric(node, name).await;
+        if last.is_some_and(|v| v >= at_least) {
+            return last.unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "{name} of {} stayed at {last:?}, expected at least {at_least}",
+        node.process.name()
+    );
+}
+
+/// History entries of `kind` over every saga.
+pub async fn history_entries(cluster: &Cluster, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM saga_history WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(&cluster.pool)
+        .await
+        .expect("read history")
 }

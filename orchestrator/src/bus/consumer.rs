@@ -4,7 +4,7 @@
 //! transaction committed. An undecodable reply is rejected without requeue,
 //! so the queue dead-letters it, and counted; it never blocks the queue.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
@@ -43,11 +43,15 @@ pub async fn run(
         )
         .await?;
     let mut in_flight = FuturesUnordered::new();
+    let mut acks = AckWindow::default();
     let result = loop {
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(error) = done {
+                let (tags, committed): (Vec<u64>, bool) = done;
+                if committed
+                    && let Err(error) = acks.settle(&channel, &tags).await
+                {
                     break Err(error);
                 }
             }
@@ -66,8 +70,9 @@ pub async fn run(
                     }
                 }
                 match decode(batch).await {
-                    Ok((replies, accepted)) => {
-                        in_flight.push(apply_and_ack(engine.clone(), replies, accepted, shutdown.clone()))
+                    Ok((replies, tags)) => {
+                        acks.outstanding.extend(tags.iter().copied());
+                        in_flight.push(apply(engine.clone(), replies, tags, shutdown.clone()));
                     }
                     Err(error) => break Err(error),
                 }
@@ -75,10 +80,45 @@ pub async fn run(
         }
     };
     // Finish what is in hand, even when stopping.
-    while let Some(done) = in_flight.next().await {
-        done?;
+    while let Some((tags, committed)) = in_flight.next().await {
+        if committed {
+            acks.settle(&channel, &tags).await?;
+        }
     }
     result
+}
+
+/// Acknowledges committed deliveries with as few frames as possible: one
+/// `basic.ack(multiple)` up to the highest tag below which every delivery
+/// committed. A batch still being applied (or that never committed) holds
+/// the window back, so nothing is acknowledged before its commit.
+#[derive(Debug, Default)]
+struct AckWindow {
+    /// Delivered and not yet committed.
+    outstanding: BTreeSet<u64>,
+    /// Committed and not yet acknowledged.
+    committed: BTreeSet<u64>,
+}
+
+impl AckWindow {
+    async fn settle(&mut self, channel: &Channel, tags: &[u64]) -> lapin::Result<()> {
+        crate::crash_point!("orchestrator::after_reply_commit_before_ack");
+        for tag in tags {
+            self.outstanding.remove(tag);
+            self.committed.insert(*tag);
+        }
+        let upto = match self.outstanding.first() {
+            Some(&oldest) => self.committed.range(..oldest).next_back().copied(),
+            None => self.committed.last().copied(),
+        };
+        if let Some(upto) = upto {
+            channel
+                .basic_ack(upto, BasicAckOptions { multiple: true })
+                .await?;
+            self.committed = self.committed.split_off(&(upto + 1));
+        }
+        Ok(())
+    }
 }
 
 /// Consumer tuning.
@@ -92,16 +132,16 @@ pub struct ConsumerSettings {
     pub workers: usize,
 }
 
-/// Splits a batch into decodable replies (with their deliveries) and rejects
-/// the rest without requeue, so they are dead-lettered.
-async fn decode(batch: Vec<Delivery>) -> lapin::Result<(Vec<ReplyMessage>, Vec<Delivery>)> {
+/// Splits a batch into decodable replies (with their delivery tags) and
+/// rejects the rest without requeue, so they are dead-lettered.
+async fn decode(batch: Vec<Delivery>) -> lapin::Result<(Vec<ReplyMessage>, Vec<u64>)> {
     let mut replies = Vec::with_capacity(batch.len());
     let mut accepted = Vec::with_capacity(batch.len());
     for delivery in batch {
         match serde_json::from_slice::<ReplyMessage>(&delivery.data) {
             Ok(reply) => {
                 replies.push(reply);
-                accepted.push(delivery);
+                accepted.push(delivery.delivery_tag);
             }
             Err(error) => {
                 tracing::warn!(%error, "undecodable reply sent to the dead-letter queue");
@@ -115,27 +155,17 @@ async fn decode(batch: Vec<Delivery>) -> lapin::Result<(Vec<ReplyMessage>, Vec<D
     Ok((replies, accepted))
 }
 
-/// Applies one batch, then acknowledges its deliveries.
-async fn apply_and_ack(
+/// Applies one batch; returns its tags and whether it committed.
+async fn apply(
     engine: Arc<Engine>,
     replies: Vec<ReplyMessage>,
-    accepted: Vec<Delivery>,
+    tags: Vec<u64>,
     shutdown: CancellationToken,
-) -> lapin::Result<()> {
-    if !apply_until_committed(&engine, &replies, &shutdown).await {
-        // Stopping while the database is away: leave the batch unacked so the
-        // broker hands it to another instance.
-        return Ok(());
-    }
-    crate::crash_point!("orchestrator::after_reply_commit_before_ack");
-    for delivery in &accepted {
-        ack(delivery).await?;
-    }
-    Ok(())
-}
-
-async fn ack(delivery: &Delivery) -> lapin::Result<()> {
-    delivery.ack(BasicAckOptions::default()).await.map(|_| ())
+) -> (Vec<u64>, bool) {
+    // Stopping while the database is away leaves the batch unacknowledged,
+    // so the broker hands it to another instance.
+    let committed = apply_until_committed(&engine, &replies, &shutdown).await;
+    (tags, committed)
 }
 
 /// Applies the batch, retrying with backoff while the database is away.

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the benchmark matrix of BENCHMARKS.md and draws its charts.
+# Usage: scripts/run-benchmarks.sh [window]   (default window 60s)
+# Results: docs/bench/*.json; charts: docs/bench/*.png (scripts/plot_benchmarks.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+window=${1:-60s}
+out=docs/bench
+mkdir -p "$out"
+./scripts/ensure-services.sh
+cargo build --release --bin orchestrator --bin saga-bench
+bench=./target/release/saga-bench
+
+run() { # run NAME ARGS...
+  local name=$1; shift
+  echo "== $name: $*" >&2
+  "$bench" --warmup 5s --duration "$window" --json "$out/$name.json" "$@" > "$out/$name.txt"
+  grep -E "sagas/s|latency" "$out/$name.txt" >&2 || true
+}
+
+# Peak throughput and calibration (echo and demo), v1.
+run echo-peak --mode echo --concurrency 128 --calibrate
+run demo-peak --mode demo --concurrency 128
+# One saga at a time.
+run echo-single --mode echo --concurrency 1
+# Throughput against concurrency.
+for c in 1 4 16 64 128 256; do run "echo-c$c" --mode echo --concurrency "$c"; done
+# Cost against steps per saga.
+for n in 1 3 6 12; do run "echo-steps$n" --mode echo --steps "$n" --concurrency 128; done
+# History size: 1,000,000 finished sagas already in the tables.
+run echo-prefill1m --mode echo --concurrency 128 --prefill 1000000
+# Memory with 10,000 sagas in flight.
+"$bench" --mode echo --inflight 10000 --json "$out/echo-inflight10k.json" > "$out/echo-inflight10k.txt"
+# Open loop at half the measured peak (latency under load).
+peak=$(python3 -c "import json;print(int(json.load(open('$out/echo-peak.json'))['sagas_per_s']))")
+run echo-open-half --mode echo --loop open --rate "$((peak / 2))"
+python3 scripts/plot_benchmarks.py "$out"

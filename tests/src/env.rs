@@ -71,51 +71,58 @@ impl TestEnv {
                     .await;
             }
         }
-        let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-        else {
-            return;
-        };
-        let Ok(channel) = connection.create_channel().await else {
-            return;
-        };
-        let topology = saga_proto::amqp::Topology::new(&namespace).unwrap();
-        let mut all_queues = vec![topology.reply_queue(), topology.dead_letter_queue()];
-        for participant in [
-            "inventory",
-            "payment",
-            "orders",
-            "notification",
-            "alpha",
-            "beta",
-            "gamma",
-            "delta",
-        ] {
-            all_queues.push(topology.participant_queue(participant));
-        }
-        all_queues.push(format!("{namespace}.notification.lifecycle"));
-        all_queues.extend(queues);
-        for queue in all_queues {
-            // A failed delete closes the channel; use a fresh one each time.
-            if let Ok(ch) = connection.create_channel().await {
-                let _ = ch
-                    .queue_delete(queue.into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
-        for exchange in [
-            topology.commands_exchange(),
-            topology.events_exchange(),
-            topology.dead_letter_exchange(),
-        ] {
-            if let Ok(ch) = connection.create_channel().await {
-                let _ = ch
-                    .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-        }
-        let _ = channel.close(200, "bye".into()).await;
-        let _ = connection.close(200, "bye".into()).await;
+        delete_namespace(AMQP_URL, &namespace, queues).await;
     }
+}
+
+/// Deletes every queue and exchange a deployment in `namespace` may have
+/// declared (orchestrator, demo, scripted and echo participants), plus
+/// `extra_queues`. Missing ones are skipped.
+pub async fn delete_namespace(amqp_url: &str, namespace: &str, extra_queues: Vec<String>) {
+    let Ok(connection) = Connection::connect(amqp_url, ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    let topology = saga_proto::amqp::Topology::new(namespace).unwrap();
+    let mut queues = vec![
+        topology.reply_queue(),
+        topology.dead_letter_queue(),
+        format!("{namespace}.notification.lifecycle"),
+    ];
+    for participant in [
+        "inventory",
+        "payment",
+        "orders",
+        "notification",
+        "echo",
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+    ] {
+        queues.push(topology.participant_queue(participant));
+    }
+    queues.extend(extra_queues);
+    for queue in queues {
+        // A failed delete closes the channel; use a fresh one each time.
+        if let Ok(ch) = connection.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    for exchange in [
+        topology.commands_exchange(),
+        topology.events_exchange(),
+        topology.dead_letter_exchange(),
+    ] {
+        if let Ok(ch) = connection.create_channel().await {
+            let _ = ch
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
 }
 
 trait ConnectWithUrl: Sized {

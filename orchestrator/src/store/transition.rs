@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use sagas::{HistoryEntry, SagaInstance};
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, Postgres, Row, postgres::PgArguments, query::Query};
 use uuid::Uuid;
 
 use super::{
@@ -75,6 +75,34 @@ const INSERT_OUTBOX: &str = "INSERT INTO outbox (saga_id, message_id, message_ty
          FROM UNNEST($9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bool[], $16::bytea[])
               WITH ORDINALITY AS o(saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, n)";
 
+/// Binds $1..=$16: the time, the history columns, the lease and the outbox
+/// columns, shared by both statements below.
+fn bind_history_and_outbox<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    at: DateTime<Utc>,
+    h: &'q HistoryColumns<'q>,
+    lease_until: DateTime<Utc>,
+    o: &'q OutboxColumns<'q>,
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(at)
+        .bind(&h.ids)
+        .bind(&h.seqs)
+        .bind(&h.kinds)
+        .bind(&h.steps)
+        .bind(&h.statuses)
+        .bind(&h.details)
+        .bind(lease_until)
+        .bind(&o.saga_ids)
+        .bind(&o.message_ids)
+        .bind(&o.types)
+        .bind(&o.exchanges)
+        .bind(&o.keys)
+        .bind(&o.reply_tos)
+        .bind(&o.mandatory)
+        .bind(&o.bodies)
+}
+
 /// Stamps ids (returned in insertion order) onto the messages.
 fn assign_ids(messages: &mut [OutboxMessage], ids: Vec<i64>) {
     debug_assert_eq!(messages.len(), ids.len());
@@ -116,23 +144,7 @@ pub async fn write(
          SELECT (SELECT count(*) FROM watched) AS notified,
                 COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
     );
-    let row = sqlx::query(&sql)
-        .bind(now)
-        .bind(&h.ids)
-        .bind(&h.seqs)
-        .bind(&h.kinds)
-        .bind(&h.steps)
-        .bind(&h.statuses)
-        .bind(&h.details)
-        .bind(lease_until)
-        .bind(&o.saga_ids)
-        .bind(&o.message_ids)
-        .bind(&o.types)
-        .bind(&o.exchanges)
-        .bind(&o.keys)
-        .bind(&o.reply_tos)
-        .bind(&o.mandatory)
-        .bind(&o.bodies)
+    let row = bind_history_and_outbox(sqlx::query(&sql), now, &h, lease_until, &o)
         .bind(&ids)
         .bind(&statuses)
         .bind(&errors)
@@ -169,23 +181,7 @@ pub async fn insert_started(
          SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
                 COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
     );
-    let row = sqlx::query(&sql)
-        .bind(new.now)
-        .bind(&h.ids)
-        .bind(&h.seqs)
-        .bind(&h.kinds)
-        .bind(&h.steps)
-        .bind(&h.statuses)
-        .bind(&h.details)
-        .bind(lease_until)
-        .bind(&o.saga_ids)
-        .bind(&o.message_ids)
-        .bind(&o.types)
-        .bind(&o.exchanges)
-        .bind(&o.keys)
-        .bind(&o.reply_tos)
-        .bind(&o.mandatory)
-        .bind(&o.bodies)
+    let row = bind_history_and_outbox(sqlx::query(&sql), new.now, &h, lease_until, &o)
         .bind(state.id)
         .bind(&state.saga_type)
         .bind(state.version as i32)

@@ -547,7 +547,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             fraction_of_ceiling: ((report.sagas_per_s / ceiling) * 100.0).round() / 100.0,
         });
     }
-    cleanup(&args, &topology).await;
+    cleanup(&args).await;
     Ok(report)
 }
 
@@ -566,40 +566,8 @@ async fn clients_start(clients: &Clients, workload: &Workload, n: u64) -> Option
 }
 
 /// Removes the run's queues and exchanges.
-async fn cleanup(args: &Args, topology: &Topology) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let Ok(connection) =
-        lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    let mut queues = vec![
-        topology.reply_queue(),
-        topology.dead_letter_queue(),
-        format!("{}.notification.lifecycle", args.namespace),
-    ];
-    for name in ["inventory", "payment", "orders", "echo"] {
-        queues.push(topology.participant_queue(name));
-    }
-    for queue in queues {
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    for exchange in [
-        topology.commands_exchange(),
-        topology.events_exchange(),
-        topology.dead_letter_exchange(),
-    ] {
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = channel
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
-    let _ = connection.close(200, "bye".into()).await;
+async fn cleanup(args: &Args) {
+    crate::env::delete_namespace(&args.amqp_url, &args.namespace, Vec::new()).await;
 }
 
 /// Prints the report as a table.

@@ -17,9 +17,14 @@
 //! - [`Mode::Latency`]: every chunk is delivered that much later, in order.
 //! - [`FaultProxy::cut`]: a one-off reset of every open connection (a blip);
 //!   the mode does not change.
-//! - [`FaultProxy::cut_after_commits`]: the next `n` PostgreSQL `COMMIT`s are
-//!   forwarded, the server's answer is swallowed and the connection is cut:
-//!   a commit whose outcome the client never learns.
+//! - [`FaultProxy::cut_after_commits`] and [`FaultProxy::cut_after_statement`]:
+//!   the next `n` PostgreSQL `COMMIT`s (or autocommit statements whose SQL
+//!   contains a pattern) are forwarded and executed, then the server's
+//!   answer that reports the commit is swallowed and the connection is cut:
+//!   a commit whose outcome the client never learns. The answer is found by
+//!   following the server's message framing: the first `CommandComplete`
+//!   followed by `ReadyForQuery` with status idle (`I`), i.e. no
+//!   transaction open any more, so the work is committed.
 //!
 //! Every connection is bounded in memory (a small queue of chunks per
 //! direction), so a black-holed peer is back-pressured rather than buffered
@@ -69,6 +74,15 @@ pub struct ProxyError {
     source: std::io::Error,
 }
 
+/// Which requests doom their connection to a lost commit.
+#[derive(Debug, Clone)]
+struct Armed {
+    /// Bytes the client's request contains.
+    pattern: Vec<u8>,
+    /// Cuts still to make.
+    remaining: u64,
+}
+
 /// Counters of what the proxy did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProxyStats {
@@ -87,8 +101,8 @@ pub struct ProxyStats {
 /// The simple-query message sqlx sends to end a transaction:
 /// `'Q'`, length 11 (big-endian, including itself), `"COMMIT\0"`.
 const COMMIT_MESSAGE: &[u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
-/// PostgreSQL's `ReadyForQuery` header: the answer to a query is complete.
-const READY_FOR_QUERY: &[u8] = b"Z\x00\x00\x00\x05";
+/// Bytes of a client chunk kept to find a pattern split across reads.
+const TAIL: usize = 256;
 /// Chunks queued per direction before the reader stops reading.
 const QUEUED_CHUNKS: usize = 256;
 /// Largest chunk read at once.
@@ -103,8 +117,8 @@ struct Shared {
     mode: watch::Sender<Mode>,
     /// Cancelled (and replaced) to cut every open connection at once.
     generation: Mutex<CancellationToken>,
-    /// Commits still to cut.
-    commits_to_cut: AtomicU64,
+    /// Requests whose commit is to be cut.
+    armed: Mutex<Option<Armed>>,
     /// Counters.
     accepted: AtomicU64,
     refused: AtomicU64,
@@ -124,11 +138,21 @@ impl Shared {
         *generation = CancellationToken::new();
     }
 
-    /// Takes one commit to cut, if any is armed.
-    fn take_commit_cut(&self) -> bool {
-        self.commits_to_cut
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+    /// Whether a client chunk (after `tail`) dooms its connection; takes
+    /// one armed cut if so.
+    fn dooms(&self, tail: &[u8], chunk: &[u8]) -> bool {
+        let mut armed = self.armed.lock().expect("armed lock");
+        let Some(current) = armed.as_mut() else {
+            return false;
+        };
+        if !contains_across(tail, chunk, &current.pattern) {
+            return false;
+        }
+        current.remaining -= 1;
+        if current.remaining == 0 {
+            *armed = None;
+        }
+        true
     }
 }
 
@@ -156,7 +180,7 @@ impl FaultProxy {
             upstream,
             mode: watch::Sender::new(Mode::Pass),
             generation: Mutex::new(CancellationToken::new()),
-            commits_to_cut: AtomicU64::new(0),
+            armed: Mutex::new(None),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             cut: AtomicU64::new(0),
@@ -227,15 +251,37 @@ impl FaultProxy {
         self.shared.cut_all();
     }
 
-    /// Arms the next `count` PostgreSQL commits (on any connection) to be
-    /// forwarded and then cut before the client hears the answer.
+    /// Arms the next `count` PostgreSQL `COMMIT`s (on any connection) to be
+    /// executed and then cut before the client hears the answer. Replaces
+    /// whatever was armed before.
     pub fn cut_after_commits(&self, count: u64) {
-        self.shared.commits_to_cut.store(count, Ordering::SeqCst);
+        self.arm(COMMIT_MESSAGE.to_vec(), count);
     }
 
-    /// Commits still armed to be cut.
+    /// Arms the next `count` requests whose bytes contain `pattern` (e.g.
+    /// the SQL of an autocommit statement, sent when a connection prepares
+    /// it) to be executed and committed, and then cut before the client
+    /// hears the answer. Replaces whatever was armed before.
+    pub fn cut_after_statement(&self, pattern: &str, count: u64) {
+        self.arm(pattern.as_bytes().to_vec(), count);
+    }
+
+    fn arm(&self, pattern: Vec<u8>, count: u64) {
+        let armed = (count > 0).then_some(Armed {
+            pattern,
+            remaining: count,
+        });
+        *self.shared.armed.lock().expect("armed lock") = armed;
+    }
+
+    /// Commit cuts still armed.
     pub fn commit_cuts_pending(&self) -> u64 {
-        self.shared.commits_to_cut.load(Ordering::SeqCst)
+        self.shared
+            .armed
+            .lock()
+            .expect("armed lock")
+            .as_ref()
+            .map_or(0, |a| a.remaining)
     }
 
     /// What the proxy did so far.
@@ -370,7 +416,8 @@ enum Direction {
         /// Set when a commit on this connection is to be cut.
         doomed: Arc<AtomicBool>,
     },
-    /// Server → client: swallows the answer of a doomed commit, then cuts.
+    /// Server → client: swallows the answer that reports a doomed commit,
+    /// then cuts.
     ToClient {
         /// Set by the other direction.
         doomed: Arc<AtomicBool>,
@@ -391,7 +438,8 @@ async fn pump(
     let mut buf = vec![0u8; CHUNK];
     // The tail of the previous chunk, so a pattern split across reads is found.
     let mut tail: Vec<u8> = Vec::new();
-    let mut swallowing = false;
+    let mut framer = Framer::default();
+    let mut completed_since_ready = false;
     loop {
         let n = tokio::select! {
             () = cut.cancelled() => break,
@@ -403,39 +451,35 @@ async fn pump(
         let chunk = &buf[..n];
         match &direction {
             Direction::ToServer { doomed } => {
-                if shared.commits_to_cut.load(Ordering::SeqCst) > 0
-                    && contains_across(&tail, chunk, COMMIT_MESSAGE)
-                    && shared.take_commit_cut()
-                {
+                if !doomed.load(Ordering::SeqCst) && shared.dooms(&tail, chunk) {
                     // Set before forwarding, so the answer is swallowed.
                     doomed.store(true, Ordering::SeqCst);
-                    shared.commits_cut.fetch_add(1, Ordering::SeqCst);
-                    tracing::info!(proxy_upstream = %shared.upstream, "forwarding a COMMIT whose answer will be swallowed");
+                    tracing::info!(proxy_upstream = %shared.upstream, "forwarding a request whose committed answer will be swallowed");
                 }
+                remember_tail(&mut tail, chunk, TAIL);
             }
             Direction::ToClient { doomed } => {
-                if !swallowing && doomed.load(Ordering::SeqCst) {
-                    swallowing = true;
-                    tail.clear();
-                    // Give the server a bounded time to answer the commit.
-                    let cut = cut.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        cut.cancel();
-                    });
-                }
-                if swallowing {
-                    if contains_across(&tail, chunk, READY_FOR_QUERY) {
-                        // The server committed and said so; the client never hears it.
-                        cut.cancel();
-                        break;
+                let mut commits_here = false;
+                for (kind, status) in framer.feed(chunk) {
+                    match kind {
+                        b'C' => completed_since_ready = true,
+                        b'Z' => {
+                            if completed_since_ready && status == b'I' {
+                                commits_here = true;
+                            }
+                            completed_since_ready = false;
+                        }
+                        _ => {}
                     }
-                    remember_tail(&mut tail, chunk, READY_FOR_QUERY.len());
-                    continue;
+                }
+                if commits_here && doomed.load(Ordering::SeqCst) {
+                    // The server committed and said so; the client never hears it.
+                    shared.commits_cut.fetch_add(1, Ordering::SeqCst);
+                    cut.cancel();
+                    break;
                 }
             }
         }
-        remember_tail(&mut tail, chunk, COMMIT_MESSAGE.len());
         let delay = match *shared.mode.borrow() {
             Mode::Latency(delay) => delay,
             _ => Duration::ZERO,
@@ -498,6 +542,69 @@ async fn deliver(
     }
 }
 
+/// Follows the framing of PostgreSQL's backend messages (a type byte and a
+/// big-endian length that counts itself) across chunks, reporting each
+/// message's type and the first byte of its body (the transaction status
+/// of `ReadyForQuery`). A stream that does not frame (it never should) is
+/// given up on: nothing is reported any more.
+#[derive(Debug, Default)]
+struct Framer {
+    /// Header bytes of the message being read (type + length).
+    header: Vec<u8>,
+    /// Body bytes of the current message still to skip.
+    remaining: usize,
+    /// Type of the current message, while its body is read.
+    current: u8,
+    /// Whether the current body's first byte is still to come.
+    at_body_start: bool,
+    /// The stream stopped making sense.
+    lost: bool,
+}
+
+impl Framer {
+    fn feed(&mut self, mut data: &[u8]) -> Vec<(u8, u8)> {
+        let mut seen = Vec::new();
+        while !data.is_empty() && !self.lost {
+            if self.remaining == 0 {
+                let want = 5 - self.header.len();
+                let take = want.min(data.len());
+                self.header.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.header.len() < 5 {
+                    break;
+                }
+                let kind = self.header[0];
+                let length = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]) as usize;
+                self.header.clear();
+                if !(4..=1 << 30).contains(&length) {
+                    self.lost = true;
+                    break;
+                }
+                self.remaining = length - 4;
+                self.current = kind;
+                self.at_body_start = true;
+                if self.remaining == 0 {
+                    seen.push((kind, 0));
+                }
+            } else {
+                if self.at_body_start {
+                    seen.push((self.current, data[0]));
+                    self.at_body_start = false;
+                }
+                let take = self.remaining.min(data.len());
+                self.remaining -= take;
+                data = &data[take..];
+            }
+        }
+        seen
+    }
+}
+
 /// Whether `pattern` occurs in `tail ++ chunk` (ending inside `chunk`).
 fn contains_across(tail: &[u8], chunk: &[u8], pattern: &[u8]) -> bool {
     if chunk.windows(pattern.len()).any(|w| w == pattern) {
@@ -511,9 +618,8 @@ fn contains_across(tail: &[u8], chunk: &[u8], pattern: &[u8]) -> bool {
     joined.windows(pattern.len()).any(|w| w == pattern)
 }
 
-/// Keeps the last `len - 1` bytes seen.
-fn remember_tail(tail: &mut Vec<u8>, chunk: &[u8], len: usize) {
-    let keep = len.saturating_sub(1);
+/// Keeps the last `keep` bytes seen.
+fn remember_tail(tail: &mut Vec<u8>, chunk: &[u8], keep: usize) {
     tail.extend_from_slice(chunk);
     if tail.len() > keep {
         tail.drain(..tail.len() - keep);
@@ -529,9 +635,21 @@ mod tests {
         let mut tail = Vec::new();
         let first = b"xxxxQ\x00\x00\x00\x0bCOM";
         assert!(!contains_across(&tail, first, COMMIT_MESSAGE));
-        remember_tail(&mut tail, first, COMMIT_MESSAGE.len());
+        remember_tail(&mut tail, first, TAIL);
         assert!(contains_across(&tail, b"MIT\x00yy", COMMIT_MESSAGE));
         assert!(contains_across(&[], COMMIT_MESSAGE, COMMIT_MESSAGE));
         assert!(!contains_across(&tail, b"nothing", COMMIT_MESSAGE));
+    }
+
+    #[test]
+    fn backend_messages_are_framed_across_chunks() {
+        // CommandComplete "COMMIT", then ReadyForQuery idle, split oddly.
+        let stream = b"C\x00\x00\x00\x0bCOMMIT\x00Z\x00\x00\x00\x05I";
+        let mut framer = Framer::default();
+        let mut seen = framer.feed(&stream[..3]);
+        seen.extend(framer.feed(&stream[3..13]));
+        seen.extend(framer.feed(&stream[13..]));
+        assert_eq!(seen, vec![(b'C', b'C'), (b'Z', b'I')]);
+        assert!(Framer::default().feed(b"X\x00\x00\x00\x01").is_empty());
     }
 }

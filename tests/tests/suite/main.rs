@@ -3,7 +3,9 @@
 
 mod api;
 mod e2e;
+mod failure_commit;
 mod failure_crash;
+mod failure_outage;
 mod failure_support;
 mod flows;
 mod instances;

@@ -16,7 +16,7 @@ use lapin::{
         BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
         QueueDeclareOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
 };
 use saga_proto::amqp::{
     COMMAND_TYPE, CONTENT_TYPE, CommandMessage, LIFECYCLE_EVENT_TYPE, Phase, REPLY_TYPE,
@@ -281,9 +281,75 @@ impl Injector {
         Ok((declared.message_count(), declared.consumer_count()))
     }
 
+    /// Every message in the dead-letter queue with how it died, read
+    /// without consuming it (nothing is acked; closing the channel puts
+    /// them back), at most `limit`.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, InjectError> {
+        let channel = self.connection.create_channel().await?;
+        let queue = self.topology.dead_letter_queue();
+        let mut found = Vec::new();
+        while found.len() < limit {
+            let Some(message) = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            else {
+                break;
+            };
+            found.push(DeadLetter::of(&message));
+        }
+        let _ = channel.close(200, "bye".into()).await;
+        Ok(found)
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+/// A message found in the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Its body.
+    pub body: Vec<u8>,
+    /// The queue it died in (`x-first-death-queue`).
+    pub queue: String,
+    /// Why (`x-first-death-reason`: `rejected`, `delivery_limit` ...).
+    pub reason: String,
+    /// How many times it died there (`x-death[0].count`).
+    pub deaths: i64,
+}
+
+impl DeadLetter {
+    fn of(message: &BasicGetMessage) -> Self {
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let text = |key: &str| match headers.inner().get(key) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+            _ => String::new(),
+        };
+        let deaths = match headers.inner().get("x-death") {
+            Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+                Some(AMQPValue::FieldTable(death)) => match death.inner().get("count") {
+                    Some(AMQPValue::LongLongInt(n)) => *n,
+                    Some(AMQPValue::LongInt(n)) => i64::from(*n),
+                    _ => 0,
+                },
+                _ => 0,
+            },
+            _ => 0,
+        };
+        Self {
+            body: message.delivery.data.clone(),
+            queue: text("x-first-death-queue"),
+            reason: text("x-first-death-reason"),
+            deaths,
+        }
     }
 }
 

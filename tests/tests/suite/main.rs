@@ -3,8 +3,12 @@
 
 mod api;
 mod e2e;
+mod failure_api;
+mod failure_checker;
 mod failure_commit;
+mod failure_compensation;
 mod failure_crash;
+mod failure_instances;
 mod failure_messages;
 mod failure_outage;
 mod failure_poison;

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::{
     bus::publisher::Publisher,
+    cache::SagaCache,
     health::Health,
     store::{
         Store, StoreError,
@@ -108,9 +109,11 @@ pub struct Engine {
     relay_kick: Arc<Notify>,
     /// Tells this instance's watch streams about new history.
     hub: WatchHub,
+    /// States of the sagas this instance drives.
+    cache: SagaCache,
 }
 
-/// What one transaction produced, to act on after commit.
+/// What a saga's transitions produced, to write and then act on.
 #[derive(Debug, Default)]
 struct Effects {
     history: Vec<(Uuid, HistoryEntry)>,
@@ -118,6 +121,20 @@ struct Effects {
     wakeups: Vec<i64>,
     finished: Vec<SagaStatus>,
 }
+
+/// One saga's new state, the revision it was computed from, and effects.
+#[derive(Debug)]
+struct Change {
+    /// Revision (history seq) of the state the events were applied to.
+    expected: u64,
+    /// The new state.
+    state: SagaInstance,
+    /// What the transitions produced.
+    effects: Effects,
+}
+
+/// Sagas kept in memory by default.
+pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
 
 fn context(now: DateTime<Utc>) -> Context {
     Context {
@@ -188,6 +205,7 @@ impl Engine {
             health,
             relay_kick: Arc::new(Notify::new()),
             hub,
+            cache: SagaCache::new(DEFAULT_CACHE_CAPACITY),
         }
     }
 
@@ -257,12 +275,14 @@ impl Engine {
         let created = published.is_some();
         if let Some(published) = published {
             metrics::counter!("saga_started_total", "saga_type" => request.saga_type).increment(1);
-            self.act(published, effects);
+            self.act(&state, published, effects);
         }
         Ok(Started { saga_id, created })
     }
 
-    /// Applies a batch of replies in one transaction.
+    /// Applies a batch of replies. Sagas whose state is cached are written
+    /// in one compare-and-set statement; the others, and any whose cached
+    /// copy proved stale, in one transaction under row locks.
     pub async fn apply_replies(&self, replies: &[ReplyMessage]) -> Result<(), EngineError> {
         let events: Vec<(Uuid, Event)> = replies
             .iter()
@@ -283,7 +303,7 @@ impl Engine {
             let states = saga_rows::claim_due(&mut tx, now, limit).await?;
             if states.is_empty() {
                 tx.rollback().await?;
-                return Ok::<_, EngineError>((0, None));
+                return Ok::<_, EngineError>(Vec::new());
             }
             let events: Vec<(Uuid, Event)> = states
                 .iter()
@@ -293,17 +313,22 @@ impl Engine {
                         .map(|t| (s.id, Event::TimerFired(t)))
                 })
                 .collect();
-            let count = states.len();
-            let (published, effects) = self.apply_locked(&mut tx, states, &events, now).await?;
+            let changes = self.apply_all(
+                states.into_iter().map(|s| (s.id, s)).collect(),
+                &events,
+                now,
+            );
+            let (written, _) = self.write_changes(&mut tx, changes, now).await?;
             crate::crash_point!("orchestrator::timer_before_commit");
             tx.commit().await?;
-            Ok((count, Some((published, effects))))
+            Ok(written)
         }
         .await;
-        let (count, effects) = self.observe(result)?;
-        if let Some((published, effects)) = effects {
-            metrics::counter!("saga_timers_fired_total").increment(count as u64);
-            self.act(published, effects);
+        let written = self.observe(result)?;
+        let count = written.len();
+        metrics::counter!("saga_timers_fired_total").increment(count as u64);
+        for (change, published) in written {
+            self.act(&change.state, published, change.effects);
         }
         Ok(count)
     }
@@ -339,48 +364,90 @@ impl Engine {
             let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
             let mut effects = Effects::default();
             self.collect(&next, transition, now, &mut effects);
-            let published = self
-                .write_effects(&mut tx, &[&next], &mut effects, now)
-                .await?;
+            let change = Change {
+                expected: state.seq,
+                state: next,
+                effects,
+            };
+            let (written, _) = self.write_changes(&mut tx, vec![change], now).await?;
             tx.commit().await?;
-            Ok::<_, EngineError>((published, effects))
+            Ok::<_, EngineError>(written)
         }
         .await;
-        let (published, effects) = self.observe(result)?;
-        self.act(published, effects);
+        for (change, published) in self.observe(result)? {
+            self.act(&change.state, published, change.effects);
+        }
         self.get(saga_id).await
     }
 
+    /// Applies events: the cached sagas with one compare-and-set statement,
+    /// the rest (and stale ones) in a transaction under row locks.
     async fn apply_events(&self, events: &[(Uuid, Event)]) -> Result<(), EngineError> {
         let now = Utc::now();
         let mut ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
+        let (cached, mut locked_ids) = self.cache.get_many(&ids);
+        if !cached.is_empty() {
+            let mut conn = self.store.pool().acquire().await?;
+            let fast: Vec<(Uuid, Event)> = events
+                .iter()
+                .filter(|(id, _)| cached.contains_key(id))
+                .cloned()
+                .collect();
+            let changes = self.apply_all(cached, &fast, now);
+            let (written, stale) = self.write_changes(&mut conn, changes, now).await?;
+            drop(conn);
+            for (change, published) in written {
+                self.act(&change.state, published, change.effects);
+            }
+            for id in &stale {
+                self.cache.forget(id);
+            }
+            metrics::counter!("saga_stale_cache_writes_total").increment(stale.len() as u64);
+            locked_ids.extend(stale);
+        }
+        if locked_ids.is_empty() {
+            return Ok(());
+        }
+        locked_ids.sort_unstable();
+        let slow: Vec<(Uuid, Event)> = events
+            .iter()
+            .filter(|(id, _)| locked_ids.binary_search(id).is_ok())
+            .cloned()
+            .collect();
         let mut tx = self.store.pool().begin().await?;
-        let states = saga_rows::lock(&mut tx, &ids).await?;
-        let (published, effects) = self.apply_locked(&mut tx, states, events, now).await?;
+        let states = saga_rows::lock(&mut tx, &locked_ids).await?;
+        let changes = self.apply_all(states.into_iter().map(|s| (s.id, s)).collect(), &slow, now);
+        let (written, _) = self.write_changes(&mut tx, changes, now).await?;
         tx.commit().await?;
-        self.act(published, effects);
+        for (change, published) in written {
+            self.act(&change.state, published, change.effects);
+        }
         Ok(())
     }
 
-    /// Applies `events` in order to the locked `states` and writes the result.
-    async fn apply_locked(
+    /// Applies `events` in order to `states`; one [`Change`] per saga that
+    /// an event changed.
+    fn apply_all(
         &self,
-        tx: &mut PgConnection,
-        states: Vec<SagaInstance>,
+        mut states: HashMap<Uuid, SagaInstance>,
         events: &[(Uuid, Event)],
         now: DateTime<Utc>,
-    ) -> Result<(Vec<OutboxMessage>, Effects), EngineError> {
-        let mut states: HashMap<Uuid, SagaInstance> =
-            states.into_iter().map(|s| (s.id, s)).collect();
-        let mut changed: Vec<Uuid> = Vec::new();
-        let mut effects = Effects::default();
+    ) -> Vec<Change> {
+        let mut changes: Vec<Change> = Vec::new();
+        let mut index: HashMap<Uuid, usize> = HashMap::new();
         for (saga_id, event) in events {
-            let Some(state) = states.get(saga_id) else {
-                tracing::warn!(%saga_id, "message for an unknown saga ignored");
-                metrics::counter!("saga_messages_for_unknown_sagas_total").increment(1);
-                continue;
+            let state = match index.get(saga_id) {
+                Some(&i) => &changes[i].state,
+                None => match states.get(saga_id) {
+                    Some(state) => state,
+                    None => {
+                        tracing::warn!(%saga_id, "message for an unknown saga ignored");
+                        metrics::counter!("saga_messages_for_unknown_sagas_total").increment(1);
+                        continue;
+                    }
+                },
             };
             let flow = match self.catalog.get(&state.saga_type, state.version) {
                 Ok(flow) => flow,
@@ -390,19 +457,80 @@ impl Engine {
                 }
             };
             match sagas::apply(state, &flow, event, context(now)) {
-                Ok((next, transition)) => {
-                    self.collect(&next, transition, now, &mut effects);
-                    states.insert(*saga_id, next);
-                    if !changed.contains(saga_id) {
-                        changed.push(*saga_id);
+                Ok((next, transition)) => match index.get(saga_id) {
+                    Some(&i) => {
+                        let change = &mut changes[i];
+                        self.collect(&next, transition, now, &mut change.effects);
+                        change.state = next;
                     }
-                }
+                    None => {
+                        let original = states.remove(saga_id).expect("present above");
+                        let mut effects = Effects::default();
+                        self.collect(&next, transition, now, &mut effects);
+                        index.insert(*saga_id, changes.len());
+                        changes.push(Change {
+                            expected: original.seq,
+                            state: next,
+                            effects,
+                        });
+                    }
+                },
                 Err(refused) => tracing::warn!(%saga_id, %refused, "event refused"),
             }
         }
-        let changed: Vec<&SagaInstance> = changed.iter().map(|id| &states[id]).collect();
-        let published = self.write_effects(tx, &changed, &mut effects, now).await?;
-        Ok((published, effects))
+        changes
+    }
+
+    /// Writes changes with compare-and-set; returns the written ones with
+    /// their outbox rows (ids assigned) and the ids of the stale ones.
+    async fn write_changes(
+        &self,
+        conn: &mut PgConnection,
+        mut changes: Vec<Change>,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<(Change, Vec<OutboxMessage>)>, Vec<Uuid>), EngineError> {
+        if changes.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let history: Vec<(Uuid, HistoryEntry)> = changes
+            .iter_mut()
+            .flat_map(|c| std::mem::take(&mut c.effects.history))
+            .collect();
+        let mut outbox: Vec<OutboxMessage> = changes
+            .iter_mut()
+            .flat_map(|c| std::mem::take(&mut c.effects.outbox))
+            .collect();
+        let states: Vec<(&SagaInstance, u64)> =
+            changes.iter().map(|c| (&c.state, c.expected)).collect();
+        let written = transition::write(
+            conn,
+            &states,
+            &history,
+            &outbox,
+            now,
+            now + outbox::PUBLISH_LEASE,
+        )
+        .await?;
+        let ids: HashMap<Uuid, i64> = written.outbox_ids.into_iter().collect();
+        for message in &mut outbox {
+            message.id = ids.get(&message.message_id).copied().unwrap_or(0);
+        }
+        let mut by_saga: HashMap<Uuid, Vec<OutboxMessage>> = HashMap::new();
+        for message in outbox.into_iter().filter(|m| m.id != 0) {
+            by_saga.entry(message.saga_id).or_default().push(message);
+        }
+        let updated: std::collections::HashSet<Uuid> = written.updated.into_iter().collect();
+        let mut done = Vec::new();
+        let mut stale = Vec::new();
+        for change in changes {
+            if updated.contains(&change.state.id) {
+                let published = by_saga.remove(&change.state.id).unwrap_or_default();
+                done.push((change, published));
+            } else {
+                stale.push(change.state.id);
+            }
+        }
+        Ok((done, stale))
     }
 
     /// Turns a transition's actions into outbox rows, history and wake-ups.
@@ -479,37 +607,13 @@ impl Engine {
         }
     }
 
-    /// Writes states, history and outbox rows inside `tx` (one statement).
-    async fn write_effects(
-        &self,
-        tx: &mut PgConnection,
-        states: &[&SagaInstance],
-        effects: &mut Effects,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<OutboxMessage>, EngineError> {
-        let outbox = std::mem::take(&mut effects.outbox);
-        Ok(transition::write(
-            tx,
-            states,
-            &effects.history,
-            outbox,
-            now,
-            now + outbox::PUBLISH_LEASE,
-        )
-        .await?)
-    }
-
-    /// After commit: publish, arm timers, count.
-    fn act(&self, published: Vec<OutboxMessage>, effects: Effects) {
+    /// After commit: remember the state, publish, wake watchers, arm
+    /// timers, count.
+    fn act(&self, state: &SagaInstance, published: Vec<OutboxMessage>, effects: Effects) {
         crate::crash_point!("orchestrator::after_commit_before_publish");
+        self.cache.store(state);
         self.publisher.publish(published);
-        let mut last = None;
-        for (saga_id, _) in &effects.history {
-            if last != Some(*saga_id) {
-                self.hub.notify(*saga_id);
-                last = Some(*saga_id);
-            }
-        }
+        self.hub.notify(state.id);
         for due in effects.wakeups {
             self.timers.wake_at(due);
         }

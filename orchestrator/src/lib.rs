@@ -4,7 +4,8 @@
 //! - [`config`], [`telemetry`]: flags/env and logging.
 //! - [`store`]: PostgreSQL tables (sagas, history, outbox), migrations.
 //! - [`engine`]: load → apply → persist state + history + outbox in one
-//!   transaction → commit → act. The only writer of saga state.
+//!   transaction → commit → act. The only writer of saga state; [`cache`]
+//!   keeps the states it drives so a reply costs one statement.
 //! - [`bus`]: RabbitMQ — connection supervision, topology, the confirming
 //!   publisher and the batching reply consumer.
 //! - [`relay`]: republishes outbox rows whose lease ran out.
@@ -37,6 +38,7 @@ macro_rules! crash_point {
 pub mod api;
 pub mod app;
 pub mod bus;
+pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod health;

@@ -103,45 +103,56 @@ fn bind_history_and_outbox<'q>(
         .bind(&o.bodies)
 }
 
-/// Stamps ids (returned in insertion order) onto the messages.
-fn assign_ids(messages: &mut [OutboxMessage], ids: Vec<i64>) {
-    debug_assert_eq!(messages.len(), ids.len());
-    for (message, id) in messages.iter_mut().zip(ids) {
-        message.id = id;
-    }
+/// What a conditional write did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Sagas whose row still had the expected revision and were updated
+    /// (with their history and outbox rows).
+    pub updated: Vec<Uuid>,
+    /// Outbox row id of each inserted message, by message id.
+    pub outbox_ids: Vec<(Uuid, i64)>,
 }
 
-/// Writes the new states of locked sagas, their history rows and outbox
-/// rows (leased until `lease_until`), and NOTIFYs watched sagas. Returns the
-/// outbox rows with their ids.
+/// Writes new saga states — each only if its row still has the revision
+/// the caller read (compare-and-set) — together with the history and outbox
+/// rows of exactly the sagas updated, and NOTIFYs watched ones. One
+/// statement: without an explicit transaction it commits on its own.
 pub async fn write(
     conn: &mut PgConnection,
-    states: &[&SagaInstance],
+    states: &[(&SagaInstance, u64)],
     history: &[(Uuid, HistoryEntry)],
-    mut outbox: Vec<OutboxMessage>,
+    outbox: &[OutboxMessage],
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
-) -> Result<Vec<OutboxMessage>, StoreError> {
+) -> Result<Written, StoreError> {
     let h = HistoryColumns::new(history);
-    let o = OutboxColumns::new(&outbox);
-    let ids: Vec<Uuid> = states.iter().map(|s| s.id).collect();
-    let statuses: Vec<&str> = states.iter().map(|s| s.status.as_str()).collect();
-    let errors: Vec<Option<&str>> = states.iter().map(|s| s.error.as_deref()).collect();
-    let dues: Vec<Option<DateTime<Utc>>> = states.iter().map(|s| due_at(s)).collect();
-    let jsons: Vec<serde_json::Value> = states.iter().map(|s| state_json(s)).collect();
+    let o = OutboxColumns::new(outbox);
+    let ids: Vec<Uuid> = states.iter().map(|(s, _)| s.id).collect();
+    let statuses: Vec<&str> = states.iter().map(|(s, _)| s.status.as_str()).collect();
+    let errors: Vec<Option<&str>> = states.iter().map(|(s, _)| s.error.as_deref()).collect();
+    let dues: Vec<Option<DateTime<Utc>>> = states.iter().map(|(s, _)| due_at(s)).collect();
+    let jsons: Vec<serde_json::Value> = states.iter().map(|(s, _)| state_json(s)).collect();
+    let revisions: Vec<i64> = states.iter().map(|(s, _)| s.seq as i64).collect();
+    let expected: Vec<i64> = states.iter().map(|(_, e)| *e as i64).collect();
     let sql = format!(
-        "WITH hist AS ({INSERT_HISTORY}),
-              ob AS ({INSERT_OUTBOX} ORDER BY o.n RETURNING id),
-              upd AS (
+        "WITH upd AS (
                 UPDATE sagas AS s SET status = u.status, error = u.error, next_due_at = u.due,
-                       state = u.state, updated_at = $1
-                FROM UNNEST($17::uuid[], $18::text[], $19::text[], $20::timestamptz[], $21::jsonb[])
-                     AS u(id, status, error, due, state)
-                WHERE s.id = u.id),
+                       state = u.state, revision = u.revision, updated_at = $1
+                FROM UNNEST($17::uuid[], $18::text[], $19::text[], $20::timestamptz[], $21::jsonb[],
+                            $23::int8[], $24::int8[])
+                     AS u(id, status, error, due, state, revision, expected)
+                WHERE s.id = u.id AND s.revision = u.expected
+                RETURNING s.id),
+              hist AS ({INSERT_HISTORY} WHERE h.id IN (SELECT id FROM upd)),
+              ob AS ({INSERT_OUTBOX} WHERE o.saga_id IN (SELECT id FROM upd) ORDER BY o.n
+                     RETURNING id, message_id),
               watched AS (
                 SELECT pg_notify($22, w.saga_id::text)
-                FROM (SELECT DISTINCT saga_id FROM saga_watchers WHERE saga_id = ANY($2)) AS w)
+                FROM (SELECT DISTINCT saga_id FROM saga_watchers
+                      WHERE saga_id IN (SELECT id FROM upd)) AS w)
          SELECT (SELECT count(*) FROM watched) AS notified,
+                COALESCE((SELECT array_agg(id) FROM upd), '{{}}') AS updated,
+                COALESCE((SELECT array_agg(message_id ORDER BY id) FROM ob), '{{}}') AS message_ids,
                 COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
     );
     let row = bind_history_and_outbox(sqlx::query(&sql), now, &h, lease_until, &o)
@@ -151,10 +162,24 @@ pub async fn write(
         .bind(&dues)
         .bind(&jsons)
         .bind(CHANNEL)
+        .bind(&revisions)
+        .bind(&expected)
         .fetch_one(conn)
         .await?;
-    assign_ids(&mut outbox, row.try_get("ids")?);
-    Ok(outbox)
+    let message_ids: Vec<Uuid> = row.try_get("message_ids")?;
+    let outbox_ids: Vec<i64> = row.try_get("ids")?;
+    Ok(Written {
+        updated: row.try_get("updated")?,
+        outbox_ids: message_ids.into_iter().zip(outbox_ids).collect(),
+    })
+}
+
+/// Stamps ids (returned in insertion order) onto the messages.
+fn assign_ids(messages: &mut [OutboxMessage], ids: Vec<i64>) {
+    debug_assert_eq!(messages.len(), ids.len());
+    for (message, id) in messages.iter_mut().zip(ids) {
+        message.id = id;
+    }
 }
 
 /// Inserts a new saga with its history and outbox rows in one statement
@@ -172,8 +197,8 @@ pub async fn insert_started(
     let o = OutboxColumns::new(&outbox);
     let sql = format!(
         "WITH ins AS (
-                INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, created_at, updated_at)
-                VALUES ($17, $18, $19, $20, $21, $22, $23, $24, $25, $1, $1)
+                INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, revision, created_at, updated_at)
+                VALUES ($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $1, $1)
                 ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id),
               hist AS ({INSERT_HISTORY} WHERE EXISTS (SELECT 1 FROM ins)),
@@ -191,6 +216,7 @@ pub async fn insert_started(
         .bind(state_json(state))
         .bind(state.error.as_deref())
         .bind(due_at(state))
+        .bind(state.seq as i64)
         .fetch_one(conn)
         .await?;
     if !row.try_get::<bool, _>("inserted")? {

@@ -440,6 +440,9 @@ async fn all_order_ledgers(demo: &DemoDatabases) -> BTreeMap<String, OrderLedger
     ledgers
 }
 
+/// (seq, kind, step, detail) of one history row.
+type HistoryEntry = (i64, String, Option<String>, String);
+
 async fn check_history(orchestrator: &PgPool, report: &mut Report) {
     let rows: Vec<(Uuid, i64, String, Option<String>, String)> = match sqlx::query_as(
         "SELECT saga_id, seq, kind, step, detail FROM saga_history ORDER BY saga_id, seq",
@@ -460,7 +463,7 @@ async fn check_history(orchestrator: &PgPool, report: &mut Report) {
             .unwrap_or_default()
             .into_iter()
             .collect();
-    let mut per_saga: BTreeMap<Uuid, Vec<(i64, String, Option<String>, String)>> = BTreeMap::new();
+    let mut per_saga: BTreeMap<Uuid, Vec<HistoryEntry>> = BTreeMap::new();
     for (saga_id, seq, kind, step, detail) in rows {
         per_saga
             .entry(saga_id)

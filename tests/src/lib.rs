@@ -16,6 +16,7 @@
 //! - [`invariants`]: the checker every failure-injection run ends with.
 //! - [`orders`]: orders with a known fate and a steady load of them that
 //!   survives orchestrator crashes.
+//! - [`chaos`]: the chaos soak behind `saga-chaos`.
 //! - [`inject`]: duplicates, stale replies, early compensations and poison
 //!   put on the broker behind the services' backs.
 //!
@@ -23,6 +24,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod chaos;
 pub mod cluster;
 pub mod env;
 pub mod inject;

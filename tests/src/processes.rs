@@ -218,7 +218,7 @@ impl ManagedProcess {
             source,
         })?;
         let pid = child.id().unwrap_or_default();
-        tracing::info!(process = %self.name, pid, extra = ?extra, log = %path.display(), "started");
+        tracing::debug!(process = %self.name, pid, extra = ?extra, log = %path.display(), "started");
         self.child = Some(child);
         self.last_exit = None;
         Ok(pid)
@@ -245,7 +245,7 @@ impl ManagedProcess {
         if let Some(child) = &mut self.child
             && let Ok(Some(status)) = child.try_wait()
         {
-            tracing::info!(process = %self.name, %status, "exited");
+            tracing::debug!(process = %self.name, %status, "exited");
             self.last_exit = Some(status);
             self.child = None;
         }
@@ -257,7 +257,7 @@ impl ManagedProcess {
         let child = self.child.as_mut()?;
         match tokio::time::timeout(timeout, child.wait()).await {
             Ok(Ok(status)) => {
-                tracing::info!(process = %self.name, %status, "exited");
+                tracing::debug!(process = %self.name, %status, "exited");
                 self.last_exit = Some(status);
                 self.child = None;
                 Some(status)
@@ -269,7 +269,7 @@ impl ManagedProcess {
     /// `kill -9` and reap.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            tracing::info!(process = %self.name, pid = child.id(), "kill -9");
+            tracing::debug!(process = %self.name, pid = child.id(), "kill -9");
             let _ = child.start_kill();
             if let Ok(status) = child.wait().await {
                 self.last_exit = Some(status);

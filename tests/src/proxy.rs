@@ -222,7 +222,7 @@ impl FaultProxy {
         if mode == Mode::Refuse {
             self.shared.cut_all();
         }
-        tracing::info!(proxy = %self.addr, upstream = %self.shared.upstream, ?mode, "proxy mode");
+        tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, ?mode, "proxy mode");
     }
 
     /// Forward everything again (held bytes flow on).
@@ -247,7 +247,7 @@ impl FaultProxy {
 
     /// Resets every open connection once; new ones are served per the mode.
     pub fn cut(&self) {
-        tracing::info!(proxy = %self.addr, upstream = %self.shared.upstream, "proxy cuts every connection");
+        tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, "proxy cuts every connection");
         self.shared.cut_all();
     }
 
@@ -454,7 +454,7 @@ async fn pump(
                 if !doomed.load(Ordering::SeqCst) && shared.dooms(&tail, chunk) {
                     // Set before forwarding, so the answer is swallowed.
                     doomed.store(true, Ordering::SeqCst);
-                    tracing::info!(proxy_upstream = %shared.upstream, "forwarding a request whose committed answer will be swallowed");
+                    tracing::debug!(proxy_upstream = %shared.upstream, "forwarding a request whose committed answer will be swallowed");
                 }
                 remember_tail(&mut tail, chunk, TAIL);
             }

@@ -1,5 +1,5 @@
-//! `saga-chaos`: see `saga_tests::chaos`.
+//! `saga-chaos --duration 60s --seed N --rate R`: see `saga_tests::chaos`.
 
 fn main() -> anyhow::Result<()> {
-    Ok(())
+    saga_tests::chaos::main()
 }

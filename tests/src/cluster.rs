@@ -166,13 +166,26 @@ pub struct Cluster {
     env: TestEnv,
 }
 
-/// A free loopback port (the listener is closed at once; services bind it
-/// with SO_REUSEADDR, so restarts can reuse it).
+/// A free loopback port for a service to listen on, kept across its
+/// restarts. Drawn below Linux's ephemeral range (32768+), which outgoing
+/// connections (there are many here) take their ports from, so a port
+/// picked now is not taken by a client connection before the service binds
+/// it; checked free by binding it, and never handed out twice by this
+/// process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().expect("port list");
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_000);
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000")
 }
 
 fn amqp_url(proxy: &FaultProxy) -> String {

@@ -670,6 +670,43 @@ async fn dead_letters(connection: &Connection, queue: &str) -> (u64, Vec<String>
     (poison, valid)
 }
 
+/// Unacknowledged messages in `queues`, from `rabbitmqctl` (AMQP cannot
+/// tell: a passive declare counts ready messages only). `None` when
+/// `rabbitmqctl` is not usable here (then only ready messages are seen).
+pub async fn unacknowledged(queues: &[String]) -> Option<u64> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_unacknowledged",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut total = 0;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(count)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if queues.iter().any(|q| q == name) {
+            total += count.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
 /// What is still in flight, as [`wait_settled`] sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InFlight {
@@ -683,6 +720,9 @@ pub struct InFlight {
     pub missing_notifications: i64,
     /// Ready messages in the work queues.
     pub queued_messages: u64,
+    /// Messages delivered but not acknowledged yet in the work queues
+    /// (when `rabbitmqctl` can tell).
+    pub unacknowledged_messages: u64,
 }
 
 impl InFlight {
@@ -735,17 +775,24 @@ async fn in_flight(
             queued_messages += u64::from(messages);
         }
     }
-    Ok(InFlight {
+    let mut seen = InFlight {
         active_sagas,
         orchestrator_outbox,
         participant_outboxes,
         missing_notifications,
         queued_messages,
-    })
+        unacknowledged_messages: 0,
+    };
+    // Only worth the (slow) look once everything else is settled.
+    if seen.is_settled() {
+        seen.unacknowledged_messages = unacknowledged(&work_queues(env)).await.unwrap_or(0);
+    }
+    Ok(seen)
 }
 
 /// Waits until nothing is in flight (no active saga, empty outboxes, every
-/// terminal notification recorded, no ready message in a work queue),
+/// terminal notification recorded, no message in a work queue, ready or —
+/// when `rabbitmqctl` can tell — unacknowledged),
 /// polling every 200 ms for at most `within`; returns what was last seen
 /// (settled or not) and how long it took.
 pub async fn wait_settled(env: &TestEnv, within: Duration) -> (InFlight, Duration) {

@@ -8,15 +8,17 @@
 //!
 //! Faults, switchable at any moment ([`FaultProxy::set_mode`] and friends):
 //! - [`Mode::Pass`]: bytes flow untouched.
-//! - [`Mode::Refuse`]: every open connection is cut (reset) and new ones are
-//!   reset as soon as they are accepted — the server looks down.
+//! - [`Mode::Refuse`]: every open connection is closed (FIN, as by a server
+//!   that stops) and new ones are reset as soon as they are accepted — the
+//!   server looks down.
 //! - [`Mode::BlackHole`]: nothing is forwarded in either direction and new
 //!   connections are accepted but never reach upstream; bytes already sent
 //!   wait, like TCP retransmissions, and flow again when the mode changes —
 //!   a network partition that heals.
 //! - [`Mode::Latency`]: every chunk is delivered that much later, in order.
-//! - [`FaultProxy::cut`]: a one-off reset of every open connection (a blip);
-//!   the mode does not change.
+//! - [`FaultProxy::cut`]: a one-off reset (RST) of every open connection (a
+//!   network blip); [`FaultProxy::close_all`]: a one-off clean close (a
+//!   server restart); the mode does not change.
 //! - [`FaultProxy::cut_after_commits`] and [`FaultProxy::cut_after_statement`]:
 //!   the next `n` PostgreSQL `COMMIT`s (or autocommit statements whose SQL
 //!   contains a pattern) are forwarded and executed, then the server's
@@ -119,6 +121,8 @@ struct Shared {
     generation: Mutex<CancellationToken>,
     /// Requests whose commit is to be cut.
     armed: Mutex<Option<Armed>>,
+    /// Whether the last cut resets connections (else closes them cleanly).
+    resets: AtomicBool,
     /// Counters.
     accepted: AtomicU64,
     refused: AtomicU64,
@@ -132,8 +136,11 @@ impl Shared {
         self.generation.lock().expect("generation lock").clone()
     }
 
-    fn cut_all(&self) {
+    /// Ends every open connection: with a reset (`reset`), as a broken
+    /// network does, or with a clean close, as a server that goes away does.
+    fn cut_all(&self, reset: bool) {
         let mut generation = self.generation.lock().expect("generation lock");
+        self.resets.store(reset, Ordering::SeqCst);
         generation.cancel();
         *generation = CancellationToken::new();
     }
@@ -181,6 +188,7 @@ impl FaultProxy {
             mode: watch::Sender::new(Mode::Pass),
             generation: Mutex::new(CancellationToken::new()),
             armed: Mutex::new(None),
+            resets: AtomicBool::new(true),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             cut: AtomicU64::new(0),
@@ -216,11 +224,13 @@ impl FaultProxy {
         *self.shared.mode.borrow()
     }
 
-    /// Switches mode; `Refuse` also cuts every open connection.
+    /// Switches mode; `Refuse` also closes every open connection (cleanly,
+    /// as a server that stops does; new ones are reset, as a closed port
+    /// does).
     pub fn set_mode(&self, mode: Mode) {
         self.shared.mode.send_replace(mode);
         if mode == Mode::Refuse {
-            self.shared.cut_all();
+            self.shared.cut_all(false);
         }
         tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, ?mode, "proxy mode");
     }
@@ -230,7 +240,7 @@ impl FaultProxy {
         self.set_mode(Mode::Pass);
     }
 
-    /// The server looks down: cut everything and reset new connections.
+    /// The server looks down: close everything and reset new connections.
     pub fn refuse(&self) {
         self.set_mode(Mode::Refuse);
     }
@@ -245,10 +255,18 @@ impl FaultProxy {
         self.set_mode(Mode::Latency(delay));
     }
 
-    /// Resets every open connection once; new ones are served per the mode.
+    /// Resets every open connection once (RST, as a broken network does);
+    /// new ones are served per the mode.
     pub fn cut(&self) {
         tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, "proxy cuts every connection");
-        self.shared.cut_all();
+        self.shared.cut_all(true);
+    }
+
+    /// Closes every open connection once, cleanly (FIN, as a server that
+    /// restarts does); new ones are served per the mode.
+    pub fn close_all(&self) {
+        tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, "proxy closes every connection");
+        self.shared.cut_all(false);
     }
 
     /// Arms the next `count` PostgreSQL `COMMIT`s (on any connection) to be
@@ -300,7 +318,7 @@ impl FaultProxy {
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        self.shared.cut_all();
+        self.shared.cut_all(true);
     }
 }
 
@@ -382,6 +400,7 @@ async fn connection(
             client_read,
             upstream_write,
             shared.clone(),
+            generation.clone(),
             cut.clone(),
             Direction::ToServer {
                 doomed: doomed.clone(),
@@ -391,6 +410,7 @@ async fn connection(
             upstream_read,
             client_write,
             shared.clone(),
+            generation.clone(),
             cut.clone(),
             Direction::ToClient { doomed },
         );
@@ -430,6 +450,7 @@ async fn pump(
     mut from: OwnedReadHalf,
     to: OwnedWriteHalf,
     shared: Arc<Shared>,
+    generation: CancellationToken,
     cut: CancellationToken,
     direction: Direction,
 ) {
@@ -494,11 +515,18 @@ async fn pump(
     }
     drop(tx);
     if cut.is_cancelled() {
-        // The writer returns its half on a cut; reset the connection.
+        // This direction reads one socket and writes the other; a reset
+        // makes both peers see a broken connection, else they see a close.
+        // A cut of this connection alone (a lost commit, a write error)
+        // resets it; a cut of all follows that cut's style.
+        let reset = !generation.is_cancelled() || shared.resets.load(Ordering::SeqCst);
+        if reset {
+            let _ = from.as_ref().set_zero_linger();
+        }
         if let Ok(Some(to)) = writer.await
-            && let Ok(stream) = from.reunite(to)
+            && reset
         {
-            reset(stream);
+            let _ = to.as_ref().set_zero_linger();
         }
     } else {
         // EOF from this side: let queued bytes go, then half-close.

@@ -46,7 +46,7 @@ pub enum FaultKind {
     DatabaseOutage,
     /// Latency on a service's connections.
     Latency,
-    /// A service's connections reset once.
+    /// A service's connections reset (RST) or closed (FIN) once.
     ConnectionCut,
     /// Commits whose outcome the service never learns.
     LostCommit,
@@ -113,14 +113,10 @@ impl FaultKind {
         )
     }
 
-    fn draw(rng: &mut StdRng, outage_on: bool) -> Self {
-        let eligible: Vec<(FaultKind, u32)> = Self::WEIGHTS
-            .into_iter()
-            .filter(|(kind, _)| !(outage_on && kind.is_outage()))
-            .collect();
-        let total: u32 = eligible.iter().map(|(_, w)| w).sum();
+    fn draw(rng: &mut StdRng) -> Self {
+        let total: u32 = Self::WEIGHTS.iter().map(|(_, w)| w).sum();
         let mut pick = rng.random_range(0..total);
-        for (kind, weight) in eligible {
+        for (kind, weight) in Self::WEIGHTS {
             if pick < weight {
                 return kind;
             }
@@ -184,9 +180,19 @@ pub async fn schedule(shared: Arc<Shared>, injector: Arc<Injector>, args: Args, 
             () = shared.stop_faults.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
         }
-        let kind = FaultKind::draw(&mut rng, shared.outage_on.load(Ordering::SeqCst));
-        if kind.is_outage() {
-            shared.outage_on.store(true, Ordering::SeqCst);
+        // Drawn from the seed alone, so the schedule replays; an outage
+        // drawn while another is on is skipped (one at a time).
+        let kind = FaultKind::draw(&mut rng);
+        let task_rng = StdRng::seed_from_u64(rng.random());
+        if kind.is_outage() && shared.outage_on.swap(true, Ordering::SeqCst) {
+            *shared
+                .book
+                .lock()
+                .await
+                .injected
+                .entry(format!("{} (skipped: another outage on)", kind.name()))
+                .or_default() += 1;
+            continue;
         }
         *shared
             .book
@@ -195,7 +201,6 @@ pub async fn schedule(shared: Arc<Shared>, injector: Arc<Injector>, args: Args, 
             .injected
             .entry(kind.name().to_owned())
             .or_default() += 1;
-        let task_rng = StdRng::seed_from_u64(rng.random());
         tasks.spawn(inject(
             kind,
             shared.clone(),
@@ -218,24 +223,32 @@ async fn inject(
     probes: Arc<Mutex<()>>,
 ) {
     let (orchestrators, participants) = shared.counts;
+    let name = |cluster: &crate::cluster::Cluster, target: Target| match target {
+        Target::Orchestrator(i) => cluster.orchestrators[i].process.name().to_owned(),
+        Target::Participants(i) => cluster.participants[i].process.name().to_owned(),
+    };
     match kind {
         FaultKind::OrchestratorKill => {
             let i = rng.random_range(0..orchestrators);
             let down = Duration::from_millis(rng.random_range(300..5000));
             shared.hold(Target::Orchestrator(i), down).await;
-            shared.cluster.lock().await.orchestrators[i]
-                .process
-                .kill()
-                .await;
+            let mut cluster = shared.cluster.lock().await;
+            shared.note(&format!(
+                "kill -9 {} for {down:?}",
+                name(&cluster, Target::Orchestrator(i))
+            ));
+            cluster.orchestrators[i].process.kill().await;
         }
         FaultKind::ParticipantKill => {
             let i = rng.random_range(0..participants);
             let down = Duration::from_millis(rng.random_range(300..5000));
             shared.hold(Target::Participants(i), down).await;
-            shared.cluster.lock().await.participants[i]
-                .process
-                .kill()
-                .await;
+            let mut cluster = shared.cluster.lock().await;
+            shared.note(&format!(
+                "kill -9 {} for {down:?}",
+                name(&cluster, Target::Participants(i))
+            ));
+            cluster.participants[i].process.kill().await;
         }
         FaultKind::OrchestratorCrashPoint => {
             let points = [
@@ -278,10 +291,28 @@ async fn inject(
             let cluster = shared.cluster.lock().await;
             let nodes: Vec<_> = cluster.nodes().collect();
             let node = nodes[rng.random_range(0..nodes.len())];
-            if rng.random_bool(0.5) {
-                node.broker.cut();
-            } else {
-                node.database.cut();
+            match rng.random_range(0..3) {
+                0 => {
+                    shared.note(&format!(
+                        "reset {}'s broker connections",
+                        node.process.name()
+                    ));
+                    node.broker.cut();
+                }
+                1 => {
+                    shared.note(&format!(
+                        "close {}'s broker connections",
+                        node.process.name()
+                    ));
+                    node.broker.close_all();
+                }
+                _ => {
+                    shared.note(&format!(
+                        "reset {}'s database connections",
+                        node.process.name()
+                    ));
+                    node.database.cut();
+                }
             }
         }
         FaultKind::LostCommit => {
@@ -290,27 +321,50 @@ async fn inject(
             let i = rng.random_range(0..nodes.len());
             let node = nodes[i];
             if i < orchestrators && rng.random_bool(0.3) {
+                shared.note(&format!(
+                    "lose the next saga insert of {}",
+                    node.process.name()
+                ));
                 node.database.cut_after_statement("INSERT INTO sagas", 1);
             } else {
-                node.database.cut_after_commits(rng.random_range(1..=3));
+                let count = rng.random_range(1..=3);
+                shared.note(&format!(
+                    "lose the next {count} commit(s) of {}",
+                    node.process.name()
+                ));
+                node.database.cut_after_commits(count);
             }
         }
-        FaultKind::DuplicateCommands => duplicate_commands(&shared, &injector, &mut rng).await,
-        FaultKind::StaleReplies => stale_replies(&shared, &injector, &mut rng).await,
+        FaultKind::DuplicateCommands => {
+            shared.note("redeliver commands");
+            duplicate_commands(&shared, &injector, &mut rng).await
+        }
+        FaultKind::StaleReplies => {
+            shared.note("stale and late replies");
+            stale_replies(&shared, &injector, &mut rng).await
+        }
         FaultKind::EarlyCompensation => {
             let _one_at_a_time = probes.lock().await;
+            shared.note("compensation ahead of its action");
             early_compensation(&shared, &injector, &mut rng).await;
         }
         FaultKind::Poison => {
             let bodies = poison_bodies();
             let (_, body) = &bodies[rng.random_range(0..bodies.len())];
             let target = POISON_TARGETS[rng.random_range(0..POISON_TARGETS.len())];
+            shared.note(&format!("poison on {}", injector.queue_of(target)));
             if injector.poison(target, body).await.is_ok() {
                 shared.book.lock().await.poison_injected += 1;
             }
         }
-        FaultKind::BadInput => bad_input(&shared, &mut rng).await,
-        FaultKind::Cancel => cancel(&shared, &mut rng).await,
+        FaultKind::BadInput => {
+            shared.note("bad gRPC input");
+            bad_input(&shared, &mut rng).await
+        }
+        FaultKind::Cancel => {
+            shared.note("cancel a running saga");
+            cancel(&shared, &mut rng).await
+        }
     }
 }
 
@@ -325,6 +379,10 @@ async fn crash_point(shared: &Shared, target: Target, point: &str, skip: u32) {
             Target::Orchestrator(i) => &mut cluster.orchestrators[i],
             Target::Participants(i) => &mut cluster.participants[i],
         };
+        shared.note(&format!(
+            "restart {} to abort at {failpoints}",
+            node.process.name()
+        ));
         node.process
             .start_with(&[("FAILPOINTS", &failpoints)])
             .await
@@ -399,11 +457,16 @@ async fn outage(kind: FaultKind, shared: &Shared, args: &Args, rng: &mut StdRng)
                 .unwrap_or_default()
         }
     };
+    shared.note(&format!(
+        "{} of {target_name}: {mode:?} for {length:.1?}",
+        kind.name()
+    ));
     tokio::select! {
         () = shared.stop_faults.cancelled() => {}
         () = tokio::time::sleep(length) => {}
     }
     let healed_at = Instant::now();
+    shared.note(&format!("{} of {target_name} healed", kind.name()));
     let healed_wall = Utc::now();
     {
         let cluster = shared.cluster.lock().await;

@@ -97,6 +97,9 @@ pub struct Args {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Keep the run's databases and queues afterwards (for a post-mortem).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// Node names and indices the fault tasks refer to.
@@ -131,6 +134,8 @@ pub struct Shared {
     pub operator: Mutex<(HashSet<String>, u64)>,
     /// Stops the fault tasks.
     pub stop_faults: CancellationToken,
+    /// When the run started (for the event log).
+    pub started: Instant,
 }
 
 impl std::fmt::Debug for Shared {
@@ -140,6 +145,14 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Prints one line of the run's event log (stderr).
+    pub fn note(&self, event: &str) {
+        eprintln!(
+            "saga-chaos: {:>6.1}s  {event}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
     /// Whether `target` is held down by a fault right now.
     pub async fn is_held(&self, target: Target) -> bool {
         let now = Instant::now();
@@ -159,8 +172,8 @@ impl Shared {
     }
 }
 
-/// The `saga-chaos` binary: dispatches the hidden service subcommands, else
-/// runs a soak.
+/// The `saga-chaos` binary: dispatches the hidden subcommands (the two
+/// services, and `cleanup <namespace>...` after `--keep`), else runs a soak.
 pub fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -172,6 +185,25 @@ pub fn main() -> anyhow::Result<()> {
             } else {
                 crate::processes::entry::participants(args)?;
             }
+            Ok(())
+        }
+        Some("cleanup") => {
+            // `saga-chaos cleanup <namespace>...`: removes what `--keep` left.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                for namespace in &args[2..] {
+                    let mut env = crate::env::TestEnv::new();
+                    env.namespace = namespace.clone();
+                    for suffix in ["orch", "inventory", "payment", "orders", "notification"] {
+                        env.database_url(suffix);
+                    }
+                    env.track_queue(&format!("{namespace}.injected.replies"));
+                    // Dropping the env removes its databases and queues.
+                    drop(env);
+                }
+            });
             Ok(())
         }
         _ => {
@@ -261,6 +293,7 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         counts,
         operator: Mutex::new((HashSet::new(), 0)),
         stop_faults: CancellationToken::new(),
+        started: Instant::now(),
     });
     let injector =
         Arc::new(crate::inject::Injector::connect(shared.cluster.lock().await.env()).await?);
@@ -275,12 +308,12 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         args.clone(),
         StdRng::seed_from_u64(seed ^ 0x5a5a_5a5a),
     ));
+    let progress = tokio::spawn(progress(shared.clone(), started));
     tokio::time::sleep(args.duration).await;
 
     // Drain: no new load, no new faults; the ones on finish and heal.
     eprintln!("saga-chaos: draining");
     let drain_started = Instant::now();
-    let load_stats = load.stop().await;
     shared.stop_faults.cancel();
     let _ = faults.await;
     {
@@ -291,6 +324,8 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         }
     }
     shared.held.lock().await.clear();
+    // Starts still in flight go through now that nothing is broken.
+    let load_stats = load.stop().await;
     // Let the supervisor bring everything back, then the operator finish
     // what is FAILED.
     let deadline = drain_started + args.drain_timeout;
@@ -331,7 +366,13 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         violations.push(format!("{leftovers} saga(s) persisted from bad gRPC input"));
     }
     let env_name = cluster.env().namespace.clone();
+    progress.abort();
     drop(cluster);
+    if args.keep {
+        // The processes are stopped; leave the databases and queues for a
+        // post-mortem (the namespace is in the report).
+        std::mem::forget(shared.clone());
+    }
     drop(injector);
     Ok(ChaosReport {
         seed,
@@ -379,11 +420,20 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
                 .process
                 .poll_exit()
                 .is_some_and(|status| crate::processes::aborted(&status));
+            let name = node.process.name().to_owned();
             if let Err(error) = node.process.start().await {
                 tracing::error!(%error, "cannot restart a service process");
                 continue;
             }
             drop(cluster);
+            shared.note(&format!(
+                "restarted {name}{}",
+                if crashed {
+                    " (aborted at a crash point)"
+                } else {
+                    ""
+                }
+            ));
             let mut book = shared.book.lock().await;
             book.restarts += 1;
             if crashed {
@@ -462,6 +512,28 @@ async fn bad_input_leftovers(cluster: &Cluster) -> i64 {
         .fetch_one(&cluster.pool)
         .await
         .unwrap_or(-1)
+}
+
+/// Prints a line of saga counts every 10 s, so a stalled run shows where.
+async fn progress(shared: Arc<Shared>, started: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM sagas GROUP BY status ORDER BY status")
+                .fetch_all(&shared.pool)
+                .await
+                .unwrap_or_default();
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&shared.pool)
+            .await
+            .unwrap_or(-1);
+        let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        eprintln!(
+            "saga-chaos: {:>4}s  {}  outbox {outbox}",
+            started.elapsed().as_secs(),
+            counts.join(", ")
+        );
+    }
 }
 
 /// Waits until no saga is running or compensating (or `deadline`).

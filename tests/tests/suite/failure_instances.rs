@@ -48,3 +48,47 @@ async fn two_orchestrators_one_killed_under_load_the_other_finishes_everything()
     assert_eq!(report.sagas, 80);
     report.assert_ok();
 }
+
+/// An instance that lost its database keeps the replies it was delivered
+/// (unacknowledged, up to REPLY_PREFETCH) until it can apply them; the
+/// healthy instance times those steps out and retries them, and the
+/// participants answer the retries from their inbox.
+#[tokio::test]
+async fn an_orchestrator_without_its_database_stalls_no_saga() {
+    let (_permit, mut cluster) = cluster(ClusterOptions {
+        orchestrators: 2,
+        ..ClusterOptions::default()
+    })
+    .await;
+    // Only orders meant to complete, started on the healthy instance.
+    let load = saga_tests::orders::OrderLoad::spawn(
+        vec![cluster.load_clients().remove(0)],
+        saga_tests::orders::LoadSettings {
+            rate_per_sec: 4.0,
+            max_orders: 120,
+            compensating_share: 0.0,
+            ..Default::default()
+        },
+        seed("orchestrator without its database"),
+    );
+    assert!(load.wait_started(10, Duration::from_secs(30)).await);
+    // The second instance loses its database for 30 s; the first and every
+    // participant stay healthy, so nothing has a reason to compensate.
+    cluster.orchestrators[1].database.refuse();
+    cluster
+        .wait_health(1, ServingStatus::NotServing, Duration::from_secs(15))
+        .await
+        .expect("the second instance notices");
+    assert!(load.wait_started(120, Duration::from_secs(60)).await);
+    cluster.orchestrators[1].database.pass();
+    let stats = load.stop().await;
+    assert_eq!(stats.given_up, 0, "every order was started: {stats:?}");
+    let report = cluster.finish(&Expectations::default(), SETTLE).await;
+    println!("an orchestrator without its database: {report}");
+    report.assert_ok();
+    assert_eq!(
+        (report.completed, report.compensated),
+        (120, 0),
+        "every order completes although one instance lost its database"
+    );
+}

@@ -130,11 +130,12 @@ async fn duplicated_replies_and_redelivered_commands_change_nothing() {
 async fn replies_after_their_timeout_are_ignored() {
     let (_permit, mut cluster) = cluster(ClusterOptions::default()).await;
     let payment = cluster.participant_index(Service::Payment);
-    // Payment's road is slower than the 5 s reply timeout for a while:
-    // answers to attempt 1 arrive after attempt 2 was sent.
+    // Payment's road is slow both ways: a round trip takes longer than the
+    // 5 s reply timeout, so answers to attempt 1 arrive after attempt 2 was
+    // sent. (3 s stays under the heartbeat's 8 s silence limit.)
     cluster.participants[payment]
         .broker
-        .latency(Duration::from_secs(6));
+        .latency(Duration::from_secs(3));
     start_orders(&cluster, 6, &[Fate::Completes]).await;
     wait_history(&cluster, "step_timed_out", 1).await;
     cluster.participants[payment].broker.pass();

@@ -198,10 +198,10 @@ async fn connections_cut_again_and_again() {
     assert!(load.wait_started(5, Duration::from_secs(30)).await);
     for round in 0..8 {
         for node in cluster.nodes() {
-            if round % 2 == 0 {
-                node.broker.cut();
-            } else {
-                node.database.cut();
+            match round % 3 {
+                0 => node.broker.cut(),
+                1 => node.broker.close_all(),
+                _ => node.database.cut(),
             }
         }
         // Blips a second apart: the schedule of the fault.

@@ -569,6 +569,23 @@ pub fn work_queues(env: &TestEnv) -> Vec<String> {
     queues
 }
 
+/// Messages in the work queues of `env` (ready ones: with no consumer
+/// left, that is all of them).
+pub async fn queued_messages(env: &TestEnv) -> u64 {
+    let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+    else {
+        return 0;
+    };
+    let mut total = 0;
+    for queue in work_queues(env) {
+        if let Some((messages, _)) = queue_counts(&connection, &queue).await {
+            total += u64::from(messages);
+        }
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    total
+}
+
 /// (messages, consumers) of `queue`, if it exists.
 async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
     // A passive declare of a missing queue closes the channel: one per queue.

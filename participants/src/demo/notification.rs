@@ -18,7 +18,7 @@ use saga_proto::amqp::{LifecycleEvent, SagaLifecycleState, Topology};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::kit::consumer::{ConsumerSettings, DeliveryHandler};
+use crate::kit::consumer::{CONFIRM_TIMEOUT, ConsumerSettings, DeliveryHandler, within};
 use crate::kit::stats::bump;
 use crate::kit::topology;
 use crate::kit::{KitError, ParticipantConfig, ParticipantHandle, Stats, database};
@@ -158,11 +158,13 @@ impl DeliveryHandler for NotificationService {
                     1,
                 );
                 tracing::warn!(participant = NAME, error = %e, "undecodable lifecycle event: dead-lettering it");
-                delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                    .ok();
+                within(
+                    "rejecting a poison event",
+                    CONFIRM_TIMEOUT,
+                    delivery.acker.reject(BasicRejectOptions { requeue: false }),
+                )
+                .await
+                .ok();
                 return;
             }
         };
@@ -194,18 +196,26 @@ impl DeliveryHandler for NotificationService {
                         1,
                     );
                 }
-                delivery.acker.ack(BasicAckOptions::default()).await.ok();
+                within(
+                    "acking an event",
+                    CONFIRM_TIMEOUT,
+                    delivery.acker.ack(BasicAckOptions::default()),
+                )
+                .await
+                .ok();
             }
             Err(e) => {
                 tracing::error!(participant = NAME, saga_id = %event.saga_id, error = %e, "giving up recording a notification for now");
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
+                within(
+                    "requeueing an event",
+                    CONFIRM_TIMEOUT,
+                    delivery.acker.nack(BasicNackOptions {
                         requeue: true,
                         ..BasicNackOptions::default()
-                    })
-                    .await
-                    .ok();
+                    }),
+                )
+                .await
+                .ok();
             }
         }
     }

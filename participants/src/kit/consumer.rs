@@ -5,6 +5,14 @@
 //! Shutdown: stop taking deliveries (`basic.cancel`), let every task in
 //! hand finish (publish, ack), stop background work, run the final drain
 //! (outbox flush), close the connection.
+//!
+//! Every wait on the broker is bounded ([`CONNECT_TIMEOUT`],
+//! [`SETUP_TIMEOUT`], [`CONFIRM_TIMEOUT`], [`CLOSE_TIMEOUT`]): a connection
+//! cut or black-holed at any moment ends the session (noticed through the
+//! connection's error events even while every delivery permit is taken),
+//! gives the deliveries in hand [`BROKEN_SESSION_GRACE`] to finish, and
+//! reconnects. A delivery abandoned that way was not acked, so the broker
+//! redelivers it and the inbox answers it again.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -20,7 +28,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -63,15 +71,54 @@ pub(crate) struct ConsumerSettings {
     pub concurrency: usize,
 }
 
+/// Longest wait for one connection attempt (TCP, TLS-less AMQP handshake).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a session's set-up: channels, confirm mode, topology,
+/// `basic.qos`, `basic.consume`.
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for a publisher confirm, or for an ack, nack or reject to
+/// be handed to the connection.
+pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for a channel or connection close handshake.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the deliveries in hand of a broken session may still run
+/// before the consumer reconnects without them.
+pub(crate) const BROKEN_SESSION_GRACE: Duration = Duration::from_secs(5);
+
+/// A broker operation that did not finish within its bound.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} took longer than {limit:?}")]
+pub struct TimedOut {
+    /// What was waited for.
+    pub what: &'static str,
+    /// The bound.
+    pub limit: Duration,
+}
+
+/// Awaits `future` for at most `limit`.
+pub(crate) async fn within<T>(
+    what: &'static str,
+    limit: Duration,
+    future: impl Future<Output = T>,
+) -> Result<T, TimedOut> {
+    tokio::time::timeout(limit, future)
+        .await
+        .map_err(|_| TimedOut { what, limit })
+}
+
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error(transparent)]
     Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    TimedOut(#[from] TimedOut),
     #[error("the broker cancelled the consumer")]
     Cancelled,
     #[error("a channel was closed")]
     ChannelClosed,
+    #[error("the connection failed: {0}")]
+    ConnectionBroken(lapin::Error),
 }
 
 fn reconnect_backoff() -> ExponentialBuilder {
@@ -82,16 +129,17 @@ fn reconnect_backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
-/// Connects with backoff; the connection is named after the queue so an
-/// operator can tell participants (and namespaces) apart in the broker.
-async fn connect(url: &str, name: &str, queue: &str) -> lapin::Result<Connection> {
+/// Connects with backoff, each attempt bounded by [`CONNECT_TIMEOUT`]; the
+/// connection is named after the queue so an operator can tell participants
+/// (and namespaces) apart in the broker.
+async fn connect(url: &str, name: &str, queue: &str) -> Result<Connection, SessionError> {
     let connect = || async {
-        Connection::connect(
+        let attempt = Connection::connect(
             url,
             ConnectionProperties::default()
                 .with_connection_name(format!("participant {name} on {queue}").into()),
-        )
-        .await
+        );
+        Ok(within("connecting to RabbitMQ", CONNECT_TIMEOUT, attempt).await??)
     };
     connect
         .retry(reconnect_backoff())
@@ -138,12 +186,12 @@ pub(crate) async fn serve<H: DeliveryHandler>(
         first = false;
         match outcome {
             Ok(()) => {
-                connection.close(200, "shutdown".into()).await.ok();
+                close_connection(&connection, 200, "shutdown").await;
                 tracing::info!(participant = handler.name(), "stopped");
                 return;
             }
             Err(e) => {
-                connection.close(320, "reconnecting".into()).await.ok();
+                close_connection(&connection, 320, "reconnecting").await;
                 failures = if became_ready { 1 } else { failures + 1 };
                 // A session that fails before consuming (e.g. a declaration
                 // the broker refuses) would otherwise spin reconnecting.
@@ -159,15 +207,31 @@ pub(crate) async fn serve<H: DeliveryHandler>(
     }
 }
 
-async fn session<H: DeliveryHandler>(
+/// Closes a connection, waiting at most [`CLOSE_TIMEOUT`] for the broker.
+async fn close_connection(connection: &Connection, code: u16, text: &str) {
+    within(
+        "closing the connection",
+        CLOSE_TIMEOUT,
+        connection.close(code, text.into()),
+    )
+    .await
+    .ok();
+}
+
+/// The channels and consumer of one session, set up.
+struct Session {
+    consume_channel: Channel,
+    publish_channel: Channel,
+    consumer: lapin::Consumer,
+    tag: String,
+}
+
+/// Opens the channels, declares the topology and starts consuming.
+async fn open_session<H: DeliveryHandler>(
     handler: &Arc<H>,
     settings: &ConsumerSettings,
     connection: &Connection,
-    shutdown: &CancellationToken,
-    first: bool,
-    ready: &watch::Sender<bool>,
-    became_ready: &mut bool,
-) -> Result<(), SessionError> {
+) -> Result<Session, SessionError> {
     let consume_channel = connection.create_channel().await?;
     let publish_channel = connection.create_channel().await?;
     publish_channel
@@ -178,7 +242,7 @@ async fn session<H: DeliveryHandler>(
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("{}-{}", handler.name(), uuid::Uuid::new_v4().simple());
-    let mut consumer = consume_channel
+    let consumer = consume_channel
         .basic_consume(
             handler.queue().into(),
             tag.as_str().into(),
@@ -186,6 +250,48 @@ async fn session<H: DeliveryHandler>(
             FieldTable::default(),
         )
         .await?;
+    Ok(Session {
+        consume_channel,
+        publish_channel,
+        consumer,
+        tag,
+    })
+}
+
+async fn session<H: DeliveryHandler>(
+    handler: &Arc<H>,
+    settings: &ConsumerSettings,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+    first: bool,
+    ready: &watch::Sender<bool>,
+    became_ready: &mut bool,
+) -> Result<(), SessionError> {
+    // Errors of the connection (a cut, a missed heartbeat) end the session
+    // wherever it is waiting.
+    let mut events = connection.events_listener();
+    let broken = async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(error) = event {
+                return error;
+            }
+        }
+        lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+            lapin::ConnectionState::Closed,
+        ))
+    };
+    tokio::pin!(broken);
+    let opened = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        error = &mut broken => return Err(SessionError::ConnectionBroken(error)),
+        opened = within("setting up the session", SETUP_TIMEOUT, open_session(handler, settings, connection)) => opened??,
+    };
+    let Session {
+        consume_channel,
+        publish_channel,
+        mut consumer,
+        tag,
+    } = opened;
     tracing::info!(participant = handler.name(), queue = %handler.queue(), "consuming");
     ready.send_replace(true);
     *became_ready = true;
@@ -200,72 +306,108 @@ async fn session<H: DeliveryHandler>(
     let tasks = TaskTracker::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A permit is taken before the next delivery so at most `concurrency`
+    // are in hand; the rest wait in the prefetch buffer. Shutdown, a broken
+    // connection and the health check are watched all the while.
+    let mut permit: Option<OwnedSemaphorePermit> = None;
     let result = loop {
-        // Take a permit before the next delivery so at most `concurrency`
-        // are in hand; the rest wait in the prefetch buffer.
-        let permit = tokio::select! {
+        tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
-        let next = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break Ok(()),
+            error = &mut broken => break Err(SessionError::ConnectionBroken(error)),
             _ = health.tick() => {
                 // A channel closed by the broker (not the connection) would
                 // otherwise leave us consuming with no way to reply.
                 if !publish_channel.status().connected() || !consume_channel.status().connected() {
                     break Err(SessionError::ChannelClosed);
                 }
-                continue;
             }
-            next = consumer.next() => next,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                let handler = handler.clone();
-                let publisher = publish_channel.clone();
-                tasks.spawn(async move {
-                    let acker = delivery.acker.clone();
-                    let handled = AssertUnwindSafe(handler.clone().handle(delivery, publisher))
-                        .catch_unwind()
-                        .await;
-                    if handled.is_err() {
-                        // Requeue: the quorum queue's delivery limit
-                        // dead-letters a message that keeps panicking.
-                        tracing::error!(
-                            participant = handler.name(),
-                            "handler panicked; requeueing the delivery"
-                        );
-                        acker
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await
-                            .ok();
-                    }
-                    drop(permit);
-                });
+            p = permits.clone().acquire_owned(), if permit.is_none() => {
+                permit = Some(p.expect("the semaphore is never closed"));
             }
-            Some(Err(e)) => break Err(SessionError::Amqp(e)),
-            None => break Err(SessionError::Cancelled),
+            next = consumer.next(), if permit.is_some() => match next {
+                Some(Ok(delivery)) => {
+                    let permit = permit.take();
+                    let handler = handler.clone();
+                    let publisher = publish_channel.clone();
+                    tasks.spawn(async move {
+                        handle_one(handler, delivery, publisher).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => break Err(SessionError::Amqp(e)),
+                None => break Err(SessionError::Cancelled),
+            },
         }
     };
-    if result.is_ok() {
-        consume_channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-            .ok();
-    }
     tasks.close();
-    tasks.wait().await;
+    if result.is_ok() {
+        within(
+            "cancelling the consumer",
+            CLOSE_TIMEOUT,
+            consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await
+        .ok();
+        // Every wait inside a delivery is bounded, so this ends.
+        tasks.wait().await;
+    } else if within("deliveries in hand", BROKEN_SESSION_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        // Their deliveries were not acked: the broker redelivers them to
+        // the next session, and the inbox answers them again.
+        tracing::warn!(
+            participant = handler.name(),
+            in_hand = tasks.len(),
+            "reconnecting without waiting longer for deliveries in hand"
+        );
+    }
     stop_background.cancel();
-    background.await.ok();
+    let background_abort = background.abort_handle();
+    if within("stopping background work", CONFIRM_TIMEOUT, background)
+        .await
+        .is_err()
+    {
+        background_abort.abort();
+    }
     if result.is_ok() {
         handler.clone().drain(publish_channel.clone()).await;
-        consume_channel.close(200, "shutdown".into()).await.ok();
-        publish_channel.close(200, "shutdown".into()).await.ok();
+        for channel in [&consume_channel, &publish_channel] {
+            within(
+                "closing a channel",
+                CLOSE_TIMEOUT,
+                channel.close(200, "shutdown".into()),
+            )
+            .await
+            .ok();
+        }
     }
     result
+}
+
+/// Handles one delivery; a panicking handler gets the delivery requeued.
+async fn handle_one<H: DeliveryHandler>(handler: Arc<H>, delivery: Delivery, publisher: Channel) {
+    let acker = delivery.acker.clone();
+    let handled = AssertUnwindSafe(handler.clone().handle(delivery, publisher))
+        .catch_unwind()
+        .await;
+    if handled.is_err() {
+        // Requeue: the quorum queue's delivery limit dead-letters a message
+        // that keeps panicking.
+        tracing::error!(
+            participant = handler.name(),
+            "handler panicked; requeueing the delivery"
+        );
+        within(
+            "requeueing a delivery",
+            CONFIRM_TIMEOUT,
+            acker.nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            }),
+        )
+        .await
+        .ok();
+    }
 }

@@ -59,6 +59,7 @@ mod participant;
 pub mod stats;
 pub mod topology;
 
+pub use consumer::TimedOut;
 pub use database::{DatabaseError, PoolSettings};
 pub use faults::{FaultConfig, FaultConfigError, FaultInjector};
 pub use handler::{Command, Handler, HandlerError, HandlerFuture, HandlerResult, Outcome};

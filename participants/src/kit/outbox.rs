@@ -16,6 +16,8 @@ use saga_proto::amqp::{CONTENT_TYPE, REPLY_TYPE, ReplyMessage, TRACEPARENT_HEADE
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::consumer::{CONFIRM_TIMEOUT, TimedOut, within};
+
 /// How long the consumer owns a freshly written row before the relay may
 /// take it: longer than the consumer's own publish retries, so the two do
 /// not publish the same row at once in the normal case.
@@ -42,6 +44,10 @@ pub enum PublishError {
     /// The channel was not in confirm mode (a bug: the kit enables it).
     #[error("the publishing channel does not confirm")]
     NotConfirmed,
+    /// The broker did not confirm in time (a cut or black-holed
+    /// connection); the channel is not to be trusted any more.
+    #[error(transparent)]
+    TimedOut(#[from] TimedOut),
 }
 
 /// A reply ready to be published.
@@ -112,9 +118,18 @@ pub(crate) async fn defer(pool: &PgPool, id: i64, error: &str) -> Result<(), sql
 }
 
 /// Publishes one reply through the default exchange and waits for the
-/// broker's confirm. `mandatory` turns "no such queue" into an error here
-/// instead of a silent drop.
+/// broker's confirm, at most [`CONFIRM_TIMEOUT`]. `mandatory` turns "no
+/// such queue" into an error here instead of a silent drop.
 pub(crate) async fn publish(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
+    within(
+        "a publisher confirm",
+        CONFIRM_TIMEOUT,
+        publish_unbounded(channel, reply),
+    )
+    .await?
+}
+
+async fn publish_unbounded(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
     let message_id = Uuid::now_v7();
     let mut headers = FieldTable::default();
     headers.insert(

@@ -599,7 +599,7 @@ impl CommandService {
                     .with_max_times(5),
             )
             // A failed channel stays failed; the relay retries on the next.
-            .when(|e| !matches!(e, PublishError::Amqp(_)))
+            .when(|e| !matches!(e, PublishError::Amqp(_) | PublishError::TimedOut(_)))
             .await;
         match published {
             Ok(()) => {
@@ -691,12 +691,14 @@ impl DeliveryHandler for CommandService {
                     1,
                 );
                 tracing::warn!(participant = %self.name, error = %e, bytes = delivery.data.len(), "undecodable command: dead-lettering it");
-                if let Err(e) = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                {
-                    tracing::warn!(participant = %self.name, error = %e, "could not reject a poison message");
+                let rejected = consumer::within(
+                    "rejecting a poison message",
+                    consumer::CONFIRM_TIMEOUT,
+                    delivery.acker.reject(BasicRejectOptions { requeue: false }),
+                )
+                .await;
+                if !matches!(rejected, Ok(Ok(_))) {
+                    tracing::warn!(participant = %self.name, "could not reject a poison message; it comes back");
                 }
                 return;
             }
@@ -734,9 +736,20 @@ impl DeliveryHandler for CommandService {
             }
         }
         crate::crash_point!("participant::before_ack");
-        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        let acked = consumer::within(
+            "acking a command",
+            consumer::CONFIRM_TIMEOUT,
+            delivery.acker.ack(BasicAckOptions::default()),
+        )
+        .await;
+        let failure = match acked {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = failure {
             // The broker redelivers it; the inbox answers with the same reply.
-            tracing::warn!(participant = %self.name, error = %e, "could not ack a command");
+            tracing::warn!(participant = %self.name, %error, "could not ack a command");
         }
     }
 

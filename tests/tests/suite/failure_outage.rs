@@ -192,7 +192,6 @@ async fn latency_on_every_connection() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a participant can stop consuming after repeated broker connection cuts (its session waits forever for in-flight handler tasks); fix in progress in participants/src/kit/consumer.rs"]
 async fn connections_cut_again_and_again() {
     let (_permit, mut cluster) = cluster(ClusterOptions::default()).await;
     let load = load(&cluster, 60, 6.0, seed("connections cut again and again"));

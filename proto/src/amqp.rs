@@ -128,8 +128,10 @@ pub enum Phase {
 }
 
 /// A command sent to a participant (AMQP `type` = `saga.command`).
+///
+/// Unknown fields are ignored when decoding, so that a newer orchestrator
+/// may add fields without older participants dead-lettering its commands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CommandMessage {
     /// The saga this command belongs to.
     pub saga_id: Uuid,
@@ -305,6 +307,21 @@ mod tests {
         assert_eq!(reply.data, serde_json::Value::Null);
         let back = serde_json::to_value(&reply).unwrap();
         assert_eq!(back["status"], "transient_error");
+    }
+
+    #[test]
+    fn unknown_command_fields_are_ignored_for_forward_compatibility() {
+        let json = serde_json::json!({
+            "saga_id": "0192e0a4-7a8e-7b3c-9d1e-2f3a4b5c6d7e", "saga_type": "order_placement",
+            "saga_version": 1, "step": "reserve_inventory", "phase": "action", "attempt": 2,
+            "participant": "inventory", "command": "reserve", "idempotency_key": "k",
+            "payload": {"order_id": "o-1"}, "deadline": "2030-01-01T00:00:00Z"
+        });
+        let command: CommandMessage = serde_json::from_value(json).unwrap();
+        assert_eq!(command.command, "reserve");
+        assert_eq!(command.attempt, 2);
+        assert_eq!(command.compensates, None);
+        assert_eq!(command.payload["order_id"], "o-1");
     }
 
     #[test]

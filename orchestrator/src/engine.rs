@@ -118,7 +118,6 @@ pub struct Engine {
 struct Effects {
     history: Vec<(Uuid, HistoryEntry)>,
     outbox: Vec<OutboxMessage>,
-    wakeups: Vec<i64>,
     finished: Vec<SagaStatus>,
 }
 
@@ -576,7 +575,8 @@ impl Engine {
                         attempts: 0,
                     });
                 }
-                Action::ScheduleTimer { due_at_ms, .. } => effects.wakeups.push(due_at_ms),
+                // Tracked from the new state after commit (see `act`).
+                Action::ScheduleTimer { .. } => {}
                 Action::PublishLifecycle { status } => {
                     let state_name = lifecycle_state(status);
                     let event = LifecycleEvent {
@@ -614,9 +614,7 @@ impl Engine {
         self.cache.store(state);
         self.publisher.publish(published);
         self.hub.notify(state.id);
-        for due in effects.wakeups {
-            self.timers.wake_at(due);
-        }
+        self.timers.track(state.id, state.next_due_at_ms());
         for status in effects.finished {
             metrics::counter!("saga_finished_total", "status" => status.as_str()).increment(1);
         }

@@ -67,3 +67,35 @@ async fn unknown_commands_and_wrong_phases_are_rejected() {
     assert_eq!(app.handle(Service::Inventory).stats().poison, 0);
     app.finish().await;
 }
+
+/// A newer orchestrator may add envelope fields: a command carrying one is
+/// applied and answered like any other, not dead-lettered as poison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_with_an_unknown_envelope_field_is_applied_not_dead_lettered() {
+    let app = TestApp::spawn(&[Service::Inventory]).await;
+    let reserve = command(
+        "inventory",
+        "reserve",
+        Phase::Action,
+        json!({"order_id": "o-61", "items": [{"sku": "sku-61", "quantity": 3}]}),
+    );
+    let mut body = serde_json::to_value(&reserve).unwrap();
+    body["deadline"] = json!("2030-01-01T00:00:00Z");
+    body["priority"] = json!({"class": "gold"});
+    app.send_raw("inventory", &serde_json::to_vec(&body).unwrap())
+        .await;
+    let reply = eventually("the reply to the extended command", || async {
+        app.replies_to(&reserve).first().map(|r| r.reply.clone())
+    })
+    .await;
+    assert!(success(&reply)["reservation_id"].is_string(), "{reply:?}");
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM inventory_reservations WHERE order_id = 'o-61' AND status = 'reserved'",
+    )
+    .fetch_one(app.pool(Service::Inventory))
+    .await
+    .unwrap();
+    assert_eq!(held, 1, "the reservation was applied once");
+    assert_eq!(app.handle(Service::Inventory).stats().poison, 0);
+    app.finish().await;
+}

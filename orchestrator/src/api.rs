@@ -100,6 +100,9 @@ impl From<EngineError> for Status {
             EngineError::IdempotencyRace => {
                 Status::aborted("idempotency key conflict; retry the call")
             }
+            EngineError::ShuttingDown => {
+                Status::unavailable("the orchestrator is shutting down; nothing was written")
+            }
         }
     }
 }

@@ -28,11 +28,12 @@ use crate::{
     bus::publisher::Publisher,
     cache::SagaCache,
     health::Health,
+    starts::StartWriter,
     store::{
         Store, StoreError,
         outbox::{self, OutboxMessage},
         sagas::{self as saga_rows, NewSaga, SagaRecord},
-        transition,
+        transition::{self, StartRow},
     },
     timers::TimerWakeups,
     watch::WatchHub,
@@ -60,6 +61,9 @@ pub enum EngineError {
     /// (it cannot: sagas are never deleted); retrying is safe.
     #[error("idempotency key conflict could not be resolved; retry")]
     IdempotencyRace,
+    /// The engine is stopping; nothing was written.
+    #[error("the orchestrator is shutting down")]
+    ShuttingDown,
 }
 
 impl From<sqlx::Error> for EngineError {
@@ -111,6 +115,8 @@ pub struct Engine {
     hub: WatchHub,
     /// States of the sagas this instance drives.
     cache: SagaCache,
+    /// Writes concurrent starts together.
+    starts: StartWriter,
 }
 
 /// What a saga's transitions produced, to write and then act on.
@@ -196,7 +202,6 @@ impl Engine {
         hub: WatchHub,
     ) -> Self {
         Self {
-            store,
             catalog,
             topology,
             publisher,
@@ -205,6 +210,8 @@ impl Engine {
             relay_kick: Arc::new(Notify::new()),
             hub,
             cache: SagaCache::new(DEFAULT_CACHE_CAPACITY),
+            starts: StartWriter::spawn(store.pool().clone()),
+            store,
         }
     }
 
@@ -244,23 +251,23 @@ impl Engine {
             input: &request.input,
             now,
         };
+        let history = std::mem::take(&mut effects.history);
+        let outbox = std::mem::take(&mut effects.outbox);
+        let row = StartRow::new(&new, history, outbox);
         let result = async {
-            let mut conn = self.store.pool().acquire().await?;
-            // One statement, no explicit transaction. A taken key is looked up;
-            // the saga holding it is committed (ON CONFLICT waited for it).
-            let outbox = std::mem::take(&mut effects.outbox);
-            match transition::insert_started(
-                &mut conn,
-                &new,
-                &effects.history,
-                outbox,
-                now + outbox::PUBLISH_LEASE,
-            )
-            .await?
-            {
+            // Written together with the other starts waiting (one commit).
+            // A taken key is looked up; the saga holding it is committed
+            // (ON CONFLICT waited for it).
+            let written = self
+                .starts
+                .write(row)
+                .await
+                .map_err(|_| EngineError::ShuttingDown)??;
+            match written {
                 Some(published) => Ok::<_, EngineError>((saga_id, Some(published))),
                 None => {
                     let key = request.idempotency_key.as_deref().unwrap_or_default();
+                    let mut conn = self.store.pool().acquire().await?;
                     let existing =
                         saga_rows::find_by_idempotency_key(&mut conn, &request.saga_type, key)
                             .await?
@@ -614,7 +621,10 @@ impl Engine {
         self.cache.store(state);
         self.publisher.publish(published);
         self.hub.notify(state.id);
-        self.timers.track(state.id, state.next_due_at_ms());
+        let next_due = (!state.status.is_terminal())
+            .then(|| state.next_due_at_ms())
+            .flatten();
+        self.timers.track(state.id, next_due);
         for status in effects.finished {
             metrics::counter!("saga_finished_total", "status" => status.as_str()).increment(1);
         }

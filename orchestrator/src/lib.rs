@@ -43,6 +43,7 @@ pub mod config;
 pub mod engine;
 pub mod health;
 pub mod relay;
+pub mod starts;
 pub mod store;
 pub mod telemetry;
 pub mod timers;

@@ -174,54 +174,153 @@ pub async fn write(
     })
 }
 
-/// Stamps ids (returned in insertion order) onto the messages.
-fn assign_ids(messages: &mut [OutboxMessage], ids: Vec<i64>) {
-    debug_assert_eq!(messages.len(), ids.len());
-    for (message, id) in messages.iter_mut().zip(ids) {
-        message.id = id;
+/// A new saga as it is written: its columns, its first history rows and
+/// its first outbox messages.
+#[derive(Debug)]
+pub struct StartRow {
+    /// Saga id.
+    pub id: Uuid,
+    /// Flow name.
+    pub saga_type: String,
+    /// Flow version.
+    pub version: i32,
+    /// Status after `Started`.
+    pub status: &'static str,
+    /// `StartSaga`'s key, if one was given.
+    pub idempotency_key: Option<String>,
+    /// The input as sent.
+    pub input: String,
+    /// The state after `Started`.
+    pub state: serde_json::Value,
+    /// Error of the state (none at start, kept for symmetry).
+    pub error: Option<String>,
+    /// Its earliest timer.
+    pub due: Option<DateTime<Utc>>,
+    /// Revision (history seq) of the state.
+    pub revision: i64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// History rows of the start.
+    pub history: Vec<(Uuid, HistoryEntry)>,
+    /// Messages of the start (ids are assigned when written).
+    pub outbox: Vec<OutboxMessage>,
+}
+
+impl StartRow {
+    /// The row of `new`, whose start produced `history` and `outbox`.
+    pub fn new(
+        new: &NewSaga<'_>,
+        history: Vec<(Uuid, HistoryEntry)>,
+        outbox: Vec<OutboxMessage>,
+    ) -> Self {
+        let state = new.state;
+        Self {
+            id: state.id,
+            saga_type: state.saga_type.clone(),
+            version: state.version as i32,
+            status: state.status.as_str(),
+            idempotency_key: new.idempotency_key.map(str::to_owned),
+            input: new.input.to_owned(),
+            state: state_json(state),
+            error: state.error.clone(),
+            due: due_at(state),
+            revision: state.seq as i64,
+            created_at: new.now,
+            history,
+            outbox,
+        }
     }
 }
 
-/// Inserts a new saga with its history and outbox rows in one statement
-/// (one round trip, no explicit transaction), unless (type, idempotency key)
-/// exists. Returns `None` when the key was taken.
+/// Inserts new sagas with their history and outbox rows in one statement
+/// (one round trip, one commit, no explicit transaction). A saga whose
+/// (type, idempotency key) exists already — or appears earlier in `rows` —
+/// is skipped with nothing written for it. Returns what was inserted.
 pub async fn insert_started(
     conn: &mut PgConnection,
-    new: &NewSaga<'_>,
-    history: &[(Uuid, HistoryEntry)],
-    mut outbox: Vec<OutboxMessage>,
+    rows: &[&StartRow],
+    at: DateTime<Utc>,
     lease_until: DateTime<Utc>,
-) -> Result<Option<Vec<OutboxMessage>>, StoreError> {
-    let state = new.state;
-    let h = HistoryColumns::new(history);
-    let o = OutboxColumns::new(&outbox);
+) -> Result<Inserted, StoreError> {
+    let history: Vec<(Uuid, HistoryEntry)> = rows
+        .iter()
+        .flat_map(|r| r.history.iter().cloned())
+        .collect();
+    let messages: Vec<OutboxMessage> = rows.iter().flat_map(|r| r.outbox.clone()).collect();
+    let h = HistoryColumns::new(&history);
+    let o = OutboxColumns::new(&messages);
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.saga_type.as_str()).collect();
+    let versions: Vec<i32> = rows.iter().map(|r| r.version).collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.idempotency_key.as_deref()).collect();
+    let inputs: Vec<&str> = rows.iter().map(|r| r.input.as_str()).collect();
+    let states: Vec<&serde_json::Value> = rows.iter().map(|r| &r.state).collect();
+    let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
+    let dues: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.due).collect();
+    let revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
+    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
     let sql = format!(
         "WITH ins AS (
                 INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, revision, created_at, updated_at)
-                VALUES ($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $1, $1)
+                SELECT s.id, s.saga_type, s.version, s.status, s.idempotency_key, s.input, s.state, s.error, s.due, s.revision, s.created_at, s.created_at
+                FROM UNNEST($17::uuid[], $18::text[], $19::int4[], $20::text[], $21::text[], $22::text[],
+                            $23::jsonb[], $24::text[], $25::timestamptz[], $26::int8[], $27::timestamptz[])
+                     WITH ORDINALITY AS s(id, saga_type, version, status, idempotency_key, input, state, error, due, revision, created_at, n)
+                ORDER BY s.n
                 ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id),
-              hist AS ({INSERT_HISTORY} WHERE EXISTS (SELECT 1 FROM ins)),
-              ob AS ({INSERT_OUTBOX} WHERE EXISTS (SELECT 1 FROM ins) ORDER BY o.n RETURNING id)
-         SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
-                COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
+              hist AS ({INSERT_HISTORY} WHERE h.id IN (SELECT id FROM ins)),
+              ob AS ({INSERT_OUTBOX} WHERE o.saga_id IN (SELECT id FROM ins) ORDER BY o.n RETURNING id, message_id)
+         SELECT COALESCE((SELECT array_agg(id) FROM ins), '{{}}') AS inserted,
+                COALESCE((SELECT array_agg(message_id) FROM ob), '{{}}') AS message_ids,
+                COALESCE((SELECT array_agg(id) FROM ob), '{{}}') AS ids"
     );
-    let row = bind_history_and_outbox(sqlx::query(&sql), new.now, &h, lease_until, &o)
-        .bind(state.id)
-        .bind(&state.saga_type)
-        .bind(state.version as i32)
-        .bind(state.status.as_str())
-        .bind(new.idempotency_key)
-        .bind(new.input)
-        .bind(state_json(state))
-        .bind(state.error.as_deref())
-        .bind(due_at(state))
-        .bind(state.seq as i64)
+    let row = bind_history_and_outbox(sqlx::query(&sql), at, &h, lease_until, &o)
+        .bind(&ids)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&statuses)
+        .bind(&keys)
+        .bind(&inputs)
+        .bind(&states)
+        .bind(&errors)
+        .bind(&dues)
+        .bind(&revisions)
+        .bind(&created)
         .fetch_one(conn)
         .await?;
-    if !row.try_get::<bool, _>("inserted")? {
-        return Ok(None);
+    let message_ids: Vec<Uuid> = row.try_get("message_ids")?;
+    let outbox_ids: Vec<i64> = row.try_get("ids")?;
+    Ok(Inserted {
+        sagas: row
+            .try_get::<Vec<Uuid>, _>("inserted")?
+            .into_iter()
+            .collect(),
+        outbox_ids: message_ids.into_iter().zip(outbox_ids).collect(),
+    })
+}
+
+/// What [`insert_started`] inserted.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// The sagas written (the others' keys were taken).
+    sagas: std::collections::HashSet<Uuid>,
+    /// Outbox id of each message written, by message id.
+    outbox_ids: std::collections::HashMap<Uuid, i64>,
+}
+
+impl Inserted {
+    /// `row`'s messages with their outbox ids, or `None` when `row` was
+    /// not inserted (its key was taken).
+    pub fn take(&self, row: StartRow) -> Option<Vec<OutboxMessage>> {
+        if !self.sagas.contains(&row.id) {
+            return None;
+        }
+        let mut outbox = row.outbox;
+        for message in &mut outbox {
+            message.id = self.outbox_ids[&message.message_id];
+        }
+        Some(outbox)
     }
-    assign_ids(&mut outbox, row.try_get("ids")?);
-    Ok(Some(outbox))
 }

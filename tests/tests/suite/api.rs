@@ -305,6 +305,133 @@ async fn start_is_idempotent_even_when_concurrent() {
     app.stop().await;
 }
 
+/// Concurrent starts are written in groups (one statement and one commit
+/// for whatever waits while a write runs). Each call still gets its own
+/// answer: duplicates of a key within one group resolve to one saga, a bad
+/// input in the burst is refused alone, every saga has its own history.
+#[tokio::test]
+async fn a_burst_of_starts_is_written_together_and_each_call_gets_its_own_answer() {
+    let env = TestEnv::new();
+    let app = TestApp::spawn(&env, catalog(Duration::from_secs(5))).await;
+    // Hold every insert until the burst is queued, so it forms groups.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sagas IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let keyed = (0..24).flat_map(|i| [format!("burst-{i}"), format!("burst-{i}")]);
+    let unkeyed = (0..8).map(|_| String::new());
+    let calls = keyed.chain(unkeyed).enumerate().map(|(i, key)| {
+        let mut client = app.client.clone();
+        let request = StartSagaRequest {
+            idempotency_key: key.clone(),
+            ..start_request(FOUR_STEPS, &order(&format!("o-{i}")).to_string())
+        };
+        async move { (key, client.start_saga(request).await) }
+    });
+    let bad = (0..2).map(|_| {
+        let mut client = app.client.clone();
+        async move {
+            client
+                .start_saga(start_request(FOUR_STEPS, r#"{"order_id": 7}"#))
+                .await
+        }
+    });
+    let burst = tokio::spawn(futures::future::join_all(calls));
+    // Bad input is refused before anything waits for the database.
+    for refused in futures::future::join_all(bad).await {
+        assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+    }
+    // Both writers are blocked on the lock: the rest of the burst queues.
+    let mut waiting = 0;
+    for _ in 0..600 {
+        waiting = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(waiting, 2, "both start writers wait for the lock");
+    lock.commit().await.unwrap();
+
+    let answers = burst.await.unwrap();
+    let mut by_key: std::collections::HashMap<String, Vec<(String, bool)>> = Default::default();
+    let mut unkeyed_ids = std::collections::HashSet::new();
+    for (key, answer) in answers {
+        let answer = answer.expect("every start succeeds").into_inner();
+        if key.is_empty() {
+            assert!(answer.created);
+            assert!(
+                unkeyed_ids.insert(answer.saga_id),
+                "a saga id answered twice"
+            );
+        } else {
+            by_key
+                .entry(key)
+                .or_default()
+                .push((answer.saga_id, answer.created));
+        }
+    }
+    assert_eq!(by_key.len(), 24);
+    let mut ids: std::collections::HashSet<String> = unkeyed_ids;
+    for (key, answers) in &by_key {
+        assert_eq!(answers.len(), 2);
+        assert_eq!(
+            answers[0].0, answers[1].0,
+            "both calls with {key} name one saga"
+        );
+        let created = answers.iter().filter(|(_, created)| *created).count();
+        assert_eq!(created, 1, "exactly one call with {key} created it");
+        assert!(ids.insert(answers[0].0.clone()), "{key}'s saga is its own");
+    }
+    assert_eq!(ids.len(), 32);
+    let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT s.id, (SELECT count(*) FROM saga_history h
+                       WHERE h.saga_id = s.id AND h.kind = 'saga_started') FROM sagas s",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows.len(),
+        32,
+        "one saga per key, one per keyless call, none for bad input"
+    );
+    for (id, started) in &rows {
+        assert!(ids.contains(&id.to_string()), "saga {id} was answered");
+        assert_eq!(*started, 1, "saga {id} has its own start in its history");
+    }
+    // History rows are never updated, so their xmin is the transaction of
+    // the start: fewer transactions than sagas means starts were grouped.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM saga_history WHERE kind = 'saga_started'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    println!("32 starts written in {transactions} transactions");
+    assert!(transactions < 32, "starts were written in groups");
+    for id in &ids {
+        let saga = app
+            .client
+            .clone()
+            .get_saga(GetSagaRequest {
+                saga_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(saga.saga_type, FOUR_STEPS);
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn list_pages_newest_first_and_filters_by_type_and_state() {
     let env = TestEnv::new();

@@ -8,7 +8,13 @@ use crate::config::LogFormat;
 /// start several apps in one process).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
+        // lapin logs every returned (unroutable) message at WARN with its
+        // whole body; the publisher logs its own one-line warning instead.
+        .unwrap_or_else(|_| {
+            EnvFilter::new(
+                "info,sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn",
+            )
+        });
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Pretty => registry.with(fmt::layer().with_target(false)).try_init(),

@@ -15,7 +15,7 @@
 //!  COMMIT  (a transient error rolls everything back instead)     │
 //!        ▼  ◀────────────────────────────────────────────────────┘
 //!  publish reply to reply_to via "" (persistent, mandatory, confirmed)
-//!  delete the outbox row ─▶ ack the delivery
+//!  queue the outbox row for a grouped delete ─▶ ack the delivery
 //!
 //!  relay: start-up + every relay_interval, outbox rows FOR UPDATE SKIP LOCKED
 //! ```
@@ -49,6 +49,7 @@
 //! internal.
 
 mod barrier;
+mod cleaner;
 pub(crate) mod consumer;
 pub mod database;
 pub mod faults;

@@ -94,15 +94,6 @@ pub(crate) async fn insert(
     Ok(())
 }
 
-/// Deletes a row whose reply the broker confirmed.
-pub(crate) async fn delete(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM kit_outbox WHERE id = $1")
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
 /// Hands a row the consumer could not publish to the relay right away
 /// (instead of after [`CONSUMER_GRACE`]), counting the failure.
 pub(crate) async fn defer(pool: &PgPool, id: i64, error: &str) -> Result<(), sqlx::Error> {

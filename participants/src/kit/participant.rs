@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::barrier::{self, Barrier};
+use super::cleaner::OutboxCleaner;
 use super::consumer::{self, ConsumerSettings, DeliveryHandler};
 use super::database::{self, DatabaseError, PoolSettings};
 use super::faults::FaultInjector;
@@ -280,6 +281,7 @@ impl Participant {
             faults: config.faults.clone(),
             stats: stats.clone(),
             relay_interval: config.relay_interval,
+            cleaner: OutboxCleaner::spawn(pool.clone(), self.name.clone()),
         });
         Ok(ParticipantHandle::spawn(
             self.name,
@@ -383,6 +385,8 @@ struct CommandService {
     stats: Arc<Stats>,
     /// Period of the relay.
     relay_interval: Duration,
+    /// Deletes confirmed outbox rows in groups.
+    cleaner: OutboxCleaner,
 }
 
 /// What the transaction decided for one command.
@@ -609,11 +613,9 @@ impl CommandService {
                     "participant_replies_published_total",
                     1,
                 );
-                if let Some(id) = pending.outbox_id
-                    && let Err(e) = outbox::delete(&self.pool, id).await
-                {
-                    // The relay will publish it again: a harmless duplicate.
-                    tracing::warn!(participant = %self.name, outbox_id = id, error = %e, "could not delete a published outbox row");
+                if let Some(id) = pending.outbox_id {
+                    // Deleted with the other rows confirmed meanwhile.
+                    self.cleaner.confirmed(id);
                 }
             }
             Err(e) => {
@@ -760,7 +762,9 @@ impl DeliveryHandler for CommandService {
         _first: bool,
     ) {
         // Every publish of earlier sessions is finished by now, so all rows
-        // are fair game: crash leftovers get out at once.
+        // but the confirmed ones still queued for deletion are fair game:
+        // crash leftovers get out at once.
+        self.cleaner.flush().await;
         self.relay(&publisher, Sweep::All).await;
         let mut ticks = tokio::time::interval(self.relay_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -773,6 +777,7 @@ impl DeliveryHandler for CommandService {
     }
 
     async fn drain(self: Arc<Self>, publisher: Channel) {
+        self.cleaner.flush().await;
         if !self.relay(&publisher, Sweep::All).await {
             tracing::warn!(participant = %self.name, "replies remain in the outbox at shutdown; the relay sends them on the next start");
         }

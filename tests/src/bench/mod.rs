@@ -361,6 +361,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                         )?;
                         config.prefetch = 256;
                         config.concurrency = 32;
+                        // Enough connections for the commands in hand to
+                        // overlap their commits (PostgreSQL flushes the WAL
+                        // for all of them at once).
+                        config.pool.max_connections = 12;
                         for service in Service::ALL {
                             system::recreate_database(
                                 &args.postgres,

@@ -108,9 +108,12 @@ impl Orchestrator {
             .env("GRPC_ADDR", addr.to_string())
             .env(
                 "RUST_LOG",
-                std::env::var("ORCHESTRATOR_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("ORCHESTRATOR_LOG")
+                    .unwrap_or_else(|_| "warn,lapin::returned_messages=error".into()),
             )
             .stdin(Stdio::null())
+            // The report alone goes to stdout; the service's logs to stderr.
+            .stdout(std::io::stderr())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start the orchestrator")?;

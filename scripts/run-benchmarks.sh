@@ -19,16 +19,16 @@ run() { # run NAME ARGS...
 }
 
 # Peak throughput and calibration (echo and demo), v1.
-run echo-peak --mode echo --concurrency 128 --calibrate
-run demo-peak --mode demo --concurrency 128
+run echo-peak --mode echo --concurrency 256 --calibrate
+run demo-peak --mode demo --concurrency 256
 # One saga at a time.
 run echo-single --mode echo --concurrency 1
 # Throughput against concurrency.
-for c in 1 4 16 64 128 256; do run "echo-c$c" --mode echo --concurrency "$c"; done
+for c in 1 4 16 64 128 256 512; do run "echo-c$c" --mode echo --concurrency "$c"; done
 # Cost against steps per saga.
 for n in 1 3 6 12; do run "echo-steps$n" --mode echo --steps "$n" --concurrency 128; done
 # History size: 1,000,000 finished sagas already in the tables.
-run echo-prefill1m --mode echo --concurrency 128 --prefill 1000000
+run echo-prefill1m --mode echo --concurrency 256 --prefill 1000000
 # Memory with 10,000 sagas in flight.
 "$bench" --mode echo --inflight 10000 --json "$out/echo-inflight10k.json" > "$out/echo-inflight10k.txt"
 # Open loop at half the measured peak (latency under load).

@@ -131,14 +131,39 @@ pub async fn declare_topology(
     Ok(())
 }
 
-/// Connects with exponential backoff until it succeeds or `shutdown` fires.
+/// Longest wait for one connection attempt (a black-holed broker would
+/// otherwise hold the handshake forever).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two connection attempts: short, because the
+/// service is NOT_SERVING for as long as it is disconnected.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+
+/// Why one connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Amqp(lapin::Error),
+    #[error("no AMQP handshake within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Connects with exponential backoff (100 ms doubling to
+/// [`MAX_RECONNECT_DELAY`], jittered) until it succeeds or `shutdown` fires.
 pub async fn connect(url: &str, shutdown: &CancellationToken) -> Option<Connection> {
-    let attempt = || async { Connection::connect(url, ConnectionProperties::default()).await };
+    let attempt = || async {
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+        .map_err(ConnectError::Amqp)
+    };
     let retrying = attempt
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(5))
+                .with_max_delay(MAX_RECONNECT_DELAY)
                 .with_jitter()
                 .without_max_times(),
         )
@@ -176,7 +201,8 @@ pub async fn run(
             Err(error) => tracing::warn!(%error, "RabbitMQ session broke; reconnecting"),
         }
         health.set_broker(false);
-        let _ = connection.close(200, "bye".into()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
     }
 }
 

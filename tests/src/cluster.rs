@@ -488,6 +488,19 @@ impl Cluster {
             .await
     }
 
+    /// Restarts orchestrator `i` with `extra` environment meant to abort it
+    /// (`FAILPOINTS`), without waiting for it to serve: under load it may
+    /// reach its crash point before it ever reports SERVING (its relay
+    /// republishes what the last crash left, at once).
+    pub async fn restart_orchestrator_to_crash(
+        &mut self,
+        i: usize,
+        extra: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
+        self.orchestrators[i].process.start_with(extra).await?;
+        Ok(())
+    }
+
     /// Restarts participant process `i` with `extra` environment for this
     /// run, and waits until it consumes.
     pub async fn restart_participants(

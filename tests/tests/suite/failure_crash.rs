@@ -74,7 +74,7 @@ async fn orchestrator_crashes_at(point: &str, skip: u32, evidence: Evidence) {
     let load = load(&cluster, 40, 8.0, seed(point));
     for _ in 0..2 {
         cluster
-            .restart_orchestrator(0, &[("FAILPOINTS", &failpoints)])
+            .restart_orchestrator_to_crash(0, &[("FAILPOINTS", &failpoints)])
             .await
             .expect("restarts");
         expect_orchestrator_crash(&mut cluster, 0, point).await;
@@ -154,7 +154,7 @@ async fn orchestrator_crash_during_timer_handling() {
     let load = load(&cluster, 30, 8.0, seed(point));
     for _ in 0..2 {
         cluster
-            .restart_orchestrator(0, &[("FAILPOINTS", &failpoints)])
+            .restart_orchestrator_to_crash(0, &[("FAILPOINTS", &failpoints)])
             .await
             .expect("restarts");
         expect_orchestrator_crash(&mut cluster, 0, point).await;

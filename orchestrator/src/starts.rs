@@ -45,14 +45,6 @@ pub struct StartWriter {
     queue: mpsc::Sender<Pending>,
 }
 
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending")
-            .field("saga", &self.row.id)
-            .finish()
-    }
-}
-
 /// Why a start could not be handed to a writer.
 #[derive(Debug, thiserror::Error)]
 #[error("the start writer stopped")]

@@ -25,15 +25,24 @@ struct HistoryColumns<'a> {
 }
 
 impl<'a> HistoryColumns<'a> {
-    fn new(entries: &'a [(Uuid, HistoryEntry)]) -> Self {
-        Self {
-            ids: entries.iter().map(|(id, _)| *id).collect(),
-            seqs: entries.iter().map(|(_, e)| e.seq as i64).collect(),
-            kinds: entries.iter().map(|(_, e)| e.kind.as_str()).collect(),
-            steps: entries.iter().map(|(_, e)| e.step.as_deref()).collect(),
-            statuses: entries.iter().map(|(_, e)| e.status.as_str()).collect(),
-            details: entries.iter().map(|(_, e)| e.detail.as_str()).collect(),
+    fn new(entries: impl IntoIterator<Item = &'a (Uuid, HistoryEntry)>) -> Self {
+        let mut columns = Self {
+            ids: Vec::new(),
+            seqs: Vec::new(),
+            kinds: Vec::new(),
+            steps: Vec::new(),
+            statuses: Vec::new(),
+            details: Vec::new(),
+        };
+        for (id, e) in entries {
+            columns.ids.push(*id);
+            columns.seqs.push(e.seq as i64);
+            columns.kinds.push(e.kind.as_str());
+            columns.steps.push(e.step.as_deref());
+            columns.statuses.push(e.status.as_str());
+            columns.details.push(e.detail.as_str());
         }
+        columns
     }
 }
 
@@ -50,17 +59,28 @@ struct OutboxColumns<'a> {
 }
 
 impl<'a> OutboxColumns<'a> {
-    fn new(messages: &'a [OutboxMessage]) -> Self {
-        Self {
-            saga_ids: messages.iter().map(|m| m.saga_id).collect(),
-            message_ids: messages.iter().map(|m| m.message_id).collect(),
-            types: messages.iter().map(|m| m.message_type.as_str()).collect(),
-            exchanges: messages.iter().map(|m| m.exchange.as_str()).collect(),
-            keys: messages.iter().map(|m| m.routing_key.as_str()).collect(),
-            reply_tos: messages.iter().map(|m| m.reply_to.as_deref()).collect(),
-            mandatory: messages.iter().map(|m| m.mandatory).collect(),
-            bodies: messages.iter().map(|m| m.body.as_slice()).collect(),
+    fn new(messages: impl IntoIterator<Item = &'a OutboxMessage>) -> Self {
+        let mut columns = Self {
+            saga_ids: Vec::new(),
+            message_ids: Vec::new(),
+            types: Vec::new(),
+            exchanges: Vec::new(),
+            keys: Vec::new(),
+            reply_tos: Vec::new(),
+            mandatory: Vec::new(),
+            bodies: Vec::new(),
+        };
+        for m in messages {
+            columns.saga_ids.push(m.saga_id);
+            columns.message_ids.push(m.message_id);
+            columns.types.push(m.message_type.as_str());
+            columns.exchanges.push(m.exchange.as_str());
+            columns.keys.push(m.routing_key.as_str());
+            columns.reply_tos.push(m.reply_to.as_deref());
+            columns.mandatory.push(m.mandatory);
+            columns.bodies.push(m.body.as_slice());
         }
+        columns
     }
 }
 
@@ -242,13 +262,8 @@ pub async fn insert_started(
     at: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> Result<Inserted, StoreError> {
-    let history: Vec<(Uuid, HistoryEntry)> = rows
-        .iter()
-        .flat_map(|r| r.history.iter().cloned())
-        .collect();
-    let messages: Vec<OutboxMessage> = rows.iter().flat_map(|r| r.outbox.clone()).collect();
-    let h = HistoryColumns::new(&history);
-    let o = OutboxColumns::new(&messages);
+    let h = HistoryColumns::new(rows.iter().flat_map(|r| &r.history));
+    let o = OutboxColumns::new(rows.iter().flat_map(|r| &r.outbox));
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let types: Vec<&str> = rows.iter().map(|r| r.saga_type.as_str()).collect();
     let versions: Vec<i32> = rows.iter().map(|r| r.version).collect();

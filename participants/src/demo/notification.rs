@@ -13,12 +13,11 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use saga_proto::amqp::{LifecycleEvent, SagaLifecycleState, Topology};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::kit::consumer::{CONFIRM_TIMEOUT, ConsumerSettings, DeliveryHandler, within};
+use crate::kit::consumer::{ConsumerSettings, DeliveryHandler, Settle, settle};
 use crate::kit::stats::bump;
 use crate::kit::topology;
 use crate::kit::{KitError, ParticipantConfig, ParticipantHandle, Stats, database};
@@ -158,13 +157,7 @@ impl DeliveryHandler for NotificationService {
                     1,
                 );
                 tracing::warn!(participant = NAME, error = %e, "undecodable lifecycle event: dead-lettering it");
-                within(
-                    "rejecting a poison event",
-                    CONFIRM_TIMEOUT,
-                    delivery.acker.reject(BasicRejectOptions { requeue: false }),
-                )
-                .await
-                .ok();
+                settle(&delivery.acker, Settle::DeadLetter).await.ok();
                 return;
             }
         };
@@ -196,26 +189,11 @@ impl DeliveryHandler for NotificationService {
                         1,
                     );
                 }
-                within(
-                    "acking an event",
-                    CONFIRM_TIMEOUT,
-                    delivery.acker.ack(BasicAckOptions::default()),
-                )
-                .await
-                .ok();
+                settle(&delivery.acker, Settle::Ack).await.ok();
             }
             Err(e) => {
                 tracing::error!(participant = NAME, saga_id = %event.saga_id, error = %e, "giving up recording a notification for now");
-                within(
-                    "requeueing an event",
-                    CONFIRM_TIMEOUT,
-                    delivery.acker.nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    }),
-                )
-                .await
-                .ok();
+                settle(&delivery.acker, Settle::Requeue).await.ok();
             }
         }
     }

@@ -23,11 +23,11 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Acker, Channel, Connection, ConnectionProperties};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -104,6 +104,64 @@ pub(crate) async fn within<T>(
     tokio::time::timeout(limit, future)
         .await
         .map_err(|_| TimedOut { what, limit })
+}
+
+/// How a delivery is settled with the broker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Settle {
+    /// Done with it.
+    Ack,
+    /// Deliver it again (counts against the queue's delivery limit).
+    Requeue,
+    /// Reject it without requeue: the queue dead-letters it.
+    DeadLetter,
+}
+
+/// Why a delivery could not be settled (the broker redelivers it).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SettleError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    TimedOut(#[from] TimedOut),
+}
+
+/// Acks, requeues or dead-letters a delivery, waiting at most
+/// [`CONFIRM_TIMEOUT`] for the connection to take it.
+pub(crate) async fn settle(acker: &Acker, how: Settle) -> Result<(), SettleError> {
+    let settled = match how {
+        Settle::Ack => {
+            within(
+                "acking a delivery",
+                CONFIRM_TIMEOUT,
+                acker.ack(BasicAckOptions::default()),
+            )
+            .await
+        }
+        Settle::Requeue => {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            within(
+                "requeueing a delivery",
+                CONFIRM_TIMEOUT,
+                acker.nack(requeue),
+            )
+            .await
+        }
+        Settle::DeadLetter => {
+            let reject = BasicRejectOptions { requeue: false };
+            within(
+                "dead-lettering a delivery",
+                CONFIRM_TIMEOUT,
+                acker.reject(reject),
+            )
+            .await
+        }
+    };
+    settled??;
+    Ok(())
 }
 
 /// How a session ended.
@@ -399,15 +457,6 @@ async fn handle_one<H: DeliveryHandler>(handler: Arc<H>, delivery: Delivery, pub
             participant = handler.name(),
             "handler panicked; requeueing the delivery"
         );
-        within(
-            "requeueing a delivery",
-            CONFIRM_TIMEOUT,
-            acker.nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            }),
-        )
-        .await
-        .ok();
+        settle(&acker, Settle::Requeue).await.ok();
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
+
 use saga_proto::amqp::{CommandMessage, Phase, Topology, validate_name};
 use serde::de::DeserializeOwned;
 use sqlx::migrate::Migrator;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::barrier::{self, Barrier};
 use super::cleaner::OutboxCleaner;
-use super::consumer::{self, ConsumerSettings, DeliveryHandler};
+use super::consumer::{self, ConsumerSettings, DeliveryHandler, Settle};
 use super::database::{self, DatabaseError, PoolSettings};
 use super::faults::FaultInjector;
 use super::handler::{Command, Handler, HandlerError, Outcome, Route, erase};
@@ -693,14 +693,8 @@ impl DeliveryHandler for CommandService {
                     1,
                 );
                 tracing::warn!(participant = %self.name, error = %e, bytes = delivery.data.len(), "undecodable command: dead-lettering it");
-                let rejected = consumer::within(
-                    "rejecting a poison message",
-                    consumer::CONFIRM_TIMEOUT,
-                    delivery.acker.reject(BasicRejectOptions { requeue: false }),
-                )
-                .await;
-                if !matches!(rejected, Ok(Ok(_))) {
-                    tracing::warn!(participant = %self.name, "could not reject a poison message; it comes back");
+                if let Err(e) = consumer::settle(&delivery.acker, Settle::DeadLetter).await {
+                    tracing::warn!(participant = %self.name, error = %e, "could not reject a poison message; it comes back");
                 }
                 return;
             }
@@ -738,20 +732,9 @@ impl DeliveryHandler for CommandService {
             }
         }
         crate::crash_point!("participant::before_ack");
-        let acked = consumer::within(
-            "acking a command",
-            consumer::CONFIRM_TIMEOUT,
-            delivery.acker.ack(BasicAckOptions::default()),
-        )
-        .await;
-        let failure = match acked {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(error) = failure {
+        if let Err(e) = consumer::settle(&delivery.acker, Settle::Ack).await {
             // The broker redelivers it; the inbox answers with the same reply.
-            tracing::warn!(participant = %self.name, %error, "could not ack a command");
+            tracing::warn!(participant = %self.name, error = %e, "could not ack a command");
         }
     }
 

@@ -56,8 +56,8 @@ pub enum Outcome {
     /// Done: the data goes into the reply (and the saga's data).
     Success(serde_json::Value),
     /// A business rule refused the command. Whatever the handler wrote
-    /// before deciding is rolled back (savepoint), so a rejection has no
-    /// effect.
+    /// before deciding is rolled back (an action's whole transaction, a
+    /// compensation's savepoint), so a rejection has no effect.
     Rejected(String),
 }
 

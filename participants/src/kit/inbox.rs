@@ -66,16 +66,25 @@ pub(crate) async fn stored_outcome(
     }))
 }
 
-/// Records the final outcome of a claimed key.
+/// The inbox columns `(status, data, reason)` that record `outcome`.
+pub(crate) fn columns(
+    outcome: &Outcome,
+) -> (&'static str, Option<&serde_json::Value>, Option<&str>) {
+    match outcome {
+        Outcome::Success(data) => ("success", Some(data), None),
+        Outcome::Rejected(reason) => ("rejected", None, Some(reason.as_str())),
+    }
+}
+
+/// Records the final outcome of a claimed key (when no reply is written
+/// with it; see `outbox::insert_completing`).
 pub(crate) async fn complete(
     conn: &mut PgConnection,
     key: &str,
     outcome: &Outcome,
 ) -> Result<(), sqlx::Error> {
-    let (status, data, reason) = match outcome {
-        Outcome::Success(data) => ("success", Some(Json(data)), None),
-        Outcome::Rejected(reason) => ("rejected", None, Some(reason.as_str())),
-    };
+    let (status, data, reason) = columns(outcome);
+    let data = data.map(Json);
     sqlx::query(
         "UPDATE kit_inbox SET status = $2, data = $3, reason = $4, completed_at = now()
          WHERE idempotency_key = $1",

@@ -10,8 +10,9 @@
 //!  BEGIN
 //!    inbox claim (idempotency_key) ── taken ──▶ stored outcome ─┐
 //!    compensation? barrier on the action key                     │
-//!    SAVEPOINT; handler(tx, command); rejection rolls back to it │
-//!    inbox outcome + outbox reply                                │
+//!    handler(tx, command) (a compensation: inside a SAVEPOINT)   │
+//!    action rejected? ROLLBACK, BEGIN, claim again (no effect)   │
+//!    inbox outcome + outbox reply (one statement)                │
 //!  COMMIT  (a transient error rolls everything back instead)     │
 //!        ▼  ◀────────────────────────────────────────────────────┘
 //!  publish reply to reply_to via "" (persistent, mandatory, confirmed)

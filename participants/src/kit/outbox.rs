@@ -94,6 +94,39 @@ pub(crate) async fn insert(
     Ok(())
 }
 
+/// Records `key`'s final outcome in the inbox and inserts its reply in the
+/// outbox in one statement (one round trip instead of two; both in the
+/// caller's transaction). `outcome` columns are `(status, data, reason)`.
+pub(crate) async fn insert_completing(
+    conn: &mut PgConnection,
+    key: &str,
+    outcome: (&str, Option<&serde_json::Value>, Option<&str>),
+    reply: &mut PendingReply,
+) -> Result<(), sqlx::Error> {
+    let (status, data, reason) = outcome;
+    let id: i64 = sqlx::query_scalar(
+        "WITH completed AS (
+             UPDATE kit_inbox SET status = $5, data = $6, reason = $7, completed_at = now()
+             WHERE idempotency_key = $4
+         )
+         INSERT INTO kit_outbox (saga_id, reply_to, body, available_at)
+         VALUES ($1, $2, $3, now() + make_interval(secs => $8))
+         RETURNING id",
+    )
+    .bind(reply.saga_id)
+    .bind(&reply.reply_to)
+    .bind(&reply.body)
+    .bind(key)
+    .bind(status)
+    .bind(data.map(sqlx::types::Json))
+    .bind(reason)
+    .bind(CONSUMER_GRACE.as_secs_f64())
+    .fetch_one(conn)
+    .await?;
+    reply.outbox_id = Some(id);
+    Ok(())
+}
+
 /// Hands a row the consumer could not publish to the relay right away
 /// (instead of after [`CONSUMER_GRACE`]), counting the failure.
 pub(crate) async fn defer(pool: &PgPool, id: i64, error: &str) -> Result<(), sqlx::Error> {

@@ -118,3 +118,62 @@ async fn insufficient_stock_unknown_skus_and_bad_payloads_are_rejected() {
     assert!(rejected(&app.call(&zero).await).contains("greater than 0"));
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_reservation_leaves_no_trace_and_its_rejection_is_remembered() {
+    let app = TestApp::spawn(&[Service::Inventory]).await;
+    let pool = app.pool(Service::Inventory);
+    sqlx::query("UPDATE inventory_stock SET available = 5 WHERE sku = 'sku-41'")
+        .execute(pool)
+        .await
+        .unwrap();
+    // Lines are taken in SKU order: sku-40 is decremented and its line
+    // written before sku-41 turns out short.
+    let reserve = command(
+        "inventory",
+        "reserve",
+        Phase::Action,
+        json!({"order_id": "o-40", "items": [
+            {"sku": "sku-40", "quantity": 3},
+            {"sku": "sku-41", "quantity": 6},
+        ]}),
+    );
+    let reason = rejected(&app.call(&reserve).await);
+    assert!(
+        reason.contains("insufficient stock for SKU sku-41"),
+        "{reason}"
+    );
+    assert_eq!(stock(&app, "sku-40").await, SEEDED_STOCK);
+    assert_eq!(stock(&app, "sku-41").await, 5);
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM inventory_reservations WHERE order_id = 'o-40')
+              + (SELECT count(*) FROM inventory_reservation_items)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 0, "the rejected reservation wrote nothing");
+    let (status, stored): (String, String) =
+        sqlx::query_as("SELECT status, reason FROM kit_inbox WHERE idempotency_key = $1")
+            .bind(&reserve.idempotency_key)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), stored.as_str()),
+        ("rejected", reason.as_str())
+    );
+
+    // Enough stock now, but the key's answer is final: the retry replays it
+    // and takes nothing.
+    sqlx::query("UPDATE inventory_stock SET available = 100 WHERE sku = 'sku-41'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut retry = reserve.clone();
+    retry.attempt += 1;
+    assert_eq!(rejected(&app.call(&retry).await), reason);
+    assert_eq!(stock(&app, "sku-40").await, SEEDED_STOCK);
+    assert_eq!(stock(&app, "sku-41").await, 100);
+    app.finish().await;
+}

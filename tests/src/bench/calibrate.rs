@@ -137,3 +137,124 @@ pub async fn postgres(database_url: &str, seconds: u64, connections: u32) -> any
     pool.close().await;
     Ok(rate)
 }
+
+/// Latency of one hop with nothing else in flight, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct HopLatency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+}
+
+impl HopLatency {
+    fn from_micros(mut samples: Vec<u64>) -> Self {
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i] as f64 / 1000.0
+        };
+        Self {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+/// One persistent message at a time through a quorum queue: the time from
+/// `basic.publish` to its delivery to a consumer on another channel (the
+/// broker delivers only after the message is committed to its log). This
+/// is the floor of every command and reply hop of a saga.
+pub async fn rabbitmq_hop(
+    amqp_url: &str,
+    queue: &str,
+    samples: usize,
+) -> anyhow::Result<HopLatency> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = connection.create_channel().await?;
+    consume.basic_qos(10, BasicQosOptions::default()).await?;
+    let mut consumer = consume
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let body = vec![b'x'; 400];
+    let mut trips = Vec::with_capacity(samples);
+    // The first messages warm the queue's process and log up.
+    for i in 0..samples + 50 {
+        let sent = Instant::now();
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        let delivery = consumer
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("calibration consumer ended"))??;
+        if i >= 50 {
+            trips.push(sent.elapsed().as_micros() as u64);
+        }
+        delivery.ack(BasicAckOptions::default()).await?;
+        confirm.await?;
+    }
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(HopLatency::from_micros(trips))
+}
+
+/// One single-row INSERT commit at a time with one client.
+pub async fn postgres_commit(database_url: &str, samples: usize) -> anyhow::Result<HopLatency> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_commit_latency (id BIGSERIAL PRIMARY KEY, v INT NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let mut commits = Vec::with_capacity(samples);
+    for i in 0..samples + 50 {
+        let begin = Instant::now();
+        sqlx::query("INSERT INTO bench_commit_latency (v) VALUES (1)")
+            .execute(&pool)
+            .await?;
+        if i >= 50 {
+            commits.push(begin.elapsed().as_micros() as u64);
+        }
+    }
+    sqlx::query("DROP TABLE bench_commit_latency")
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(HopLatency::from_micros(commits))
+}

@@ -194,6 +194,17 @@ pub struct Calibration {
     pub implied_ceiling_sagas_per_s: f64,
     /// Measured sagas/s divided by that ceiling.
     pub fraction_of_ceiling: f64,
+    /// One persistent message alone through a quorum queue, publish to
+    /// delivery: median ms.
+    pub rabbitmq_hop_p50_ms: f64,
+    /// One single-row commit alone: median ms.
+    pub postgres_commit_p50_ms: f64,
+    /// Messages on one saga's critical path (each command, each reply, the
+    /// terminal event); they cannot overlap.
+    pub hops_on_path: u32,
+    /// hops × hop median + commits × commit median: the latency one saga
+    /// alone cannot beat whatever the orchestrator does, ms.
+    pub implied_latency_floor_ms: f64,
 }
 
 /// One run's results.
@@ -255,6 +266,10 @@ fn order_input(n: u64) -> String {
 
 fn chain_input(n: u64) -> String {
     format!(r#"{{"id":"bench-{n}"}}"#)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 fn to_ms(micros: u64) -> f64 {
@@ -541,6 +556,11 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         )
         .await?;
         let postgres = calibrate::postgres(&database_url, 10, 8).await?;
+        let hop = calibrate::rabbitmq_hop(&args.amqp_url, &format!("{}.hop", args.namespace), 1000)
+            .await?;
+        let commit = calibrate::postgres_commit(&database_url, 1000).await?;
+        let hops_on_path = 2 * steps as u32 + 1;
+        let floor = f64::from(hops_on_path) * hop.p50_ms + f64::from(commits) * commit.p50_ms;
         let ceiling = (rabbit / f64::from(messages)).min(postgres / f64::from(commits));
         report.calibration = Some(Calibration {
             rabbitmq_messages_per_s: rabbit.round(),
@@ -549,6 +569,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             commits_per_saga: commits,
             implied_ceiling_sagas_per_s: ceiling.round(),
             fraction_of_ceiling: ((report.sagas_per_s / ceiling) * 100.0).round() / 100.0,
+            rabbitmq_hop_p50_ms: round2(hop.p50_ms),
+            postgres_commit_p50_ms: round2(commit.p50_ms),
+            hops_on_path,
+            implied_latency_floor_ms: round2(floor),
         });
     }
     cleanup(&args).await;
@@ -664,6 +688,20 @@ pub fn print_table(report: &Report) {
                 "{} sagas/s; measured = {:.0}%",
                 c.implied_ceiling_sagas_per_s,
                 c.fraction_of_ceiling * 100.0
+            ),
+        ]);
+        table.add_row([
+            "one hop / one commit alone".to_owned(),
+            format!(
+                "{:.2} ms / {:.2} ms (p50)",
+                c.rabbitmq_hop_p50_ms, c.postgres_commit_p50_ms
+            ),
+        ]);
+        table.add_row([
+            "implied latency floor".to_owned(),
+            format!(
+                "{:.2} ms ({} hops + {} commits in sequence)",
+                c.implied_latency_floor_ms, c.hops_on_path, c.commits_per_saga
             ),
         ]);
     }

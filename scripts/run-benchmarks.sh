@@ -8,6 +8,12 @@ window=${1:-60s}
 out=docs/bench
 mkdir -p "$out"
 ./scripts/ensure-services.sh
+# A benchmark orchestrator left over from an interrupted run would share the
+# bench namespace and take replies from the one being measured.
+if pgrep -f "orchestrator serve --bench-flows" > /dev/null; then
+  echo "an earlier benchmark orchestrator is still running (pgrep -af 'orchestrator serve --bench-flows'); stop it first" >&2
+  exit 1
+fi
 cargo build --release --bin orchestrator --bin saga-bench
 bench=./target/release/saga-bench
 

@@ -62,7 +62,13 @@ impl Store {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         ensure_database(url).await?;
         let options = PgConnectOptions::from_str(url)?
-            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+            // Every query of the orchestrator finds its rows through an
+            // index. Without this, a prepared statement planned while
+            // `sagas` was nearly empty (a new database, before the first
+            // autoanalyze) keeps a sequential-scan plan as the table grows,
+            // and every transition then reads every saga ever written.
+            .options([("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1)

@@ -21,14 +21,13 @@ use lapin::{
 };
 use sqlx::postgres::PgPoolOptions;
 
-/// Messages per second through one quorum queue: published persistent with
-/// confirms (up to `window` unconfirmed), consumed and acked.
-pub async fn rabbitmq(
+/// A durable quorum queue `queue`, a channel to publish on, and a consumer
+/// of the queue on another channel with `prefetch`.
+async fn quorum_queue(
     amqp_url: &str,
     queue: &str,
-    seconds: u64,
-    window: usize,
-) -> anyhow::Result<f64> {
+    prefetch: u16,
+) -> anyhow::Result<(Connection, lapin::Channel, lapin::Consumer)> {
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let mut args = FieldTable::default();
@@ -47,8 +46,10 @@ pub async fn rabbitmq(
         )
         .await?;
     let consume = connection.create_channel().await?;
-    consume.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer = consume
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = consume
         .basic_consume(
             queue.into(),
             "".into(),
@@ -56,6 +57,35 @@ pub async fn rabbitmq(
             FieldTable::default(),
         )
         .await?;
+    Ok((connection, channel, consumer))
+}
+
+/// Publishes `body` persistent to `queue` through the default exchange.
+async fn publish_persistent(
+    channel: &lapin::Channel,
+    queue: &str,
+    body: &[u8],
+) -> lapin::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+}
+
+/// Messages per second through one quorum queue: published persistent with
+/// confirms (up to `window` unconfirmed), consumed and acked.
+pub async fn rabbitmq(
+    amqp_url: &str,
+    queue: &str,
+    seconds: u64,
+    window: usize,
+) -> anyhow::Result<f64> {
+    let (connection, channel, mut consumer) = quorum_queue(amqp_url, queue, 1000).await?;
     let consumed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let counter = consumed.clone();
@@ -75,15 +105,7 @@ pub async fn rabbitmq(
     let start_count = consumed.load(Ordering::Relaxed);
     while Instant::now() < until {
         while in_flight.len() < window {
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?;
+            let confirm = publish_persistent(&channel, queue, &body).await?;
             in_flight.push(confirm);
         }
         in_flight.next().await;
@@ -170,50 +192,16 @@ pub async fn rabbitmq_hop(
     queue: &str,
     samples: usize,
 ) -> anyhow::Result<HopLatency> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
+    let (connection, channel, mut consumer) = quorum_queue(amqp_url, queue, 10).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let consume = connection.create_channel().await?;
-    consume.basic_qos(10, BasicQosOptions::default()).await?;
-    let mut consumer = consume
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
         .await?;
     let body = vec![b'x'; 400];
     let mut trips = Vec::with_capacity(samples);
     // The first messages warm the queue's process and log up.
     for i in 0..samples + 50 {
         let sent = Instant::now();
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?;
+        let confirm = publish_persistent(&channel, queue, &body).await?;
         let delivery = consumer
             .next()
             .await

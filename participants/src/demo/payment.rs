@@ -81,6 +81,17 @@ async fn lock_account(
     conn: &mut PgConnection,
     customer_id: &str,
 ) -> Result<(i64, i64), sqlx::Error> {
+    let lock =
+        "SELECT balance_cents, held_cents FROM payment_accounts WHERE customer_id = $1 FOR UPDATE";
+    // Known customers (all but the first command of each) cost one
+    // statement; a new one is opened, then locked.
+    if let Some(found) = sqlx::query_as(lock)
+        .bind(customer_id)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        return Ok(found);
+    }
     sqlx::query(
         "INSERT INTO payment_accounts (customer_id, balance_cents) VALUES ($1, $2)
          ON CONFLICT (customer_id) DO NOTHING",
@@ -89,12 +100,7 @@ async fn lock_account(
     .bind(OPENING_BALANCE_CENTS)
     .execute(&mut *conn)
     .await?;
-    sqlx::query_as(
-        "SELECT balance_cents, held_cents FROM payment_accounts WHERE customer_id = $1 FOR UPDATE",
-    )
-    .bind(customer_id)
-    .fetch_one(conn)
-    .await
+    sqlx::query_as(lock).bind(customer_id).fetch_one(conn).await
 }
 
 async fn record_movement(
@@ -148,16 +154,17 @@ fn charge(conn: &mut PgConnection, command: Command<AmountPayload>) -> HandlerFu
             return Ok(rejection);
         }
         let payment_id = Uuid::now_v7();
+        // Debit, charge and ledger movement in one statement.
         sqlx::query(
-            "UPDATE payment_accounts SET balance_cents = balance_cents - $2 WHERE customer_id = $1",
-        )
-        .bind(&p.customer_id)
-        .bind(amount)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO payment_charges (payment_id, action_key, saga_id, customer_id, order_id, amount_cents, status)
-             VALUES ($1, $2, $3, $4, $5, $6, 'charged')",
+            "WITH debit AS (
+                 UPDATE payment_accounts SET balance_cents = balance_cents - $6
+                 WHERE customer_id = $4
+             ), charged AS (
+                 INSERT INTO payment_charges (payment_id, action_key, saga_id, customer_id, order_id, amount_cents, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'charged')
+             )
+             INSERT INTO payment_movements (customer_id, saga_id, order_id, kind, amount_cents, reference_id)
+             VALUES ($4, $3, $5, 'charge', $6, $1)",
         )
         .bind(payment_id)
         .bind(command.action_key())
@@ -166,16 +173,6 @@ fn charge(conn: &mut PgConnection, command: Command<AmountPayload>) -> HandlerFu
         .bind(&p.order_id)
         .bind(amount)
         .execute(&mut *conn)
-        .await?;
-        record_movement(
-            conn,
-            command.saga_id(),
-            &p.customer_id,
-            &p.order_id,
-            "charge",
-            amount,
-            payment_id,
-        )
         .await?;
         Ok(Outcome::success(
             serde_json::json!({ "payment_id": payment_id.to_string() }),

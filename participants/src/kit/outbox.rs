@@ -17,6 +17,8 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::consumer::{CONFIRM_TIMEOUT, TimedOut, within};
+use super::handler::Outcome;
+use super::inbox;
 
 /// How long the consumer owns a freshly written row before the relay may
 /// take it: longer than the consumer's own publish retries, so the two do
@@ -96,14 +98,14 @@ pub(crate) async fn insert(
 
 /// Records `key`'s final outcome in the inbox and inserts its reply in the
 /// outbox in one statement (one round trip instead of two; both in the
-/// caller's transaction). `outcome` columns are `(status, data, reason)`.
+/// caller's transaction).
 pub(crate) async fn insert_completing(
     conn: &mut PgConnection,
     key: &str,
-    outcome: (&str, Option<&serde_json::Value>, Option<&str>),
+    outcome: &Outcome,
     reply: &mut PendingReply,
 ) -> Result<(), sqlx::Error> {
-    let (status, data, reason) = outcome;
+    let (status, data, reason) = inbox::columns(outcome);
     let id: i64 = sqlx::query_scalar(
         "WITH completed AS (
              UPDATE kit_inbox SET status = $5, data = $6, reason = $7, completed_at = now()

@@ -11,7 +11,6 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::Channel;
 use lapin::message::Delivery;
-
 use saga_proto::amqp::{CommandMessage, Phase, Topology, validate_name};
 use serde::de::DeserializeOwned;
 use sqlx::migrate::Migrator;
@@ -425,7 +424,6 @@ impl CommandService {
         reply_to: &str,
     ) -> Result<Decision, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let key = message.idempotency_key.as_str();
         if !inbox::claim(&mut tx, message).await? {
             return self.replay(tx, message, reply_to).await;
         }
@@ -449,7 +447,7 @@ impl CommandService {
             }
         };
         let pending = self
-            .queue_reply(&mut tx, message, &outcome, reply_to, Some(key))
+            .queue_reply(&mut tx, message, &outcome, reply_to, true)
             .await?;
         tx.commit().await?;
         match outcome {
@@ -483,7 +481,7 @@ impl CommandService {
             .await?
             .ok_or_else(|| sqlx::Error::RowNotFound)?;
         let pending = self
-            .queue_reply(&mut tx, message, &outcome, reply_to, None)
+            .queue_reply(&mut tx, message, &outcome, reply_to, false)
             .await?;
         tx.commit().await?;
         bump(
@@ -621,30 +619,30 @@ impl CommandService {
         })
     }
 
-    /// Writes the reply to `outcome` in the outbox; with `completing`, the
-    /// key whose outcome this is, also records the outcome in the inbox
-    /// (in the same statement).
+    /// Writes the reply to `outcome` in the outbox; with `record_outcome`
+    /// (a fresh claim, not a replay), also records the outcome in the
+    /// command's inbox row (in the same statement).
     async fn queue_reply(
         &self,
         tx: &mut PgConnection,
         message: &CommandMessage,
         outcome: &Outcome,
         reply_to: &str,
-        completing: Option<&str>,
+        record_outcome: bool,
     ) -> Result<Option<PendingReply>, sqlx::Error> {
+        let key = message.idempotency_key.as_str();
         if self.faults.drop_reply() {
             tracing::warn!(participant = %self.name, saga_id = %message.saga_id, key = %message.idempotency_key, "fault injection: dropping the reply");
-            if let Some(key) = completing {
+            if record_outcome {
                 inbox::complete(tx, key, outcome).await?;
             }
             return Ok(None);
         }
         let mut pending = PendingReply::new(reply_to, &inbox::reply(message, outcome));
-        match completing {
-            Some(key) => {
-                outbox::insert_completing(tx, key, inbox::columns(outcome), &mut pending).await?
-            }
-            None => outbox::insert(tx, &mut pending).await?,
+        if record_outcome {
+            outbox::insert_completing(tx, key, outcome, &mut pending).await?;
+        } else {
+            outbox::insert(tx, &mut pending).await?;
         }
         Ok(Some(pending))
     }

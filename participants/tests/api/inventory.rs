@@ -16,6 +16,15 @@ async fn stock(app: &TestApp, sku: &str) -> i64 {
         .unwrap()
 }
 
+async fn set_stock(app: &TestApp, sku: &str, available: i64) {
+    sqlx::query("UPDATE inventory_stock SET available = $2 WHERE sku = $1")
+        .bind(sku)
+        .bind(available)
+        .execute(app.pool(Service::Inventory))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_and_release_keep_the_ledger() {
     let app = TestApp::spawn(&[Service::Inventory]).await;
@@ -74,10 +83,7 @@ async fn reserve_and_release_keep_the_ledger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insufficient_stock_unknown_skus_and_bad_payloads_are_rejected() {
     let app = TestApp::spawn(&[Service::Inventory]).await;
-    sqlx::query("UPDATE inventory_stock SET available = 5 WHERE sku = 'sku-30'")
-        .execute(app.pool(Service::Inventory))
-        .await
-        .unwrap();
+    set_stock(&app, "sku-30", 5).await;
     let too_many = command(
         "inventory",
         "reserve",
@@ -123,10 +129,7 @@ async fn insufficient_stock_unknown_skus_and_bad_payloads_are_rejected() {
 async fn a_rejected_reservation_leaves_no_trace_and_its_rejection_is_remembered() {
     let app = TestApp::spawn(&[Service::Inventory]).await;
     let pool = app.pool(Service::Inventory);
-    sqlx::query("UPDATE inventory_stock SET available = 5 WHERE sku = 'sku-41'")
-        .execute(pool)
-        .await
-        .unwrap();
+    set_stock(&app, "sku-41", 5).await;
     // Lines are taken in SKU order: sku-40 is decremented and its line
     // written before sku-41 turns out short.
     let reserve = command(
@@ -166,10 +169,7 @@ async fn a_rejected_reservation_leaves_no_trace_and_its_rejection_is_remembered(
 
     // Enough stock now, but the key's answer is final: the retry replays it
     // and takes nothing.
-    sqlx::query("UPDATE inventory_stock SET available = 100 WHERE sku = 'sku-41'")
-        .execute(pool)
-        .await
-        .unwrap();
+    set_stock(&app, "sku-41", 100).await;
     let mut retry = reserve.clone();
     retry.attempt += 1;
     assert_eq!(rejected(&app.call(&retry).await), reason);

@@ -160,38 +160,17 @@ pub async fn postgres(database_url: &str, seconds: u64, connections: u32) -> any
     Ok(rate)
 }
 
-/// Latency of one hop with nothing else in flight, in milliseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct HopLatency {
-    /// Median.
-    pub p50_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
+/// Median of samples in microseconds, in milliseconds.
+fn median_ms(mut micros: Vec<u64>) -> f64 {
+    micros.sort_unstable();
+    micros[micros.len().saturating_sub(1) / 2] as f64 / 1000.0
 }
 
-impl HopLatency {
-    fn from_micros(mut samples: Vec<u64>) -> Self {
-        samples.sort_unstable();
-        let at = |q: f64| {
-            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-            samples[i] as f64 / 1000.0
-        };
-        Self {
-            p50_ms: at(0.50),
-            p99_ms: at(0.99),
-        }
-    }
-}
-
-/// One persistent message at a time through a quorum queue: the time from
+/// One persistent message at a time through a quorum queue: the median time from
 /// `basic.publish` to its delivery to a consumer on another channel (the
 /// broker delivers only after the message is committed to its log). This
 /// is the floor of every command and reply hop of a saga.
-pub async fn rabbitmq_hop(
-    amqp_url: &str,
-    queue: &str,
-    samples: usize,
-) -> anyhow::Result<HopLatency> {
+pub async fn rabbitmq_hop(amqp_url: &str, queue: &str, samples: usize) -> anyhow::Result<f64> {
     let (connection, channel, mut consumer) = quorum_queue(amqp_url, queue, 10).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -216,11 +195,11 @@ pub async fn rabbitmq_hop(
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
     let _ = connection.close(200, "bye".into()).await;
-    Ok(HopLatency::from_micros(trips))
+    Ok(median_ms(trips))
 }
 
-/// One single-row INSERT commit at a time with one client.
-pub async fn postgres_commit(database_url: &str, samples: usize) -> anyhow::Result<HopLatency> {
+/// One single-row INSERT commit at a time with one client: the median, ms.
+pub async fn postgres_commit(database_url: &str, samples: usize) -> anyhow::Result<f64> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect(database_url)
@@ -244,5 +223,5 @@ pub async fn postgres_commit(database_url: &str, samples: usize) -> anyhow::Resu
         .execute(&pool)
         .await?;
     pool.close().await;
-    Ok(HopLatency::from_micros(commits))
+    Ok(median_ms(commits))
 }

@@ -560,7 +560,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             .await?;
         let commit = calibrate::postgres_commit(&database_url, 1000).await?;
         let hops_on_path = 2 * steps as u32 + 1;
-        let floor = f64::from(hops_on_path) * hop.p50_ms + f64::from(commits) * commit.p50_ms;
+        let floor = f64::from(hops_on_path) * hop + f64::from(commits) * commit;
         let ceiling = (rabbit / f64::from(messages)).min(postgres / f64::from(commits));
         report.calibration = Some(Calibration {
             rabbitmq_messages_per_s: rabbit.round(),
@@ -568,9 +568,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             messages_per_saga: messages,
             commits_per_saga: commits,
             implied_ceiling_sagas_per_s: ceiling.round(),
-            fraction_of_ceiling: ((report.sagas_per_s / ceiling) * 100.0).round() / 100.0,
-            rabbitmq_hop_p50_ms: round2(hop.p50_ms),
-            postgres_commit_p50_ms: round2(commit.p50_ms),
+            fraction_of_ceiling: round2(report.sagas_per_s / ceiling),
+            rabbitmq_hop_p50_ms: round2(hop),
+            postgres_commit_p50_ms: round2(commit),
             hops_on_path,
             implied_latency_floor_ms: round2(floor),
         });

@@ -91,9 +91,14 @@ struct Args {
     #[arg(long, env = "PREFETCH", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: u16,
 
-    /// Commands handled at once per participant.
+    /// Batches handled at once per participant (each is one transaction).
     #[arg(long, env = "CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     concurrency: u32,
+
+    /// Most commands answered in one transaction (the deliveries already
+    /// pushed by the broker when a batch starts; 1 turns batching off).
+    #[arg(long, env = "MAX_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_batch: u32,
 
     /// Milliseconds between outbox relay passes.
     #[arg(long, env = "RELAY_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
@@ -140,6 +145,7 @@ fn config(args: &Args) -> anyhow::Result<DemoConfig> {
     };
     config.prefetch = args.prefetch;
     config.concurrency = args.concurrency as usize;
+    config.max_batch = args.max_batch as usize;
     config.relay_interval = Duration::from_millis(args.relay_interval_ms);
     config.faults = FaultConfig {
         failure_rate: args.fault_failure_rate,

@@ -157,8 +157,10 @@ pub struct DemoConfig {
     pub pool: PoolSettings,
     /// Prefetch per service.
     pub prefetch: u16,
-    /// Commands handled at once per service.
+    /// Batches handled at once per service.
     pub concurrency: usize,
+    /// Most deliveries one batch (one transaction) takes, per service.
+    pub max_batch: usize,
     /// How often each relay looks at its outbox.
     pub relay_interval: Duration,
     /// Fault injection, shared by every command participant of the process
@@ -177,6 +179,7 @@ impl DemoConfig {
             pool: PoolSettings::default(),
             prefetch: 16,
             concurrency: 4,
+            max_batch: 16,
             relay_interval: Duration::from_secs(1),
             faults: FaultConfig::default(),
         }
@@ -224,6 +227,7 @@ impl DemoConfig {
             pool: self.pool.clone(),
             prefetch: self.prefetch,
             concurrency: self.concurrency,
+            max_batch: self.max_batch,
             relay_interval: self.relay_interval,
             faults: match service {
                 Service::Notification => FaultInjector::none(),

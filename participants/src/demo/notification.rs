@@ -15,6 +15,7 @@ use lapin::Channel;
 use lapin::message::Delivery;
 use saga_proto::amqp::{LifecycleEvent, SagaLifecycleState, Topology};
 use sqlx::PgPool;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::kit::consumer::{ConsumerSettings, DeliveryHandler, Settle, settle};
@@ -83,6 +84,7 @@ pub async fn start(
             amqp_url: config.amqp_url,
             prefetch: config.prefetch,
             concurrency: config.concurrency,
+            max_batch: config.max_batch,
         },
         pool,
         stats,
@@ -100,30 +102,45 @@ struct NotificationService {
 }
 
 impl NotificationService {
-    async fn record(&self, event: &LifecycleEvent) -> Result<bool, sqlx::Error> {
-        let field = |name: &str| {
+    /// Records `events` in one statement; returns how many were new (the
+    /// others, redelivered, were already recorded).
+    async fn record(&self, events: &[LifecycleEvent]) -> Result<u64, sqlx::Error> {
+        let field = |event: &LifecycleEvent, name: &str| {
             event
                 .data
                 .get(name)
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
         };
+        let saga_ids: Vec<_> = events.iter().map(|e| e.saga_id).collect();
+        let states: Vec<_> = events.iter().map(|e| e.state.as_str()).collect();
+        let saga_types: Vec<_> = events.iter().map(|e| e.saga_type.as_str()).collect();
+        let order_ids: Vec<_> = events.iter().map(|e| field(e, "order_id")).collect();
+        let customer_ids: Vec<_> = events.iter().map(|e| field(e, "customer_id")).collect();
+        let messages: Vec<_> = events.iter().map(message_for).collect();
+        let bodies: Vec<_> = events
+            .iter()
+            .map(|e| serde_json::to_string(e).expect("a LifecycleEvent always serializes"))
+            .collect();
         let inserted = sqlx::query(
             "INSERT INTO notifications (saga_id, state, saga_type, order_id, customer_id, message, event)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             SELECT saga_id, state, saga_type, order_id, customer_id, message, event::jsonb
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+                  AS e(saga_id, state, saga_type, order_id, customer_id, message, event)
+             ORDER BY saga_id, state
              ON CONFLICT (saga_id, state) DO NOTHING",
         )
-        .bind(event.saga_id)
-        .bind(event.state.as_str())
-        .bind(&event.saga_type)
-        .bind(field("order_id"))
-        .bind(field("customer_id"))
-        .bind(message_for(event))
-        .bind(sqlx::types::Json(event))
+        .bind(&saga_ids)
+        .bind(&states)
+        .bind(&saga_types)
+        .bind(&order_ids)
+        .bind(&customer_ids)
+        .bind(&messages)
+        .bind(&bodies)
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(inserted == 1)
+        Ok(inserted)
     }
 }
 
@@ -146,54 +163,73 @@ impl DeliveryHandler for NotificationService {
         .await
     }
 
-    async fn handle(self: Arc<Self>, delivery: Delivery, _publisher: Channel) {
-        let event: LifecycleEvent = match serde_json::from_slice(&delivery.data) {
-            Ok(event) => event,
-            Err(e) => {
-                bump(
-                    &self.stats.poison,
-                    NAME,
-                    "participant_poison_messages_total",
-                    1,
-                );
-                tracing::warn!(participant = NAME, error = %e, "undecodable lifecycle event: dead-lettering it");
-                settle(&delivery.acker, Settle::DeadLetter).await.ok();
-                return;
+    async fn handle(
+        self: Arc<Self>,
+        deliveries: Vec<Delivery>,
+        _publisher: Channel,
+        slot: OwnedSemaphorePermit,
+    ) {
+        let mut events = Vec::with_capacity(deliveries.len());
+        let mut ackers = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match serde_json::from_slice::<LifecycleEvent>(&delivery.data) {
+                Ok(event) => {
+                    events.push(event);
+                    ackers.push(delivery.acker);
+                }
+                Err(e) => {
+                    bump(
+                        &self.stats.poison,
+                        NAME,
+                        "participant_poison_messages_total",
+                        1,
+                    );
+                    tracing::warn!(participant = NAME, error = %e, "undecodable lifecycle event: dead-lettering it");
+                    settle(&delivery.acker, Settle::DeadLetter).await.ok();
+                }
             }
-        };
+        }
+        if events.is_empty() {
+            return;
+        }
         // A database hiccup is retried in place rather than by requeueing,
         // which would spend the queue's delivery limit.
-        let recorded = (|| self.record(&event))
+        let recorded = (|| self.record(&events))
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))
                     .with_max_delay(Duration::from_secs(5))
                     .with_max_times(8),
             )
-            .notify(|e, wait| tracing::warn!(participant = NAME, error = %e, retry_in = ?wait, "cannot record a notification"))
+            .notify(|e, wait| tracing::warn!(participant = NAME, error = %e, retry_in = ?wait, "cannot record notifications"))
             .await;
+        drop(slot);
+        let settle_all =
+            |how| futures::future::join_all(ackers.iter().map(move |a| settle(a, how)));
         match recorded {
             Ok(new) => {
-                if new {
+                let total = events.len() as u64;
+                if new > 0 {
                     bump(
                         &self.stats.events_recorded,
                         NAME,
                         "participant_events_recorded_total",
-                        1,
+                        new,
                     );
-                } else {
+                }
+                if total > new {
                     bump(
                         &self.stats.replayed,
                         NAME,
                         "participant_commands_replayed_total",
-                        1,
+                        total - new,
                     );
                 }
-                settle(&delivery.acker, Settle::Ack).await.ok();
+                settle_all(Settle::Ack).await;
             }
             Err(e) => {
-                tracing::error!(participant = NAME, saga_id = %event.saga_id, error = %e, "giving up recording a notification for now");
-                settle(&delivery.acker, Settle::Requeue).await.ok();
+                tracing::error!(participant = NAME, events = events.len(), error = %e, "giving up recording notifications for now");
+                settle_all(Settle::Requeue).await;
             }
         }
     }

@@ -2,6 +2,12 @@
 //! connect (with backoff), declare, consume with bounded prefetch and
 //! bounded concurrency, and on any connection failure start over.
 //!
+//! Deliveries are handed over in batches: when a batch may start, it takes
+//! the delivery that woke the loop plus whatever the broker has already
+//! pushed (up to `max_batch`), without waiting for more. Under light load a
+//! batch is a single delivery; under heavy load a command participant
+//! answers a whole batch in one database transaction.
+//!
 //! Shutdown: stop taking deliveries (`basic.cancel`), let every task in
 //! hand finish (publish, ack), stop background work, run the final drain
 //! (outbox flush), close the connection.
@@ -40,12 +46,16 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     fn queue(&self) -> String;
     /// Declares the topology (idempotent; runs on every connection).
     fn declare(&self, channel: &Channel) -> impl Future<Output = lapin::Result<()>> + Send;
-    /// Handles one delivery and acknowledges it one way or another.
-    /// `publisher` is a confirm-mode channel.
+    /// Handles a batch of deliveries (one or more, in arrival order) and
+    /// settles each one way or another. `publisher` is a confirm-mode
+    /// channel. `slot` is the batch's share of the consumer's concurrency:
+    /// dropping it once the database work is done lets the next batch start
+    /// while this one still publishes and acks.
     fn handle(
         self: Arc<Self>,
-        delivery: Delivery,
+        deliveries: Vec<Delivery>,
         publisher: Channel,
+        slot: OwnedSemaphorePermit,
     ) -> impl Future<Output = ()> + Send;
     /// Work running beside the consumer for the life of one connection
     /// (the outbox relay); must return when `stop` fires. `first` is true on
@@ -67,8 +77,11 @@ pub(crate) struct ConsumerSettings {
     pub amqp_url: String,
     /// Most unacknowledged deliveries the broker pushes (`basic.qos`).
     pub prefetch: u16,
-    /// Most deliveries handled at once.
+    /// Most batches handled at once.
     pub concurrency: usize,
+    /// Most deliveries in one batch: those the broker already pushed when
+    /// a batch starts, taken without waiting for more.
+    pub max_batch: usize,
 }
 
 /// Longest wait for one connection attempt (TCP, TLS-less AMQP handshake).
@@ -364,8 +377,9 @@ async fn session<H: DeliveryHandler>(
     let tasks = TaskTracker::new();
     let mut health = tokio::time::interval(Duration::from_secs(1));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A permit is taken before the next delivery so at most `concurrency`
-    // are in hand; the rest wait in the prefetch buffer. Shutdown, a broken
+    // A permit is taken before the next batch so at most `concurrency`
+    // batches are in their database work; the rest wait in the prefetch
+    // buffer (which also bounds the batches still publishing). Shutdown, a broken
     // connection and the health check are watched all the while.
     let mut permit: Option<OwnedSemaphorePermit> = None;
     let result = loop {
@@ -385,13 +399,32 @@ async fn session<H: DeliveryHandler>(
             }
             next = consumer.next(), if permit.is_some() => match next {
                 Some(Ok(delivery)) => {
-                    let permit = permit.take();
+                    // Whatever else the broker already pushed joins the batch;
+                    // under light load a batch is one delivery and waits for
+                    // nothing.
+                    let mut batch = vec![delivery];
+                    let mut ended = None;
+                    while batch.len() < settings.max_batch.max(1) {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(delivery))) => batch.push(delivery),
+                            Some(Some(Err(e))) => {
+                                ended = Some(SessionError::Amqp(e));
+                                break;
+                            }
+                            Some(None) => {
+                                ended = Some(SessionError::Cancelled);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let slot = permit.take().expect("a permit is held while consuming");
                     let handler = handler.clone();
                     let publisher = publish_channel.clone();
-                    tasks.spawn(async move {
-                        handle_one(handler, delivery, publisher).await;
-                        drop(permit);
-                    });
+                    tasks.spawn(handle_batch(handler, batch, publisher, slot));
+                    if let Some(e) = ended {
+                        break Err(e);
+                    }
                 }
                 Some(Err(e)) => break Err(SessionError::Amqp(e)),
                 None => break Err(SessionError::Cancelled),
@@ -444,19 +477,29 @@ async fn session<H: DeliveryHandler>(
     result
 }
 
-/// Handles one delivery; a panicking handler gets the delivery requeued.
-async fn handle_one<H: DeliveryHandler>(handler: Arc<H>, delivery: Delivery, publisher: Channel) {
-    let acker = delivery.acker.clone();
-    let handled = AssertUnwindSafe(handler.clone().handle(delivery, publisher))
+/// Handles one batch; a panicking handler gets every delivery of the batch
+/// it had not settled yet requeued.
+async fn handle_batch<H: DeliveryHandler>(
+    handler: Arc<H>,
+    deliveries: Vec<Delivery>,
+    publisher: Channel,
+    slot: OwnedSemaphorePermit,
+) {
+    let ackers: Vec<Acker> = deliveries.iter().map(|d| d.acker.clone()).collect();
+    let handled = AssertUnwindSafe(handler.clone().handle(deliveries, publisher, slot))
         .catch_unwind()
         .await;
     if handled.is_err() {
         // Requeue: the quorum queue's delivery limit dead-letters a message
-        // that keeps panicking.
+        // that keeps panicking. An acker is single-use, so deliveries the
+        // handler already settled are left alone.
         tracing::error!(
             participant = handler.name(),
-            "handler panicked; requeueing the delivery"
+            deliveries = ackers.len(),
+            "handler panicked; requeueing its deliveries"
         );
-        settle(&acker, Settle::Requeue).await.ok();
+        for acker in &ackers {
+            settle(acker, Settle::Requeue).await.ok();
+        }
     }
 }

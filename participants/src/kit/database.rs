@@ -169,7 +169,16 @@ pub async fn open(
         return Err(DatabaseError::ReservedMigrationVersion(m.version));
     }
     let lock_timeout = format!("{}ms", settings.lock_timeout.as_millis());
-    let options = options.options([("lock_timeout", lock_timeout.as_str())]);
+    // The kit's batch statements join their input to the inbox; a plan
+    // cached while the inbox was nearly empty (a new database, before the
+    // first autoanalyze) would keep reading the whole inbox for every batch
+    // as it grows. Every kit query has an index, so sequential scans are
+    // planned only where nothing else exists; a handler that wants one can
+    // `SET LOCAL enable_seqscan = on`.
+    let options = options.options([
+        ("lock_timeout", lock_timeout.as_str()),
+        ("enable_seqscan", "off"),
+    ]);
     let connect = || async {
         ensure_database(&options).await?;
         PgPoolOptions::new()

@@ -8,6 +8,8 @@
 //! transient error), the duplicate claims the key itself. Either way only
 //! one transaction ever applies the effect of a key.
 
+use std::collections::{HashMap, HashSet};
+
 use saga_proto::amqp::{CommandMessage, Phase, ReplyMessage, ReplyStatus};
 use sqlx::PgConnection;
 use sqlx::types::Json;
@@ -43,6 +45,83 @@ pub(crate) async fn claim(
     Ok(claimed == 1)
 }
 
+/// Claims the keys of `commands` (distinct keys) in one statement, in key
+/// order so two batches claiming overlapping keys cannot deadlock on them.
+/// Returns the keys claimed; the others were already answered (or fenced).
+pub(crate) async fn claim_all(
+    conn: &mut PgConnection,
+    commands: &[&CommandMessage],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut keys = Vec::with_capacity(commands.len());
+    let mut saga_ids = Vec::with_capacity(commands.len());
+    let mut steps = Vec::with_capacity(commands.len());
+    let mut phases = Vec::with_capacity(commands.len());
+    let mut names = Vec::with_capacity(commands.len());
+    for command in commands {
+        keys.push(command.idempotency_key.as_str());
+        saga_ids.push(command.saga_id);
+        steps.push(command.step.as_str());
+        phases.push(phase_name(command.phase));
+        names.push(command.command.as_str());
+    }
+    let claimed: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO kit_inbox (idempotency_key, kind, saga_id, step, phase, command)
+         SELECT key, 'command', saga_id, step, phase, command
+         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[])
+              AS c(key, saga_id, step, phase, command)
+         ORDER BY key
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING idempotency_key",
+    )
+    .bind(&keys)
+    .bind(&saga_ids)
+    .bind(&steps)
+    .bind(&phases)
+    .bind(&names)
+    .fetch_all(conn)
+    .await?;
+    Ok(claimed.into_iter().collect())
+}
+
+/// An inbox row's key with its `status`, `data`, `reason`.
+type KeyedRow = (
+    String,
+    Option<String>,
+    Option<Json<serde_json::Value>>,
+    Option<String>,
+);
+
+/// The outcomes stored for `keys` (in one statement); unknown keys are
+/// missing from the map.
+pub(crate) async fn stored_outcomes(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> Result<HashMap<String, Outcome>, sqlx::Error> {
+    let rows: Vec<KeyedRow> = sqlx::query_as(
+        "SELECT idempotency_key, status, data, reason FROM kit_inbox
+             WHERE idempotency_key = ANY($1)",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, status, data, reason)| (key, outcome_of(status, data, reason)))
+        .collect())
+}
+
+/// The outcome a committed inbox row holds.
+fn outcome_of(
+    status: Option<String>,
+    data: Option<Json<serde_json::Value>>,
+    reason: Option<String>,
+) -> Outcome {
+    match status.as_deref() {
+        Some("success") => Outcome::Success(data.map(|d| d.0).unwrap_or_default()),
+        _ => Outcome::Rejected(reason.unwrap_or_default()),
+    }
+}
+
 /// `status`, `data`, `reason` of an inbox row.
 type StoredRow = (
     Option<String>,
@@ -60,10 +139,7 @@ pub(crate) async fn stored_outcome(
             .bind(key)
             .fetch_optional(conn)
             .await?;
-    Ok(row.map(|(status, data, reason)| match status.as_deref() {
-        Some("success") => Outcome::Success(data.map(|d| d.0).unwrap_or_default()),
-        _ => Outcome::Rejected(reason.unwrap_or_default()),
-    }))
+    Ok(row.map(|(status, data, reason)| outcome_of(status, data, reason)))
 }
 
 /// The inbox columns `(status, data, reason)` that record `outcome`.

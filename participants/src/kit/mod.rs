@@ -3,20 +3,23 @@
 //!
 //! ```text
 //!  <ns>.commands ──(routing key = name)──▶ <ns>.participant.<name>   (quorum, DLX, delivery limit)
-//!        │ consumer (basic.qos prefetch, bounded concurrency)
+//!        │ consumer (basic.qos prefetch; a batch = every delivery already pushed,
+//!        │           up to max_batch; at most `concurrency` batches in their transaction)
 //!        ▼
 //!  decode envelope ── undecodable ──▶ reject, no requeue ──▶ <ns>.dead-letter ──▶ <ns>.dead-letters
 //!        ▼
 //!  BEGIN
-//!    inbox claim (idempotency_key) ── taken ──▶ stored outcome ─┐
-//!    compensation? barrier on the action key                     │
-//!    handler(tx, command) (a compensation: inside a SAVEPOINT)   │
-//!    action rejected? ROLLBACK, BEGIN, claim again (no effect)   │
-//!    inbox outcome + outbox reply (one statement)                │
-//!  COMMIT  (a transient error rolls everything back instead)     │
-//!        ▼  ◀────────────────────────────────────────────────────┘
-//!  publish reply to reply_to via "" (persistent, mandatory, confirmed)
-//!  queue the outbox row for a grouped delete ─▶ ack the delivery
+//!    inbox claim of every key (one statement) ── taken ──▶ stored outcome ─┐
+//!    per command: compensation? barrier on the action key                  │
+//!                 handler(tx, command) (a compensation: inside a SAVEPOINT)│
+//!    inbox outcomes + outbox replies (one statement)                       │
+//!  COMMIT                                                                  │
+//!    a batch that cannot finish (an action rejected after writing, an      │
+//!    error, a deadlock): ROLLBACK, then each command alone as above; an    │
+//!    action rejected alone: ROLLBACK, BEGIN, claim again (no effect)       │
+//!        ▼  ◀──────────────────────────────────────────────────────────────┘
+//!  publish each reply to reply_to via "" (persistent, mandatory, confirmed)
+//!  queue the outbox rows for a grouped delete ─▶ ack the deliveries
 //!
 //!  relay: start-up + every relay_interval, outbox rows FOR UPDATE SKIP LOCKED
 //! ```
@@ -27,6 +30,11 @@
 //!   duplicate (redelivery or orchestrator retry) gets the original outcome
 //!   again, with its own `attempt` echoed. Concurrent duplicates serialise on
 //!   the inbox key's unique index.
+//! - **Batching never changes an outcome.** Commands that arrive together
+//!   share one transaction (one commit for many); a command that repeats a
+//!   key of its batch, or compensates an action of its batch, is decided
+//!   after the batch commits; a batch that cannot commit cleanly is rolled
+//!   back whole and its commands are decided one by one.
 //! - **Rejections are final and remembered**; **transient errors are not**
 //!   (nothing was applied, a retry runs the handler again).
 //! - **No lost reply** once an outcome is committed: the outbox row stays

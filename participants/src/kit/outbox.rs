@@ -195,6 +195,93 @@ async fn publish_unbounded(channel: &Channel, reply: &PendingReply) -> Result<()
     }
 }
 
+/// One reply of a batch for [`insert_all`]: with `completes`, the command's
+/// own key whose outcome is recorded in the inbox in the same statement.
+pub(crate) struct BatchReply<'a> {
+    /// The reply; its `outbox_id` is filled in.
+    pub pending: PendingReply,
+    /// Key and outcome to record (a fresh claim), or `None` (a replay).
+    pub completes: Option<(&'a str, &'a Outcome)>,
+}
+
+/// Records the outcomes of a batch's fresh claims and inserts every reply
+/// in the outbox, all in one statement in the caller's transaction.
+pub(crate) async fn insert_all(
+    conn: &mut PgConnection,
+    replies: &mut [BatchReply<'_>],
+) -> Result<(), sqlx::Error> {
+    let n = replies.len();
+    let (mut keys, mut statuses, mut data, mut reasons) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut saga_ids, mut reply_tos, mut bodies) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for reply in replies.iter() {
+        let (key, columns) = match reply.completes {
+            Some((key, outcome)) => (Some(key), Some(inbox::columns(outcome))),
+            None => (None, None),
+        };
+        keys.push(key);
+        statuses.push(columns.map(|(status, _, _)| status));
+        data.push(columns.and_then(|(_, data, _)| data).map(|d| d.to_string()));
+        reasons.push(columns.and_then(|(_, _, reason)| reason));
+        saga_ids.push(reply.pending.saga_id);
+        reply_tos.push(reply.pending.reply_to.as_str());
+        bodies.push(reply.pending.body.as_str());
+    }
+    // The ids are drawn in a CTE referenced twice, so it is evaluated once
+    // and each id is matched to its reply by position. `= ANY($1)` gives
+    // the planner the inbox keys as an index condition.
+    let ids: Vec<(i64, i64)> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                                  $5::uuid[], $6::text[], $7::text[])
+                 WITH ORDINALITY AS i(key, status, data, reason, saga_id, reply_to, body, n)
+         ),
+         completed AS (
+             UPDATE kit_inbox k
+             SET status = i.status, data = i.data::jsonb, reason = i.reason, completed_at = now()
+             FROM input i
+             WHERE k.idempotency_key = ANY($1) AND k.idempotency_key = i.key
+         ),
+         ids AS (
+             SELECT n, nextval('kit_outbox_id_seq') AS id FROM input
+         ),
+         inserted AS (
+             INSERT INTO kit_outbox (id, saga_id, reply_to, body, available_at)
+             SELECT ids.id, i.saga_id, i.reply_to, i.body, now() + make_interval(secs => $8)
+             FROM input i JOIN ids USING (n)
+         )
+         SELECT n, id FROM ids",
+    )
+    .bind(&keys)
+    .bind(&statuses)
+    .bind(&data)
+    .bind(&reasons)
+    .bind(&saga_ids)
+    .bind(&reply_tos)
+    .bind(&bodies)
+    .bind(CONSUMER_GRACE.as_secs_f64())
+    .fetch_all(conn)
+    .await?;
+    for (position, id) in ids {
+        let slot = usize::try_from(position - 1)
+            .ok()
+            .and_then(|i| replies.get_mut(i))
+            .ok_or_else(|| {
+                sqlx::Error::Protocol(format!("outbox id for unknown row {position}"))
+            })?;
+        slot.pending.outbox_id = Some(id);
+    }
+    Ok(())
+}
+
 /// Which rows a relay pass takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sweep {

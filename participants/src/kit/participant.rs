@@ -1,22 +1,24 @@
 //! A command-handling participant: registration, start-up, and the
-//! per-delivery pipeline (decode → inbox claim → barrier → handler →
-//! inbox + outbox → commit → publish with confirm → delete outbox row → ack).
+//! per-batch pipeline (decode → inbox claims → barrier → handlers →
+//! inbox + outbox → commit → publish with confirm → delete outbox rows →
+//! ack), falling back to one command per transaction when a batch cannot
+//! commit cleanly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use lapin::Channel;
 use lapin::message::Delivery;
+use lapin::{Acker, Channel};
 use saga_proto::amqp::{CommandMessage, Phase, Topology, validate_name};
 use serde::de::DeserializeOwned;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -183,8 +185,13 @@ pub struct ParticipantConfig {
     pub pool: PoolSettings,
     /// Most unacknowledged deliveries the broker pushes at once.
     pub prefetch: u16,
-    /// Most commands handled at once (each holds a pooled connection).
+    /// Most batches handled at once (each holds a pooled connection for its
+    /// transaction).
     pub concurrency: usize,
+    /// Most commands answered in one transaction: a batch takes the
+    /// deliveries already pushed by the broker, so under light load it is
+    /// one command and under heavy load one commit answers many.
+    pub max_batch: usize,
     /// How often the relay looks for replies left in the outbox.
     pub relay_interval: Duration,
     /// Fault injection; share one injector across a process's participants.
@@ -193,7 +200,7 @@ pub struct ParticipantConfig {
 
 impl ParticipantConfig {
     /// Defaults for everything but the addresses: prefetch 16, concurrency
-    /// 4, pool of 5, relay every second, no faults.
+    /// 4, batches of up to 16, pool of 5, relay every second, no faults.
     pub fn new(amqp_url: &str, topology: Topology, database: PgConnectOptions) -> Self {
         Self {
             amqp_url: amqp_url.to_owned(),
@@ -202,6 +209,7 @@ impl ParticipantConfig {
             pool: PoolSettings::default(),
             prefetch: 16,
             concurrency: 4,
+            max_batch: 16,
             relay_interval: Duration::from_secs(1),
             faults: FaultInjector::none(),
         }
@@ -289,6 +297,7 @@ impl Participant {
                 amqp_url: config.amqp_url,
                 prefetch: config.prefetch,
                 concurrency: config.concurrency,
+                max_batch: config.max_batch,
             },
             pool,
             stats,
@@ -403,6 +412,34 @@ enum Decision {
         /// The `transient_error` reply (not in the outbox: nothing to lose).
         pending: PendingReply,
     },
+}
+
+/// A decoded command in hand.
+struct Incoming {
+    /// Settles its delivery.
+    acker: Acker,
+    /// The command.
+    message: Arc<CommandMessage>,
+    /// Where its reply goes.
+    reply_to: String,
+}
+
+/// Why a batch was rolled back to be decided one command at a time.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    /// A statement failed (including a deadlock with another batch).
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A handler failed.
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+    /// An action rejected after writing; only a rollback undoes it.
+    #[error("an action rejected after writing")]
+    RejectedAfterWriting,
+    /// A key already taken had no stored outcome (cannot happen once the
+    /// claim statement returned: a taken key is committed).
+    #[error("a key already taken has no stored outcome")]
+    NoStoredOutcome,
 }
 
 /// What running a command left in its transaction.
@@ -692,6 +729,227 @@ impl CommandService {
         }
     }
 
+    /// Decodes a delivery; an undecodable one is dead-lettered (`None`).
+    async fn accept(&self, delivery: Delivery) -> Option<Incoming> {
+        let message: CommandMessage = match serde_json::from_slice(&delivery.data) {
+            Ok(message) => message,
+            Err(e) => {
+                bump(
+                    &self.stats.poison,
+                    &self.name,
+                    "participant_poison_messages_total",
+                    1,
+                );
+                tracing::warn!(participant = %self.name, error = %e, bytes = delivery.data.len(), "undecodable command: dead-lettering it");
+                if let Err(e) = consumer::settle(&delivery.acker, Settle::DeadLetter).await {
+                    tracing::warn!(participant = %self.name, error = %e, "could not reject a poison message; it comes back");
+                }
+                return None;
+            }
+        };
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|q| q.as_str().to_owned())
+            .filter(|q| !q.is_empty())
+            .unwrap_or_else(|| self.topology.reply_queue());
+        Some(Incoming {
+            acker: delivery.acker,
+            message: Arc::new(message),
+            reply_to,
+        })
+    }
+
+    /// Publishes a command's reply (if any) and acks its delivery.
+    async fn finish(&self, publisher: &Channel, incoming: Incoming, pending: Option<PendingReply>) {
+        if let Some(pending) = pending {
+            self.publish(publisher, &pending).await;
+            if self.faults.duplicate_reply() {
+                tracing::warn!(participant = %self.name, saga_id = %incoming.message.saga_id, "fault injection: duplicating the reply");
+                outbox::publish(publisher, &pending).await.ok();
+            }
+        }
+        crate::crash_point!("participant::before_ack");
+        if let Err(e) = consumer::settle(&incoming.acker, Settle::Ack).await {
+            // The broker redelivers it; the inbox answers with the same reply.
+            tracing::warn!(participant = %self.name, error = %e, "could not ack a command");
+        }
+    }
+
+    /// Decides every command of a batch, in order: together in one
+    /// transaction when there are several, alone otherwise. A batch that
+    /// cannot finish cleanly (a rejection after writing, a handler or
+    /// database error, a deadlock with another batch) is rolled back as a
+    /// whole and its commands are decided one by one, so batching never
+    /// changes an outcome. A command that repeats a key of the batch, or
+    /// compensates an action of the batch, waits for the batch to commit.
+    async fn decide_all(&self, batch: &[Incoming]) -> Vec<Decision> {
+        let mut keys = HashSet::with_capacity(batch.len());
+        let (together, after): (Vec<usize>, Vec<usize>) =
+            (0..batch.len()).partition(|&i| keys.insert(batch[i].message.idempotency_key.as_str()));
+        let (together, mut after): (Vec<usize>, Vec<usize>) = {
+            let (together, later): (Vec<usize>, Vec<usize>) =
+                together.into_iter().partition(|&i| {
+                    batch[i]
+                        .message
+                        .compensates
+                        .as_deref()
+                        .is_none_or(|action| !keys.contains(action))
+                });
+            (together, later.into_iter().chain(after).collect())
+        };
+        after.sort_unstable();
+        let mut decisions: Vec<Option<Decision>> = batch.iter().map(|_| None).collect();
+        if together.len() > 1 {
+            match self.decide_together(batch, &together).await {
+                Ok(decided) => {
+                    for (i, decision) in together.iter().zip(decided) {
+                        decisions[*i] = Some(decision);
+                    }
+                }
+                Err(e) => {
+                    bump(
+                        &self.stats.batches_split,
+                        &self.name,
+                        "participant_batches_split_total",
+                        1,
+                    );
+                    tracing::debug!(participant = %self.name, commands = together.len(), error = %e, "batch rolled back; deciding its commands one by one");
+                    after.extend(together);
+                    after.sort_unstable();
+                }
+            }
+        } else {
+            after.extend(together);
+            after.sort_unstable();
+        }
+        for i in after {
+            let incoming = &batch[i];
+            decisions[i] = Some(
+                match self.decide(&incoming.message, &incoming.reply_to).await {
+                    Ok(decision) => decision,
+                    Err(e) => self.transient(
+                        &incoming.message,
+                        &incoming.reply_to,
+                        format!("database error: {e}"),
+                    ),
+                },
+            );
+        }
+        decisions
+            .into_iter()
+            .map(|d| d.expect("every command of the batch is decided"))
+            .collect()
+    }
+
+    /// Decides the commands `which` of `batch` (distinct keys, none
+    /// compensating another) in one transaction: one claim statement, the
+    /// handlers in order, one statement recording every outcome and reply,
+    /// one commit.
+    async fn decide_together(
+        &self,
+        batch: &[Incoming],
+        which: &[usize],
+    ) -> Result<Vec<Decision>, BatchError> {
+        let messages: Vec<&CommandMessage> = which.iter().map(|&i| &*batch[i].message).collect();
+        let mut tx = self.pool.begin().await?;
+        let claimed = inbox::claim_all(&mut tx, &messages).await?;
+        let known: Vec<&str> = messages
+            .iter()
+            .map(|m| m.idempotency_key.as_str())
+            .filter(|key| !claimed.contains(*key))
+            .collect();
+        let mut stored = if known.is_empty() {
+            HashMap::new()
+        } else {
+            inbox::stored_outcomes(&mut tx, &known).await?
+        };
+        let mut outcomes = Vec::with_capacity(which.len());
+        for &i in which {
+            let message = &batch[i].message;
+            let key = message.idempotency_key.as_str();
+            outcomes.push(if claimed.contains(key) {
+                match self.execute(&mut tx, message).await? {
+                    Executed::Clean(outcome) => (outcome, true),
+                    Executed::RejectedAfterWriting(_) => {
+                        return Err(BatchError::RejectedAfterWriting);
+                    }
+                }
+            } else {
+                let outcome = stored.remove(key).ok_or(BatchError::NoStoredOutcome)?;
+                (outcome, false)
+            });
+        }
+        let mut replies = Vec::with_capacity(which.len());
+        let mut positions = Vec::with_capacity(which.len());
+        for (position, (&i, (outcome, fresh))) in which.iter().zip(&outcomes).enumerate() {
+            let Incoming {
+                message, reply_to, ..
+            } = &batch[i];
+            let key = message.idempotency_key.as_str();
+            if self.faults.drop_reply() {
+                tracing::warn!(participant = %self.name, saga_id = %message.saga_id, key, "fault injection: dropping the reply");
+                if *fresh {
+                    inbox::complete(&mut tx, key, outcome).await?;
+                }
+                continue;
+            }
+            replies.push(outbox::BatchReply {
+                pending: PendingReply::new(reply_to, &inbox::reply(message, outcome)),
+                completes: fresh.then_some((key, outcome)),
+            });
+            positions.push(position);
+        }
+        if !replies.is_empty() {
+            outbox::insert_all(&mut tx, &mut replies).await?;
+        }
+        tx.commit().await?;
+        let mut pending: Vec<Option<PendingReply>> = which.iter().map(|_| None).collect();
+        for (position, reply) in positions.into_iter().zip(replies) {
+            pending[position] = Some(reply.pending);
+        }
+        let count =
+            |pick: fn(&(Outcome, bool)) -> bool| outcomes.iter().filter(|o| pick(o)).count() as u64;
+        let applied = count(|(o, fresh)| *fresh && matches!(o, Outcome::Success(_)));
+        let rejected = count(|(o, fresh)| *fresh && matches!(o, Outcome::Rejected(_)));
+        let replayed = count(|(_, fresh)| !*fresh);
+        for (counter, metric, by) in [
+            (
+                &self.stats.batched,
+                "participant_commands_batched_total",
+                which.len() as u64,
+            ),
+            (
+                &self.stats.applied,
+                "participant_commands_applied_total",
+                applied,
+            ),
+            (
+                &self.stats.rejected,
+                "participant_commands_rejected_total",
+                rejected,
+            ),
+            (
+                &self.stats.replayed,
+                "participant_commands_replayed_total",
+                replayed,
+            ),
+        ] {
+            if by > 0 {
+                bump(counter, &self.name, metric, by);
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .zip(pending)
+            .map(|((_, fresh), pending)| Decision::Answered {
+                pending,
+                replay: !fresh,
+            })
+            .collect())
+    }
+
     async fn relay(&self, publisher: &Channel, sweep: Sweep) -> bool {
         loop {
             match outbox::relay_once(&self.pool, publisher, sweep, RELAY_BATCH).await {
@@ -737,61 +995,54 @@ impl DeliveryHandler for CommandService {
         topology::declare_participant(channel, &self.topology, &self.name).await
     }
 
-    async fn handle(self: Arc<Self>, delivery: Delivery, publisher: Channel) {
+    async fn handle(
+        self: Arc<Self>,
+        deliveries: Vec<Delivery>,
+        publisher: Channel,
+        slot: OwnedSemaphorePermit,
+    ) {
         self.faults.delay().await;
-        let message: CommandMessage = match serde_json::from_slice(&delivery.data) {
-            Ok(message) => message,
-            Err(e) => {
-                bump(
-                    &self.stats.poison,
-                    &self.name,
-                    "participant_poison_messages_total",
-                    1,
+        let mut answered = Vec::with_capacity(deliveries.len());
+        let mut to_decide = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            let Some(incoming) = self.accept(delivery).await else {
+                continue;
+            };
+            if self.faults.fail_command() {
+                let decision = self.transient(
+                    &incoming.message,
+                    &incoming.reply_to,
+                    "fault injection: failure".into(),
                 );
-                tracing::warn!(participant = %self.name, error = %e, bytes = delivery.data.len(), "undecodable command: dead-lettering it");
-                if let Err(e) = consumer::settle(&delivery.acker, Settle::DeadLetter).await {
-                    tracing::warn!(participant = %self.name, error = %e, "could not reject a poison message; it comes back");
-                }
-                return;
+                answered.push((incoming, decision));
+            } else {
+                to_decide.push(incoming);
             }
-        };
-        let reply_to = delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .map(|q| q.as_str().to_owned())
-            .filter(|q| !q.is_empty())
-            .unwrap_or_else(|| self.topology.reply_queue());
-        let message = Arc::new(message);
-        let decision = if self.faults.fail_command() {
-            self.transient(&message, &reply_to, "fault injection: failure".into())
-        } else {
-            match self.decide(&message, &reply_to).await {
-                Ok(decision) => decision,
-                Err(e) => self.transient(&message, &reply_to, format!("database error: {e}")),
-            }
-        };
-        let pending = match decision {
-            Decision::Answered { pending, replay } => {
-                tracing::debug!(participant = %self.name, saga_id = %message.saga_id, key = %message.idempotency_key, replay, "answered");
+        }
+        let decisions = self.decide_all(&to_decide).await;
+        // The database work is done: the next batch may start while this
+        // one publishes and acks.
+        drop(slot);
+        answered.extend(to_decide.into_iter().zip(decisions));
+        let mut committed = false;
+        for (incoming, decision) in &answered {
+            if let Decision::Answered { replay, .. } = decision {
+                tracing::debug!(participant = %self.name, saga_id = %incoming.message.saga_id, key = %incoming.message.idempotency_key, replay, "answered");
                 self.faults.committed();
-                crate::crash_point!("participant::after_commit_before_reply");
-                pending
-            }
-            Decision::Transient { pending } => Some(pending),
-        };
-        if let Some(pending) = pending {
-            self.publish(&publisher, &pending).await;
-            if self.faults.duplicate_reply() {
-                tracing::warn!(participant = %self.name, saga_id = %message.saga_id, "fault injection: duplicating the reply");
-                outbox::publish(&publisher, &pending).await.ok();
+                committed = true;
             }
         }
-        crate::crash_point!("participant::before_ack");
-        if let Err(e) = consumer::settle(&delivery.acker, Settle::Ack).await {
-            // The broker redelivers it; the inbox answers with the same reply.
-            tracing::warn!(participant = %self.name, error = %e, "could not ack a command");
+        if committed {
+            crate::crash_point!("participant::after_commit_before_reply");
         }
+        let finishing = answered.into_iter().map(|(incoming, decision)| {
+            let pending = match decision {
+                Decision::Answered { pending, .. } => pending,
+                Decision::Transient { pending } => Some(pending),
+            };
+            self.finish(&publisher, incoming, pending)
+        });
+        futures::future::join_all(finishing).await;
     }
 
     async fn background(

@@ -33,6 +33,11 @@ pub struct Stats {
     pub relayed: AtomicU64,
     /// Lifecycle events recorded (event subscribers only).
     pub events_recorded: AtomicU64,
+    /// Commands answered in a transaction shared with other commands.
+    pub batched: AtomicU64,
+    /// Batches rolled back and decided one command at a time (a rejection
+    /// after writing, an error, a deadlock with another batch).
+    pub batches_split: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -58,6 +63,10 @@ pub struct StatsSnapshot {
     pub relayed: u64,
     /// See [`Stats::events_recorded`].
     pub events_recorded: u64,
+    /// See [`Stats::batched`].
+    pub batched: u64,
+    /// See [`Stats::batches_split`].
+    pub batches_split: u64,
 }
 
 impl Stats {
@@ -75,6 +84,8 @@ impl Stats {
             replies_deferred: get(&self.replies_deferred),
             relayed: get(&self.relayed),
             events_recorded: get(&self.events_recorded),
+            batched: get(&self.batched),
+            batches_split: get(&self.batches_split),
         }
     }
 }

@@ -263,12 +263,19 @@ impl TestApp {
     /// Demo `services` running with `faults`.
     pub async fn spawn_with(services: &[Service], faults: FaultConfig) -> Self {
         let mut app = Self::empty(faults).await;
+        app.start_demo(services).await;
+        app
+    }
+
+    /// Starts demo `services` with `self.config` and waits until they
+    /// consume (for tests that queue commands first).
+    pub async fn start_demo(&mut self, services: &[Service]) {
         for &service in services {
-            app.databases.push(app.config.database_name(service));
+            self.databases.push(self.config.database_name(service));
         }
         let mut running = tokio::time::timeout(
             DEADLINE,
-            demo::start(services, app.config.clone(), app.shutdown.clone()),
+            demo::start(services, self.config.clone(), self.shutdown.clone()),
         )
         .await
         .expect("demo starts in time")
@@ -278,8 +285,23 @@ impl TestApp {
                 .await
                 .expect("demo consumes in time")
         );
-        app.demo = Some(running);
-        app
+        self.demo = Some(running);
+    }
+
+    /// Messages waiting in `queue`, not yet pushed to any consumer.
+    pub async fn ready_in(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists")
+            .message_count()
     }
 
     /// Connect options of a custom participant's database.

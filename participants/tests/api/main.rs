@@ -3,6 +3,7 @@
 //! namespace and databases and removes them at the end.
 
 mod barrier;
+mod batch;
 mod crash;
 mod helpers;
 mod idempotency;

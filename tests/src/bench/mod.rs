@@ -121,6 +121,12 @@ pub struct Args {
     /// gRPC connections used to start sagas.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// Demo mode: transactions in flight per participant.
+    #[arg(long, default_value_t = 2)]
+    pub participant_concurrency: usize,
+    /// Demo mode: most commands one participant transaction answers.
+    #[arg(long, default_value_t = 64)]
+    pub participant_batch: usize,
 }
 
 /// The machine a report was measured on.
@@ -375,11 +381,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                             &format!("{}/postgres", args.postgres),
                         )?;
                         config.prefetch = 256;
-                        config.concurrency = 32;
-                        // Enough connections for the commands in hand to
-                        // overlap their commits (PostgreSQL flushes the WAL
-                        // for all of them at once).
-                        config.pool.max_connections = 12;
+                        // Few transactions, each answering every command
+                        // waiting: one commit for many commands.
+                        config.concurrency = args.participant_concurrency;
+                        config.max_batch = args.participant_batch;
+                        config.pool.max_connections =
+                            u32::try_from(args.participant_concurrency + 2).unwrap_or(u32::MAX);
                         for service in Service::ALL {
                             system::recreate_database(
                                 &args.postgres,

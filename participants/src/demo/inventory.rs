@@ -97,49 +97,62 @@ fn reserve(conn: &mut PgConnection, command: Command<ReservePayload>) -> Handler
             *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
         }
         let reservation_id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO inventory_reservations (reservation_id, action_key, saga_id, order_id, status)
-             VALUES ($1, $2, $3, $4, 'reserved')",
+        let (skus, quantities): (Vec<&str>, Vec<i64>) =
+            wanted.iter().map(|(s, q)| (*s, *q)).unzip();
+        // One statement: lock the stock rows in SKU order (no deadlock with
+        // a concurrent reservation), take every line that has enough, and
+        // write the reservation and its lines only if every line was taken.
+        let taken: Vec<String> = sqlx::query_scalar(
+            "WITH wanted AS (
+                 SELECT * FROM unnest($5::text[], $6::bigint[]) AS w(sku, quantity)
+             ), locked AS (
+                 SELECT sku FROM inventory_stock WHERE sku = ANY($5) ORDER BY sku FOR UPDATE
+             ), taken AS (
+                 UPDATE inventory_stock s SET available = s.available - w.quantity
+                 FROM wanted w JOIN locked l USING (sku)
+                 WHERE s.sku = w.sku AND s.available >= w.quantity
+                 RETURNING s.sku
+             ), reservation AS (
+                 INSERT INTO inventory_reservations (reservation_id, action_key, saga_id, order_id, status)
+                 SELECT $1, $2, $3, $4, 'reserved'
+                 WHERE (SELECT count(*) FROM taken) = cardinality($5::text[])
+                 RETURNING reservation_id
+             ), lines AS (
+                 INSERT INTO inventory_reservation_items (reservation_id, sku, quantity)
+                 SELECT r.reservation_id, w.sku, w.quantity FROM reservation r CROSS JOIN wanted w
+             )
+             SELECT coalesce(array_agg(sku), '{}') FROM taken",
         )
         .bind(reservation_id)
         .bind(command.action_key())
         .bind(command.saga_id())
         .bind(&payload.order_id)
-        .execute(&mut *conn)
+        .bind(&skus)
+        .bind(&quantities)
+        .fetch_one(&mut *conn)
         .await?;
-        for (sku, quantity) in wanted {
-            let taken: Option<i64> = sqlx::query_scalar(
-                "UPDATE inventory_stock SET available = available - $2
-                 WHERE sku = $1 AND available >= $2
-                 RETURNING available",
-            )
-            .bind(sku)
-            .bind(quantity)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if taken.is_none() {
-                let available: Option<i64> =
-                    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
-                        .bind(sku)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                // The kit rolls back what this reservation took so far.
-                return Ok(Outcome::rejected(match available {
+        if taken.len() != wanted.len() {
+            // Name the first line not taken (in SKU order); the kit rolls
+            // back the lines this statement took.
+            let available: Vec<(String, i64)> =
+                sqlx::query_as("SELECT sku, available FROM inventory_stock WHERE sku = ANY($1)")
+                    .bind(&skus)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            let available: BTreeMap<String, i64> = available.into_iter().collect();
+            let short = wanted
+                .iter()
+                .find(|(sku, _)| !taken.iter().any(|t| t == *sku));
+            let reason = match short {
+                Some((sku, quantity)) => match available.get(*sku) {
                     None => format!("unknown SKU {sku}"),
-                    Some(available) => format!(
-                        "insufficient stock for SKU {sku}: {quantity} requested, {available} available"
+                    Some(left) => format!(
+                        "insufficient stock for SKU {sku}: {quantity} requested, {left} available"
                     ),
-                }));
-            }
-            sqlx::query(
-                "INSERT INTO inventory_reservation_items (reservation_id, sku, quantity)
-                 VALUES ($1, $2, $3)",
-            )
-            .bind(reservation_id)
-            .bind(sku)
-            .bind(quantity)
-            .execute(&mut *conn)
-            .await?;
+                },
+                None => "the reservation could not take every line".to_owned(),
+            };
+            return Ok(Outcome::rejected(reason));
         }
         Ok(Outcome::success(
             serde_json::json!({ "reservation_id": reservation_id.to_string() }),

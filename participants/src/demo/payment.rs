@@ -142,6 +142,41 @@ fn check_funds(customer_id: &str, balance: i64, held: i64, amount: i64) -> Optio
     })
 }
 
+/// Debits `amount` if the account exists and has it available, writing the
+/// charge and its ledger movement in the same statement; `false` when the
+/// account is missing or short (nothing written).
+async fn charge_if_funded(
+    conn: &mut PgConnection,
+    command: &Command<AmountPayload>,
+    payment_id: Uuid,
+    amount: i64,
+) -> Result<bool, sqlx::Error> {
+    let p = &command.payload;
+    let debited: i64 = sqlx::query_scalar(
+        "WITH debit AS (
+             UPDATE payment_accounts SET balance_cents = balance_cents - $6
+             WHERE customer_id = $4 AND balance_cents - held_cents >= $6
+             RETURNING customer_id
+         ), charged AS (
+             INSERT INTO payment_charges (payment_id, action_key, saga_id, customer_id, order_id, amount_cents, status)
+             SELECT $1, $2, $3, $4, $5, $6, 'charged' FROM debit
+         ), moved AS (
+             INSERT INTO payment_movements (customer_id, saga_id, order_id, kind, amount_cents, reference_id)
+             SELECT $4, $3, $5, 'charge', $6, $1 FROM debit
+         )
+         SELECT count(*) FROM debit",
+    )
+    .bind(payment_id)
+    .bind(command.action_key())
+    .bind(command.saga_id())
+    .bind(&p.customer_id)
+    .bind(&p.order_id)
+    .bind(amount)
+    .fetch_one(conn)
+    .await?;
+    Ok(debited == 1)
+}
+
 fn charge(conn: &mut PgConnection, command: Command<AmountPayload>) -> HandlerFuture<'_> {
     Box::pin(async move {
         let p = &command.payload;
@@ -149,34 +184,26 @@ fn charge(conn: &mut PgConnection, command: Command<AmountPayload>) -> HandlerFu
             Ok(a) => a,
             Err(rejection) => return Ok(rejection),
         };
+        let payment_id = Uuid::now_v7();
+        let success =
+            || Outcome::success(serde_json::json!({ "payment_id": payment_id.to_string() }));
+        // A known customer with the funds: one statement.
+        if charge_if_funded(conn, &command, payment_id, amount).await? {
+            return Ok(success());
+        }
+        // Otherwise open the account if it is new, and say why not if short.
         let (balance, held) = lock_account(conn, &p.customer_id).await?;
         if let Some(rejection) = check_funds(&p.customer_id, balance, held, amount) {
             return Ok(rejection);
         }
-        let payment_id = Uuid::now_v7();
-        // Debit, charge and ledger movement in one statement.
-        sqlx::query(
-            "WITH debit AS (
-                 UPDATE payment_accounts SET balance_cents = balance_cents - $6
-                 WHERE customer_id = $4
-             ), charged AS (
-                 INSERT INTO payment_charges (payment_id, action_key, saga_id, customer_id, order_id, amount_cents, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'charged')
-             )
-             INSERT INTO payment_movements (customer_id, saga_id, order_id, kind, amount_cents, reference_id)
-             VALUES ($4, $3, $5, 'charge', $6, $1)",
-        )
-        .bind(payment_id)
-        .bind(command.action_key())
-        .bind(command.saga_id())
-        .bind(&p.customer_id)
-        .bind(&p.order_id)
-        .bind(amount)
-        .execute(&mut *conn)
-        .await?;
-        Ok(Outcome::success(
-            serde_json::json!({ "payment_id": payment_id.to_string() }),
-        ))
+        // The account is locked and has the funds, so this debits.
+        if charge_if_funded(conn, &command, payment_id, amount).await? {
+            Ok(success())
+        } else {
+            Err(HandlerError::Transient(
+                "the locked account could not be debited".into(),
+            ))
+        }
     })
 }
 

@@ -121,8 +121,10 @@ pub struct Args {
     /// gRPC connections used to start sagas.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Demo mode: transactions in flight per participant.
-    #[arg(long, default_value_t = 2)]
+    /// Demo mode: transactions in flight per participant (with more than
+    /// one, batches that lock the same stock rows wait on each other and
+    /// can deadlock).
+    #[arg(long, default_value_t = 1)]
     pub participant_concurrency: usize,
     /// Demo mode: most commands one participant transaction answers.
     #[arg(long, default_value_t = 64)]

@@ -4,15 +4,7 @@ use participants::demo::Service;
 use saga_proto::amqp::{Phase, ReplyStatus};
 use serde_json::json;
 
-use crate::helpers::{TestApp, command, compensation_of, rejected, success};
-
-async fn stock(app: &TestApp, sku: &str) -> i64 {
-    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
-        .bind(sku)
-        .fetch_one(app.pool(Service::Inventory))
-        .await
-        .unwrap()
-}
+use crate::helpers::{TestApp, command, compensation_of, rejected, stock, success};
 
 fn reserve(order: &str, sku: &str, quantity: u32) -> saga_proto::amqp::CommandMessage {
     command(

@@ -7,15 +7,7 @@ use participants::kit::FaultConfig;
 use saga_proto::amqp::{CommandMessage, Phase, ReplyStatus};
 use serde_json::json;
 
-use crate::helpers::{TestApp, command, compensation_of, eventually, rejected, success};
-
-async fn stock(app: &TestApp, sku: &str) -> i64 {
-    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
-        .bind(sku)
-        .fetch_one(app.pool(Service::Inventory))
-        .await
-        .unwrap()
-}
+use crate::helpers::{TestApp, command, compensation_of, eventually, rejected, stock, success};
 
 fn reserve(order: &str, items: serde_json::Value) -> CommandMessage {
     command(

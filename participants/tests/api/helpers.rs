@@ -290,7 +290,18 @@ impl TestApp {
 
     /// Messages waiting in `queue`, not yet pushed to any consumer.
     pub async fn ready_in(&self, queue: &str) -> u32 {
-        self.channel
+        self.inspect(queue)
+            .await
+            .expect("the queue exists")
+            .message_count()
+    }
+
+    /// The broker's view of `queue` (passive declare), `None` if it is
+    /// missing. A passive declare of a missing queue closes its channel, so
+    /// each look uses a fresh one.
+    async fn inspect(&self, queue: &str) -> Option<lapin::Queue> {
+        let channel = self.connection.create_channel().await.ok()?;
+        let declared = channel
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -300,8 +311,9 @@ impl TestApp {
                 FieldTable::default(),
             )
             .await
-            .expect("the queue exists")
-            .message_count()
+            .ok();
+        channel.close(200, "ok".into()).await.ok();
+        declared
     }
 
     /// Connect options of a custom participant's database.
@@ -480,22 +492,10 @@ impl TestApp {
     /// Waits until `queue` has a consumer (the process is up and consuming).
     pub async fn wait_for_consumer(&self, queue: &str) {
         eventually(&format!("a consumer on {queue}"), || async {
-            // A passive declare of a missing queue closes its channel: use a
-            // fresh one each time.
-            let channel = self.connection.create_channel().await.ok()?;
-            let declared = channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            self.inspect(queue)
                 .await
-                .ok();
-            channel.close(200, "ok".into()).await.ok();
-            declared.filter(|q| q.consumer_count() > 0).map(|_| ())
+                .filter(|q| q.consumer_count() > 0)
+                .map(|_| ())
         })
         .await;
     }
@@ -617,6 +617,15 @@ pub async fn cleanup(
 pub fn success(reply: &ReplyMessage) -> serde_json::Value {
     assert_eq!(reply.status, ReplyStatus::Success, "{reply:?}");
     reply.data.clone()
+}
+
+/// Stock available for `sku` in the running inventory service.
+pub async fn stock(app: &TestApp, sku: &str) -> i64 {
+    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
+        .bind(sku)
+        .fetch_one(app.pool(Service::Inventory))
+        .await
+        .unwrap()
 }
 
 /// Asserts `reply` was rejected and returns the reason.

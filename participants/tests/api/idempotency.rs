@@ -11,15 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgConnection;
 
-use crate::helpers::{TestApp, command, eventually, rejected, success};
-
-async fn stock(app: &TestApp, sku: &str) -> i64 {
-    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
-        .bind(sku)
-        .fetch_one(app.pool(Service::Inventory))
-        .await
-        .unwrap()
-}
+use crate::helpers::{TestApp, command, eventually, rejected, stock, success};
 
 async fn reservations(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM inventory_reservations")

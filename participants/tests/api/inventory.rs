@@ -6,15 +6,7 @@ use participants::demo::inventory::SEEDED_STOCK;
 use saga_proto::amqp::Phase;
 use serde_json::json;
 
-use crate::helpers::{TestApp, command, compensation_of, rejected, success};
-
-async fn stock(app: &TestApp, sku: &str) -> i64 {
-    sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
-        .bind(sku)
-        .fetch_one(app.pool(Service::Inventory))
-        .await
-        .unwrap()
-}
+use crate::helpers::{TestApp, command, compensation_of, rejected, stock, success};
 
 async fn set_stock(app: &TestApp, sku: &str, available: i64) {
     sqlx::query("UPDATE inventory_stock SET available = $2 WHERE sku = $1")

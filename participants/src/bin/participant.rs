@@ -108,7 +108,7 @@ struct Args {
     #[arg(long, env = "FAULT_FAILURE_RATE", default_value_t = 0.0, value_parser = rate)]
     fault_failure_rate: f64,
 
-    /// Milliseconds added before handling each command.
+    /// Milliseconds added before handling each batch of commands.
     #[arg(long, env = "FAULT_LATENCY_MS", default_value_t = 0)]
     fault_latency_ms: u64,
 

@@ -4,7 +4,7 @@
 //! | Knob | Env var | Effect |
 //! |------|---------|--------|
 //! | [`FaultConfig::failure_rate`] | `FAULT_FAILURE_RATE` | probability (0..=1) that a command is answered `transient_error` without touching the database |
-//! | [`FaultConfig::latency`] | `FAULT_LATENCY_MS` | added delay before each command is handled |
+//! | [`FaultConfig::latency`] | `FAULT_LATENCY_MS` | added delay before each batch of commands is handled (each command waits at least this long) |
 //! | [`FaultConfig::drop_reply_rate`] | `FAULT_DROP_REPLY_RATE` | probability that the outcome is committed (inbox) but no reply is ever sent; the orchestrator's timeout + retry gets it back from the inbox |
 //! | [`FaultConfig::duplicate_reply_rate`] | `FAULT_DUPLICATE_REPLY_RATE` | probability that a reply is published twice |
 //! | [`FaultConfig::crash_after`] | `FAULT_CRASH_AFTER` | `std::process::abort()` right after the N-th command of the process committed, before its reply is published |
@@ -50,7 +50,8 @@ pub struct FaultConfigError {
 pub struct FaultConfig {
     /// Probability that a command fails with a transient error (nothing applied).
     pub failure_rate: f64,
-    /// Delay added before handling each command.
+    /// Delay added before handling each batch of commands (so each
+    /// command waits at least this long).
     pub latency: Duration,
     /// Probability that a committed reply is never published.
     pub drop_reply_rate: f64,

@@ -34,7 +34,10 @@
 //!   share one transaction (one commit for many); a command that repeats a
 //!   key of its batch, or compensates an action of its batch, is decided
 //!   after the batch commits; a batch that cannot commit cleanly is rolled
-//!   back whole and its commands are decided one by one.
+//!   back whole and its commands are decided one by one. A batch holds more
+//!   locks than one command, so it can deadlock with a command handled
+//!   alone; a command that loses a deadlock is decided again (nothing of
+//!   it was applied) instead of being answered `transient_error`.
 //! - **Rejections are final and remembered**; **transient errors are not**
 //!   (nothing was applied, a retry runs the handler again).
 //! - **No lost reply** once an outcome is committed: the outbox row stays

@@ -451,6 +451,19 @@ enum Executed {
     RejectedAfterWriting(String),
 }
 
+/// How many times a command that lost a deadlock is decided again.
+const RACE_RETRIES: u32 = 3;
+
+/// Whether `error` rolled the transaction back only because it lost a race
+/// with another one (deadlock, serialization failure): trying again is safe
+/// and expected to succeed.
+fn lost_a_race(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
 /// Most outbox rows one relay transaction claims.
 const RELAY_BATCH: i64 = 100;
 
@@ -477,6 +490,11 @@ impl CommandService {
                     return self.replay(tx, message, reply_to).await;
                 }
                 Outcome::Rejected(reason)
+            }
+            Err(HandlerError::Database(e)) if lost_a_race(&e) => {
+                // A deadlock victim: nothing applied; the caller tries again.
+                tx.rollback().await.ok();
+                return Err(e);
             }
             Err(e) => {
                 tx.rollback().await.ok();
@@ -825,22 +843,35 @@ impl CommandService {
             after.sort_unstable();
         }
         for i in after {
-            let incoming = &batch[i];
-            decisions[i] = Some(
-                match self.decide(&incoming.message, &incoming.reply_to).await {
-                    Ok(decision) => decision,
-                    Err(e) => self.transient(
-                        &incoming.message,
-                        &incoming.reply_to,
-                        format!("database error: {e}"),
-                    ),
-                },
-            );
+            decisions[i] = Some(self.decide_alone(&batch[i]).await);
         }
         decisions
             .into_iter()
             .map(|d| d.expect("every command of the batch is decided"))
             .collect()
+    }
+
+    /// Decides one command in a transaction of its own. A deadlock victim
+    /// (more likely now that batches hold many locks) is decided again, up
+    /// to [`RACE_RETRIES`] times, rather than answered `transient_error`.
+    async fn decide_alone(&self, incoming: &Incoming) -> Decision {
+        let mut retries = 0;
+        loop {
+            match self.decide(&incoming.message, &incoming.reply_to).await {
+                Ok(decision) => return decision,
+                Err(e) if lost_a_race(&e) && retries < RACE_RETRIES => {
+                    retries += 1;
+                    tracing::debug!(participant = %self.name, key = %incoming.message.idempotency_key, error = %e, "deciding the command again");
+                }
+                Err(e) => {
+                    return self.transient(
+                        &incoming.message,
+                        &incoming.reply_to,
+                        format!("database error: {e}"),
+                    );
+                }
+            }
+        }
     }
 
     /// Decides the commands `which` of `batch` (distinct keys, none

@@ -32,9 +32,10 @@
 //!   the inbox key's unique index.
 //! - **Batching never changes an outcome.** Commands that arrive together
 //!   share one transaction (one commit for many); a command that repeats a
-//!   key of its batch, or compensates an action of its batch, is decided
-//!   after the batch commits; a batch that cannot commit cleanly is rolled
-//!   back whole and its commands are decided one by one. A batch holds more
+//!   key of its batch, and an action with its compensation in the same
+//!   batch, are decided alone after the batch commits, in arrival order;
+//!   a batch that cannot commit cleanly is rolled back whole and its
+//!   commands are decided one by one. A batch holds more
 //!   locks than one command, so it can deadlock with a command handled
 //!   alone; a command that loses a deadlock is decided again (nothing of
 //!   it was applied) instead of being answered `transient_error`.

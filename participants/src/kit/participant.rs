@@ -800,23 +800,29 @@ impl CommandService {
     /// cannot finish cleanly (a rejection after writing, a handler or
     /// database error, a deadlock with another batch) is rolled back as a
     /// whole and its commands are decided one by one, so batching never
-    /// changes an outcome. A command that repeats a key of the batch, or
-    /// compensates an action of the batch, waits for the batch to commit.
+    /// changes an outcome. A command that repeats a key of the batch, and
+    /// an action with its compensation both in the batch, are decided alone
+    /// after the batch commits, in arrival order.
     async fn decide_all(&self, batch: &[Incoming]) -> Vec<Decision> {
         let mut keys = HashSet::with_capacity(batch.len());
-        let (together, after): (Vec<usize>, Vec<usize>) =
+        let (firsts, repeats): (Vec<usize>, Vec<usize>) =
             (0..batch.len()).partition(|&i| keys.insert(batch[i].message.idempotency_key.as_str()));
-        let (together, mut after): (Vec<usize>, Vec<usize>) = {
-            let (together, later): (Vec<usize>, Vec<usize>) =
-                together.into_iter().partition(|&i| {
-                    batch[i]
-                        .message
-                        .compensates
-                        .as_deref()
-                        .is_none_or(|action| !keys.contains(action))
-                });
-            (together, later.into_iter().chain(after).collect())
-        };
+        // Actions compensated within the batch: the barrier must see each
+        // pair in arrival order, one committed before the other.
+        let undone: HashSet<&str> = firsts
+            .iter()
+            .filter_map(|&i| batch[i].message.compensates.as_deref())
+            .filter(|action| keys.contains(action))
+            .collect();
+        let (together, mut after): (Vec<usize>, Vec<usize>) = firsts.into_iter().partition(|&i| {
+            let message = &batch[i].message;
+            !undone.contains(message.idempotency_key.as_str())
+                && message
+                    .compensates
+                    .as_deref()
+                    .is_none_or(|action| !undone.contains(action))
+        });
+        after.extend(repeats);
         after.sort_unstable();
         let mut decisions: Vec<Option<Decision>> = batch.iter().map(|_| None).collect();
         if together.len() > 1 {

@@ -81,8 +81,8 @@ async fn a_burst_is_answered_together_with_the_outcomes_each_command_gets_alone(
     let blocker = reserve("o-60", json!([{"sku": "sku-60", "quantity": 1}]));
     let a = reserve("o-61", json!([{"sku": "sku-61", "quantity": 2}]));
     let b = reserve("o-62", json!([{"sku": "sku-62", "quantity": 3}]));
-    // Its action is in the same batch: it waits for the batch to commit and
-    // then finds the reservation to undo.
+    // Its action is in the same burst: the pair is decided alone after the
+    // batch, in arrival order, so the release finds the reservation.
     let release_b = compensation_of(
         &b,
         "release",
@@ -149,8 +149,8 @@ async fn a_burst_is_answered_together_with_the_outcomes_each_command_gets_alone(
     assert_eq!(stats.replayed, 1, "{stats:?}");
     assert_eq!(stats.rejected, 0, "{stats:?}");
     assert_eq!(stats.batches_split, 0, "{stats:?}");
-    // a, b, c and a's duplicate go together; the release waits for them.
-    assert!(stats.batched >= 3, "{stats:?}");
+    // a and c go together; b, its release and a's duplicate come after.
+    assert!(stats.batched >= 2, "{stats:?}");
     app.finish().await;
 }
 

@@ -209,3 +209,57 @@ async fn a_batch_with_a_rejection_after_writing_is_decided_command_by_command() 
     assert_eq!((stats.applied, stats.rejected), (3, 1), "{stats:?}");
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_ahead_of_its_action_in_a_burst_fences_it_as_it_would_alone() {
+    let app = one_batch_at_a_time().await;
+    let blocker = reserve("o-80", json!([{"sku": "sku-80", "quantity": 1}]));
+    let x = reserve("o-81", json!([{"sku": "sku-81", "quantity": 6}]));
+    let release_x = compensation_of(
+        &x,
+        "release",
+        json!({"order_id": "o-81", "reservation_id": null}),
+    );
+    let y = reserve("o-82", json!([{"sku": "sku-82", "quantity": 1}]));
+    let z = reserve("o-83", json!([{"sku": "sku-83", "quantity": 1}]));
+    burst_behind(
+        &app,
+        "sku-80",
+        &blocker,
+        &[
+            Burst::Command(&release_x),
+            Burst::Command(&y),
+            Burst::Command(&x),
+            Burst::Command(&z),
+        ],
+    )
+    .await;
+
+    for command in [&blocker, &release_x, &x, &y, &z] {
+        app.replies
+            .wait_for(1, |r| r.idempotency_key == command.idempotency_key)
+            .await;
+    }
+    let reply_to = |command: &CommandMessage| {
+        app.replies_to(command)
+            .into_iter()
+            .next()
+            .expect("a reply")
+            .reply
+    };
+    // The same as one at a time in arrival order: the release fences the
+    // action that has not arrived yet, and the action is refused.
+    assert_eq!(
+        success(&reply_to(&release_x)),
+        json!({"noop": "action_never_arrived"})
+    );
+    let reason = rejected(&reply_to(&x));
+    assert!(reason.contains("compensated before it arrived"), "{reason}");
+    assert_eq!(stock(&app, "sku-81").await, SEEDED_STOCK);
+    assert!(success(&reply_to(&y))["reservation_id"].is_string());
+    assert!(success(&reply_to(&z))["reservation_id"].is_string());
+    let stats = app.handle(Service::Inventory).stats();
+    assert!(stats.batched >= 2, "y and z go together: {stats:?}");
+    assert_eq!(stats.batches_split, 0, "{stats:?}");
+    app.finish().await;
+}

@@ -4,7 +4,7 @@
 use participants::demo::Service;
 use participants::demo::inventory::SEEDED_STOCK;
 use participants::kit::FaultConfig;
-use saga_proto::amqp::{CommandMessage, Phase, ReplyStatus};
+use saga_proto::amqp::{CommandMessage, Phase, ReplyMessage, ReplyStatus};
 use serde_json::json;
 
 use crate::helpers::{TestApp, command, compensation_of, eventually, rejected, stock, success};
@@ -68,6 +68,22 @@ async fn burst_behind(
     })
     .await;
     lock.commit().await.unwrap();
+}
+
+/// Waits for a reply to each of `commands` and returns the first of each.
+async fn first_replies<const N: usize>(
+    app: &TestApp,
+    commands: [&CommandMessage; N],
+) -> [ReplyMessage; N] {
+    let mut replies = Vec::with_capacity(N);
+    for command in commands {
+        let received = app
+            .replies
+            .wait_for(1, |r| r.idempotency_key == command.idempotency_key)
+            .await;
+        replies.push(received[0].reply.clone());
+    }
+    replies.try_into().expect("one reply per command")
 }
 
 enum Burst<'a> {
@@ -173,21 +189,10 @@ async fn a_batch_with_a_rejection_after_writing_is_decided_command_by_command() 
     )
     .await;
 
-    for command in [&blocker, &d, &e, &f] {
-        app.replies
-            .wait_for(1, |r| r.idempotency_key == command.idempotency_key)
-            .await;
-    }
-    let reply_to = |command: &CommandMessage| {
-        app.replies_to(command)
-            .into_iter()
-            .next()
-            .expect("a reply")
-            .reply
-    };
-    assert_eq!(reply_to(&d).status, ReplyStatus::Success);
-    assert_eq!(reply_to(&f).status, ReplyStatus::Success);
-    let reason = rejected(&reply_to(&e));
+    let [_, d_reply, e_reply, f_reply] = first_replies(&app, [&blocker, &d, &e, &f]).await;
+    assert_eq!(d_reply.status, ReplyStatus::Success);
+    assert_eq!(f_reply.status, ReplyStatus::Success);
+    let reason = rejected(&e_reply);
     assert!(reason.contains("sku-999"), "{reason}");
 
     assert_eq!(stock(&app, "sku-71").await, SEEDED_STOCK - 1);
@@ -235,29 +240,19 @@ async fn a_compensation_ahead_of_its_action_in_a_burst_fences_it_as_it_would_alo
     )
     .await;
 
-    for command in [&blocker, &release_x, &x, &y, &z] {
-        app.replies
-            .wait_for(1, |r| r.idempotency_key == command.idempotency_key)
-            .await;
-    }
-    let reply_to = |command: &CommandMessage| {
-        app.replies_to(command)
-            .into_iter()
-            .next()
-            .expect("a reply")
-            .reply
-    };
+    let [_, release_reply, x_reply, y_reply, z_reply] =
+        first_replies(&app, [&blocker, &release_x, &x, &y, &z]).await;
     // The same as one at a time in arrival order: the release fences the
     // action that has not arrived yet, and the action is refused.
     assert_eq!(
-        success(&reply_to(&release_x)),
+        success(&release_reply),
         json!({"noop": "action_never_arrived"})
     );
-    let reason = rejected(&reply_to(&x));
+    let reason = rejected(&x_reply);
     assert!(reason.contains("compensated before it arrived"), "{reason}");
     assert_eq!(stock(&app, "sku-81").await, SEEDED_STOCK);
-    assert!(success(&reply_to(&y))["reservation_id"].is_string());
-    assert!(success(&reply_to(&z))["reservation_id"].is_string());
+    assert!(success(&y_reply)["reservation_id"].is_string());
+    assert!(success(&z_reply)["reservation_id"].is_string());
     let stats = app.handle(Service::Inventory).stats();
     assert!(stats.batched >= 2, "y and z go together: {stats:?}");
     assert_eq!(stats.batches_split, 0, "{stats:?}");

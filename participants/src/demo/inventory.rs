@@ -131,28 +131,23 @@ fn reserve(conn: &mut PgConnection, command: Command<ReservePayload>) -> Handler
         .bind(&quantities)
         .fetch_one(&mut *conn)
         .await?;
-        if taken.len() != wanted.len() {
-            // Name the first line not taken (in SKU order); the kit rolls
-            // back the lines this statement took.
-            let available: Vec<(String, i64)> =
-                sqlx::query_as("SELECT sku, available FROM inventory_stock WHERE sku = ANY($1)")
-                    .bind(&skus)
-                    .fetch_all(&mut *conn)
+        // A line not taken (the first in SKU order) refuses the whole
+        // reservation; the kit rolls back the lines this statement took.
+        if let Some((sku, quantity)) = wanted
+            .iter()
+            .find(|(sku, _)| !taken.iter().any(|t| t == *sku))
+        {
+            let available: Option<i64> =
+                sqlx::query_scalar("SELECT available FROM inventory_stock WHERE sku = $1")
+                    .bind(sku)
+                    .fetch_optional(&mut *conn)
                     .await?;
-            let available: BTreeMap<String, i64> = available.into_iter().collect();
-            let short = wanted
-                .iter()
-                .find(|(sku, _)| !taken.iter().any(|t| t == *sku));
-            let reason = match short {
-                Some((sku, quantity)) => match available.get(*sku) {
-                    None => format!("unknown SKU {sku}"),
-                    Some(left) => format!(
-                        "insufficient stock for SKU {sku}: {quantity} requested, {left} available"
-                    ),
-                },
-                None => "the reservation could not take every line".to_owned(),
-            };
-            return Ok(Outcome::rejected(reason));
+            return Ok(Outcome::rejected(match available {
+                None => format!("unknown SKU {sku}"),
+                Some(available) => format!(
+                    "insufficient stock for SKU {sku}: {quantity} requested, {available} available"
+                ),
+            }));
         }
         Ok(Outcome::success(
             serde_json::json!({ "reservation_id": reservation_id.to_string() }),

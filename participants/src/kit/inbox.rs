@@ -122,26 +122,6 @@ fn outcome_of(
     }
 }
 
-/// `status`, `data`, `reason` of an inbox row.
-type StoredRow = (
-    Option<String>,
-    Option<Json<serde_json::Value>>,
-    Option<String>,
-);
-
-/// The outcome stored for `key`, if the key is known.
-pub(crate) async fn stored_outcome(
-    conn: &mut PgConnection,
-    key: &str,
-) -> Result<Option<Outcome>, sqlx::Error> {
-    let row: Option<StoredRow> =
-        sqlx::query_as("SELECT status, data, reason FROM kit_inbox WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|(status, data, reason)| outcome_of(status, data, reason)))
-}
-
 /// The inbox columns `(status, data, reason)` that record `outcome`.
 pub(crate) fn columns(
     outcome: &Outcome,

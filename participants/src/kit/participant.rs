@@ -532,8 +532,10 @@ impl CommandService {
         message: &Arc<CommandMessage>,
         reply_to: &str,
     ) -> Result<Decision, sqlx::Error> {
-        let outcome = inbox::stored_outcome(&mut tx, &message.idempotency_key)
+        let key = message.idempotency_key.as_str();
+        let outcome = inbox::stored_outcomes(&mut tx, &[key])
             .await?
+            .remove(key)
             .ok_or_else(|| sqlx::Error::RowNotFound)?;
         let pending = self
             .queue_reply(&mut tx, message, &outcome, reply_to, false)
@@ -823,7 +825,6 @@ impl CommandService {
                     .is_none_or(|action| !undone.contains(action))
         });
         after.extend(repeats);
-        after.sort_unstable();
         let mut decisions: Vec<Option<Decision>> = batch.iter().map(|_| None).collect();
         if together.len() > 1 {
             match self.decide_together(batch, &together).await {
@@ -841,13 +842,13 @@ impl CommandService {
                     );
                     tracing::debug!(participant = %self.name, commands = together.len(), error = %e, "batch rolled back; deciding its commands one by one");
                     after.extend(together);
-                    after.sort_unstable();
                 }
             }
         } else {
             after.extend(together);
-            after.sort_unstable();
         }
+        // Whatever is decided alone goes in arrival order.
+        after.sort_unstable();
         for i in after {
             decisions[i] = Some(self.decide_alone(&batch[i]).await);
         }

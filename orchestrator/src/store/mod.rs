@@ -68,7 +68,12 @@ impl Store {
             // `sagas` was nearly empty (a new database, before the first
             // autoanalyze) keeps a sequential-scan plan as the table grows,
             // and every transition then reads every saga ever written.
-            .options([("enable_seqscan", "off")]);
+            // The same few statements run for every saga: each is planned
+            // once (generic plan), never again per call.
+            .options([
+                ("enable_seqscan", "off"),
+                ("plan_cache_mode", "force_generic_plan"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1)

@@ -5,6 +5,7 @@
 mod barrier;
 mod batch;
 mod crash;
+mod database;
 mod helpers;
 mod idempotency;
 mod inventory;

@@ -324,7 +324,7 @@ impl Engine {
                 &events,
                 now,
             );
-            let (written, _) = self.write_changes(&mut tx, changes, now).await?;
+            let (written, _) = self.write_changes(&mut tx, changes, &[], now).await?;
             crate::crash_point!("orchestrator::timer_before_commit");
             tx.commit().await?;
             Ok(written)
@@ -375,7 +375,7 @@ impl Engine {
                 state: next,
                 effects,
             };
-            let (written, _) = self.write_changes(&mut tx, vec![change], now).await?;
+            let (written, _) = self.write_changes(&mut tx, vec![change], &[], now).await?;
             tx.commit().await?;
             Ok::<_, EngineError>(written)
         }
@@ -402,7 +402,20 @@ impl Engine {
                 .cloned()
                 .collect();
             let changes = self.apply_all(cached, &fast, now);
-            let (written, stale) = self.write_changes(&mut conn, changes, now).await?;
+            // The statement commits on its own: it also deletes outbox rows
+            // confirmed meanwhile, handed back if it fails.
+            let confirmed = if changes.is_empty() {
+                Vec::new()
+            } else {
+                self.store.confirmed().take(outbox::MAX_DELETES_PER_WRITE)
+            };
+            let written = self
+                .write_changes(&mut conn, changes, &confirmed, now)
+                .await;
+            if written.is_err() {
+                self.store.confirmed().put_back(confirmed);
+            }
+            let (written, stale) = written?;
             drop(conn);
             for (change, published) in written {
                 self.act(&change.state, published, change.effects);
@@ -425,7 +438,7 @@ impl Engine {
         let mut tx = self.store.pool().begin().await?;
         let states = saga_rows::lock(&mut tx, &locked_ids).await?;
         let changes = self.apply_all(states.into_iter().map(|s| (s.id, s)).collect(), &slow, now);
-        let (written, _) = self.write_changes(&mut tx, changes, now).await?;
+        let (written, _) = self.write_changes(&mut tx, changes, &[], now).await?;
         tx.commit().await?;
         for (change, published) in written {
             self.act(&change.state, published, change.effects);
@@ -487,15 +500,18 @@ impl Engine {
         changes
     }
 
-    /// Writes changes with compare-and-set; returns the written ones with
-    /// their outbox rows (ids assigned) and the ids of the stale ones.
+    /// Writes changes with compare-and-set, deleting the `confirmed` outbox
+    /// rows on the way; returns the written ones with their outbox rows
+    /// (ids assigned) and the ids of the stale ones.
     async fn write_changes(
         &self,
         conn: &mut PgConnection,
         mut changes: Vec<Change>,
+        confirmed: &[i64],
         now: DateTime<Utc>,
     ) -> Result<(Vec<(Change, Vec<OutboxMessage>)>, Vec<Uuid>), EngineError> {
         if changes.is_empty() {
+            debug_assert!(confirmed.is_empty(), "nothing to carry the deletes");
             return Ok((Vec::new(), Vec::new()));
         }
         let history: Vec<(Uuid, HistoryEntry)> = changes
@@ -513,6 +529,7 @@ impl Engine {
             &states,
             &history,
             &outbox,
+            confirmed,
             now,
             now + outbox::PUBLISH_LEASE,
         )

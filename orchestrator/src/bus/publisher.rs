@@ -114,15 +114,15 @@ pub async fn run(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
-    let deleter = tokio::spawn(delete_confirmed(store.clone(), confirmed_rx));
+    let deleter_stop = CancellationToken::new();
+    let deleter = tokio::spawn(delete_confirmed(store.clone(), deleter_stop.clone()));
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut stopping = false;
     let result = loop {
         tokio::select! {
             biased;
             Some((message, confirmation)) = in_flight.next() => {
-                if let Err(error) = settle(&store, &confirmed_tx, message, confirmation) {
+                if let Err(error) = settle(&store, message, confirmation) {
                     break Err(error);
                 }
             }
@@ -151,7 +151,7 @@ pub async fn run(
             }
         }
     };
-    drop(confirmed_tx);
+    deleter_stop.cancel();
     let _ = deleter.await;
     result
 }
@@ -160,7 +160,6 @@ pub async fn run(
 /// relay on nack.
 fn settle(
     store: &Store,
-    confirmed: &mpsc::UnboundedSender<i64>,
     message: OutboxMessage,
     confirmation: lapin::Result<Confirmation>,
 ) -> lapin::Result<()> {
@@ -169,7 +168,7 @@ fn settle(
             metrics::counter!("saga_messages_published_total", "type" => message.message_type.clone())
                 .increment(1);
             crate::crash_point!("orchestrator::after_publish_before_outbox_delete");
-            let _ = confirmed.send(message.id);
+            store.confirmed().push(message.id);
         }
         Confirmation::Ack(Some(returned)) => {
             let delay = unroutable_backoff(message.attempts);
@@ -200,24 +199,48 @@ fn settle(
     Ok(())
 }
 
-/// Deletes confirmed rows in batches (one statement for whatever has
-/// accumulated while the previous one ran).
-async fn delete_confirmed(store: Store, mut confirmed: mpsc::UnboundedReceiver<i64>) {
-    let mut ids = Vec::new();
-    while confirmed.recv_many(&mut ids, 1024).await > 0 {
-        let attempt = || async { outbox::delete(store.pool(), &ids).await };
-        let result = backon::Retryable::retry(
-            attempt,
-            backon::ExponentialBuilder::default()
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(10),
-        )
-        .await;
-        if let Err(error) = result {
-            // The rows stay; the relay publishes them again later, which
-            // receivers de-duplicate. Nothing is lost.
-            tracing::warn!(%error, count = ids.len(), "could not delete confirmed outbox rows");
+/// How long a confirmed row waits for a transition statement to delete it
+/// on its way (see [`outbox::Confirmed`]) before the deleter deletes it
+/// with a statement of its own; far below [`outbox::PUBLISH_LEASE`].
+const DELETE_DELAY: Duration = Duration::from_millis(20);
+
+/// Deletes the confirmed rows no transition took within [`DELETE_DELAY`]
+/// (one statement for all of them), and every row left when `stop` fires.
+async fn delete_confirmed(store: Store, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = store.confirmed().added() => {
+                tokio::select! {
+                    () = tokio::time::sleep(DELETE_DELAY) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+            () = stop.cancelled() => {}
         }
-        ids.clear();
+        loop {
+            let ids = store.confirmed().take(outbox::MAX_DELETES_PER_WRITE);
+            if ids.is_empty() {
+                break;
+            }
+            let attempt = || async { outbox::delete(store.pool(), &ids).await };
+            let result = backon::Retryable::retry(
+                attempt,
+                backon::ExponentialBuilder::default()
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(10),
+            )
+            .await;
+            if let Err(error) = result {
+                // The rows stay: the next transition or deletion takes them
+                // again; if none does before their lease runs out, the relay
+                // publishes them again, which receivers de-duplicate.
+                tracing::warn!(%error, count = ids.len(), "could not delete confirmed outbox rows");
+                store.confirmed().put_back(ids);
+                break;
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
     }
 }

@@ -51,6 +51,8 @@ pub enum StoreError {
 pub struct Store {
     /// Pooled connections; prepared statements are cached per connection.
     pool: PgPool,
+    /// Confirmed outbox rows not deleted yet.
+    confirmed: outbox::Confirmed,
 }
 
 /// Embedded schema migrations.
@@ -81,12 +83,20 @@ impl Store {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            confirmed: outbox::Confirmed::default(),
+        })
     }
 
     /// The connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Outbox rows the broker confirmed that are not deleted yet.
+    pub fn confirmed(&self) -> &outbox::Confirmed {
+        &self.confirmed
     }
 
     /// Whether the database answers right now.

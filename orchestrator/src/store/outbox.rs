@@ -8,16 +8,63 @@
 //! instance's relay claims the row again. An unroutable command is pushed
 //! back with a growing delay and stays until a queue is bound for it.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::StoreError;
 
 /// How long the writer of a row owns it before a relay may take it.
 pub const PUBLISH_LEASE: Duration = Duration::from_secs(5);
+
+/// Most confirmed rows one transition statement deletes on its way.
+pub const MAX_DELETES_PER_WRITE: usize = 1024;
+
+/// Rows the broker confirmed, waiting to be deleted. The next transition
+/// statement deletes them on its way ([`Confirmed::take`]), so under load
+/// a confirmed row costs no statement and no commit of its own; the
+/// publisher's deleter deletes whatever no transition took within a short
+/// delay. Until deleted a row is only a duplicate-in-waiting: its lease
+/// ([`PUBLISH_LEASE`]) is far longer than that delay.
+#[derive(Debug, Clone, Default)]
+pub struct Confirmed {
+    ids: Arc<Mutex<Vec<i64>>>,
+    added: Arc<Notify>,
+}
+
+impl Confirmed {
+    /// Records a confirmed row.
+    pub fn push(&self, id: i64) {
+        self.ids.lock().expect("confirmed ids lock").push(id);
+        self.added.notify_one();
+    }
+
+    /// Takes up to `limit` confirmed rows for the caller to delete. A
+    /// caller whose delete did not commit hands them back.
+    pub fn take(&self, limit: usize) -> Vec<i64> {
+        let mut ids = self.ids.lock().expect("confirmed ids lock");
+        let keep = ids.len().saturating_sub(limit);
+        ids.split_off(keep)
+    }
+
+    /// Hands back rows taken by a delete that did not commit.
+    pub fn put_back(&self, taken: Vec<i64>) {
+        if !taken.is_empty() {
+            self.ids.lock().expect("confirmed ids lock").extend(taken);
+            self.added.notify_one();
+        }
+    }
+
+    /// Resolves once a row was recorded since the last call (at once if
+    /// one was recorded while nobody waited).
+    pub async fn added(&self) {
+        self.added.notified().await;
+    }
+}
 
 /// A message waiting to be published.
 #[derive(Debug, Clone, PartialEq, Eq)]

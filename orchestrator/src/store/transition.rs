@@ -135,13 +135,16 @@ pub struct Written {
 
 /// Writes new saga states — each only if its row still has the revision
 /// the caller read (compare-and-set) — together with the history and outbox
-/// rows of exactly the sagas updated, and NOTIFYs watched ones. One
-/// statement: without an explicit transaction it commits on its own.
+/// rows of exactly the sagas updated, and NOTIFYs watched ones; on its way
+/// it deletes the confirmed outbox rows `confirmed` (see
+/// [`super::outbox::Confirmed`]). One statement: without an explicit
+/// transaction it commits on its own.
 pub async fn write(
     conn: &mut PgConnection,
     states: &[(&SagaInstance, u64)],
     history: &[(Uuid, HistoryEntry)],
     outbox: &[OutboxMessage],
+    confirmed: &[i64],
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> Result<Written, StoreError> {
@@ -169,7 +172,8 @@ pub async fn write(
               watched AS (
                 SELECT pg_notify($22, w.saga_id::text)
                 FROM (SELECT DISTINCT saga_id FROM saga_watchers
-                      WHERE saga_id IN (SELECT id FROM upd)) AS w)
+                      WHERE saga_id IN (SELECT id FROM upd)) AS w),
+              confirmed AS (DELETE FROM outbox WHERE id = ANY($25::int8[]))
          SELECT (SELECT count(*) FROM watched) AS notified,
                 COALESCE((SELECT array_agg(id) FROM upd), '{{}}') AS updated,
                 COALESCE((SELECT array_agg(message_id ORDER BY id) FROM ob), '{{}}') AS message_ids,
@@ -184,6 +188,7 @@ pub async fn write(
         .bind(CHANNEL)
         .bind(&revisions)
         .bind(&expected)
+        .bind(confirmed)
         .fetch_one(conn)
         .await?;
     let message_ids: Vec<Uuid> = row.try_get("message_ids")?;

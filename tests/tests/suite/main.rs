@@ -19,5 +19,6 @@ mod failure_poison;
 mod failure_support;
 mod flows;
 mod instances;
+mod outbox;
 mod raw_participant;
 mod support;

@@ -2,8 +2,9 @@
 """Draws the scaling charts of BENCHMARKS.md from saga-bench JSON reports.
 
 Usage: python3 scripts/plot_benchmarks.py docs/bench
-Reads echo-c*.json (concurrency), echo-steps*.json (steps per saga) and
-echo-peak.json / echo-prefill1m.json (history size); writes PNGs next to them.
+Reads echo-c*.json (concurrency), echo-steps*.json (steps per saga),
+echo-open-*.json (open-loop arrival rate) and echo-peak.json /
+echo-prefill1m.json (history size); writes PNGs next to them.
 Needs matplotlib (pip install matplotlib).
 """
 import glob
@@ -66,6 +67,28 @@ def main(folder):
               "bench_chain_N, echo participants, 128 concurrent", "steps per saga", xs,
               [("sagas/s", [r["sagas_per_s"] for _, r in steps], "o-"),
                ("steps/s", [r["sagas_per_s"] * n for n, r in steps], "s--")])
+    open_loop = []
+    for name in ("echo-open-p25.json", "echo-open-p35.json", "echo-open-half.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                open_loop.append(json.load(f))
+    if open_loop:
+        open_loop.sort(key=lambda r: r["sagas_per_s"])
+        xs = [round(r["sagas_per_s"]) for r in open_loop]
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        ax.plot(xs, [r["latency"]["p50_ms"] for r in open_loop], "o-", label="p50 ms")
+        ax.plot(xs, [r["latency"]["p99_ms"] for r in open_loop], "s--", label="p99 ms")
+        ax.axhline(100, color="grey", linewidth=0.8, linestyle=":", label="p99 target (100 ms)")
+        ax.set_title("start-to-completed latency, echo participants, open loop")
+        ax.set_xlabel("arrival rate, sagas/s (the last point is half the peak)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = os.path.join(folder, "latency-vs-rate.png")
+        fig.savefig(out)
+        plt.close(fig)
+        print("wrote", out)
     history = []
     for name, size in (("echo-peak.json", 0), ("echo-prefill1m.json", 1_000_000)):
         path = os.path.join(folder, name)

@@ -33,9 +33,14 @@ run echo-single --mode echo --concurrency 1
 for c in 1 4 16 64 128 256 512; do run "echo-c$c" --mode echo --concurrency "$c"; done
 # Cost against steps per saga.
 for n in 1 3 6 12; do run "echo-steps$n" --mode echo --steps "$n" --concurrency 128; done
-# Open loop at half the measured peak (latency under load).
+# Open loop at half the measured peak (latency under load), and at a
+# quarter and 35 % of it (where p99 stays under 100 ms).
 peak=$(python3 -c "import json;print(int(json.load(open('$out/echo-peak.json'))['sagas_per_s']))")
 run echo-open-half --mode echo --loop open --rate "$((peak / 2))"
+run echo-open-p25 --mode echo --loop open --rate "$((peak / 4))"
+run echo-open-p35 --mode echo --loop open --rate "$((peak * 35 / 100))"
+# The demo participants one saga at a time.
+run demo-single --mode demo --concurrency 1
 # Last: the run after writing a million rows is disturbed (an open-loop
 # run right after it measured p99 1.6 s, against 183 ms alone).
 # History size: 1,000,000 finished sagas already in the tables.

@@ -1,6 +1,23 @@
-//! Wires the orchestrator together and runs it until shutdown.
+//! Wires the orchestrator together and runs it until shutdown: the
+//! embedding API.
 //!
-//! [`Application::build`] connects to PostgreSQL (creating the database and
+//! A service of one's own runs the orchestrator with its own flows:
+//!
+//! ```no_run
+//! # async fn serve(config: orchestrator::Config, my_flows: Vec<sagas::Flow>) -> Result<(), orchestrator::StartupError> {
+//! use orchestrator::Orchestrator;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let shutdown = CancellationToken::new();
+//! Orchestrator::builder(config)
+//!     .flows(sagas::flows::order_placement::definitions())
+//!     .flows(my_flows)
+//!     .run(shutdown)
+//!     .await
+//! # }
+//! ```
+//!
+//! [`OrchestratorBuilder::start`] connects to PostgreSQL (creating the database and
 //! applying migrations), binds the gRPC listener (port 0 in tests; the real
 //! port is reported), and starts every task on a shared
 //! [`CancellationToken`]. [`Application::run_until_stopped`] waits for the
@@ -12,7 +29,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use saga_proto::v1::{FILE_DESCRIPTOR_SET, saga_service_server::SagaServiceServer};
-use sagas::Catalog;
+use sagas::{Catalog, CatalogError, Flow};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -53,6 +70,76 @@ pub enum StartupError {
     /// The metrics exporter could not start.
     #[error("cannot start the metrics exporter: {0}")]
     Metrics(String),
+    /// A flow version was registered twice.
+    #[error("cannot register the flows")]
+    Flows(#[source] CatalogError),
+    /// No flow was registered: the orchestrator would refuse every start.
+    #[error("no flows registered: add some with OrchestratorBuilder::flows")]
+    NoFlows,
+}
+
+/// The entry point of the embedding API: [`Orchestrator::builder`].
+#[derive(Debug)]
+pub struct Orchestrator;
+
+impl Orchestrator {
+    /// Starts describing an orchestrator that runs with `config` (see
+    /// [`Config`]; `Config::parse_from` or the fields directly). Add the
+    /// flows it runs with [`OrchestratorBuilder::flows`].
+    pub fn builder(config: Config) -> OrchestratorBuilder {
+        OrchestratorBuilder {
+            config,
+            catalog: Catalog::new(),
+            duplicate: None,
+        }
+    }
+}
+
+/// The flows and settings of an orchestrator about to start.
+#[derive(Debug)]
+pub struct OrchestratorBuilder {
+    /// Addresses, pool and batch sizes, logging, metrics.
+    config: Config,
+    /// Every flow version it runs.
+    catalog: Catalog,
+    /// The first flow version registered twice, reported at start (a
+    /// builder method returning `Result` would break the chain).
+    duplicate: Option<CatalogError>,
+}
+
+impl OrchestratorBuilder {
+    /// Adds flow versions (several versions of one flow live side by side;
+    /// a running saga keeps the version it started with).
+    pub fn flows(mut self, flows: impl IntoIterator<Item = Flow>) -> Self {
+        for flow in flows {
+            if let Err(e) = self.catalog.register(flow) {
+                self.duplicate.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// Connects to PostgreSQL (creating the database and applying the
+    /// migrations), refuses to start when running sagas need a flow version
+    /// that is not registered, binds the gRPC listener and starts every
+    /// task. Returns the running orchestrator; cancelling `shutdown` stops
+    /// it gracefully.
+    pub async fn start(self, shutdown: CancellationToken) -> Result<Application, StartupError> {
+        if let Some(duplicate) = self.duplicate {
+            return Err(StartupError::Flows(duplicate));
+        }
+        if self.catalog.is_empty() {
+            return Err(StartupError::NoFlows);
+        }
+        Application::build(self.config, self.catalog, shutdown).await
+    }
+
+    /// [`start`](Self::start)s, then runs until `shutdown` is cancelled and
+    /// every task has finished what it holds.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartupError> {
+        self.start(shutdown).await?.run_until_stopped().await;
+        Ok(())
+    }
 }
 
 /// A running orchestrator.
@@ -71,7 +158,8 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects, migrates, binds and starts every task.
+    /// Connects, migrates, binds and starts every task (what
+    /// [`OrchestratorBuilder::start`] does once the flows are checked).
     pub async fn build(
         config: Config,
         catalog: Catalog,
@@ -272,6 +360,69 @@ async fn mirror_health(
                 return;
             }
             changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C: what a service's `main` passes
+/// to [`OrchestratorBuilder::run`] (spawned beside it).
+pub async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn config() -> Config {
+        // An address nothing listens on: the checks below must refuse
+        // before anything is connected to.
+        Cli::parse_from(["x", "--database-url", "postgres://nobody@127.0.0.1:1/none"]).config
+    }
+
+    #[tokio::test]
+    async fn a_builder_without_flows_or_with_a_version_twice_refuses_to_start_before_connecting() {
+        let none = Orchestrator::builder(config())
+            .start(CancellationToken::new())
+            .await;
+        assert!(matches!(none, Err(StartupError::NoFlows)), "{none:?}");
+
+        let twice = Orchestrator::builder(config())
+            .flows(sagas::flows::order_placement::definitions())
+            .flows(sagas::flows::order_placement::definitions())
+            .start(CancellationToken::new())
+            .await;
+        match twice {
+            Err(StartupError::Flows(CatalogError::Duplicate { name, version })) => {
+                assert_eq!((name.as_str(), version), ("order_placement", 1));
+            }
+            other => panic!("expected a duplicate flow, got {other:?}"),
         }
     }
 }

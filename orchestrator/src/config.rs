@@ -42,7 +42,7 @@ pub struct Config {
     #[arg(long, env = "REPLY_BATCH", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub reply_batch: u16,
     /// Kind of the reply queue (quorum unless measuring).
-    #[arg(long, env = "SAGA_QUEUE_TYPE", value_enum, default_value = "quorum")]
+    #[arg(long, env = "SAGA_QUEUE_TYPE", default_value = "quorum")]
     pub queue_type: crate::bus::QueueType,
     /// Also run the synthetic `bench_chain_<n>` flows (for saga-bench).
     #[arg(long, env = "SAGA_BENCH_FLOWS")]
@@ -56,13 +56,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// The flows this configuration runs.
-    pub fn catalog(&self) -> sagas::Catalog {
+    /// The shipped flows this configuration runs: order placement, and the
+    /// synthetic `bench_chain_<n>` flows with `--bench-flows`.
+    pub fn shipped_flows(&self) -> Vec<sagas::Flow> {
+        let mut flows = sagas::flows::all();
         if self.bench_flows {
-            sagas::Catalog::with_bench_flows()
-        } else {
-            sagas::Catalog::standard()
+            flows.extend(sagas::flows::bench::definitions());
         }
+        flows
     }
 
     /// Exchange and queue names for the configured namespace.

@@ -49,5 +49,5 @@ pub mod telemetry;
 pub mod timers;
 pub mod watch;
 
-pub use app::{Application, StartupError};
+pub use app::{Application, Orchestrator, OrchestratorBuilder, StartupError, stop_on_signal};
 pub use config::Config;

@@ -56,16 +56,9 @@ impl Catalog {
         catalog
     }
 
-    /// The standard flows plus the synthetic `bench_chain_<n>` flows of
-    /// [`crate::flows::bench`].
-    pub fn with_bench_flows() -> Self {
-        let mut catalog = Self::standard();
-        for flow in crate::flows::bench::definitions() {
-            catalog
-                .register(flow)
-                .expect("bench flows have unique (name, version)");
-        }
-        catalog
+    /// Whether no flow is registered.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
     }
 
     /// Adds a flow version.

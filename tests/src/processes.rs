@@ -311,7 +311,7 @@ pub mod entry {
     use std::{net::SocketAddr, time::Duration};
 
     use clap::Parser;
-    use orchestrator::{Application, Config, StartupError};
+    use orchestrator::{Config, Orchestrator, StartupError};
     use participants::demo::{self, DemoConfig, DemoError, Service, UnknownService};
     use participants::kit::{FaultConfig, FaultConfigError, PoolSettings};
     use tokio_util::sync::CancellationToken;
@@ -355,11 +355,14 @@ pub mod entry {
             .build()?;
         runtime.block_on(async move {
             orchestrator::telemetry::init(cli.config.log_format);
-            let catalog = cli.config.catalog();
+            let flows = cli.config.shipped_flows();
             let shutdown = CancellationToken::new();
-            let app = Application::build(cli.config, catalog, shutdown.clone()).await?;
+            let app = Orchestrator::builder(cli.config)
+                .flows(flows)
+                .start(shutdown.clone())
+                .await?;
             println!("{READY_LINE} grpc={}", app.grpc_addr());
-            tokio::spawn(stop_on_signal(shutdown));
+            tokio::spawn(orchestrator::stop_on_signal(shutdown));
             app.run_until_stopped().await;
             Ok(())
         })
@@ -452,7 +455,7 @@ pub mod entry {
                 tracing::warn!(faults = ?config.faults, "fault injection is on");
             }
             let shutdown = CancellationToken::new();
-            tokio::spawn(stop_on_signal(shutdown.clone()));
+            tokio::spawn(orchestrator::stop_on_signal(shutdown.clone()));
             let mut running = demo::start(&services, config, shutdown).await?;
             if running.ready().await {
                 println!("{READY_LINE} participants={}", cli.participants.join(","));
@@ -460,19 +463,5 @@ pub mod entry {
             running.stopped().await;
             Ok(())
         })
-    }
-
-    /// Cancels `shutdown` on SIGTERM or Ctrl-C.
-    async fn stop_on_signal(shutdown: CancellationToken) {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        shutdown.cancel();
     }
 }

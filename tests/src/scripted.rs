@@ -159,7 +159,10 @@ impl ScriptedParticipant {
                         durable: true,
                         ..Default::default()
                     },
-                    orchestrator::bus::quorum_queue_args(&topology),
+                    saga_proto::amqp::declare::work_queue_arguments(
+                        &topology,
+                        saga_proto::amqp::declare::QueueType::Quorum,
+                    ),
                 )
                 .await
                 .unwrap();

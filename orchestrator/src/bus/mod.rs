@@ -1,5 +1,6 @@
-//! RabbitMQ edge: connection supervision, topology, the outbox publisher and
-//! the reply consumer.
+//! RabbitMQ edge: connection supervision, the outbox publisher and the
+//! reply consumer (the topology itself is declared by
+//! [`saga_proto::amqp::declare`], shared with the participants).
 //!
 //! [`run`] keeps one connection alive: it connects with backoff, declares the
 //! topology, runs the [`publisher`] and the [`consumer`] on their own
@@ -15,12 +16,8 @@ use std::{sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
-use lapin::{
-    Channel, Connection, ConnectionProperties, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable},
-};
-use saga_proto::amqp::{DELIVERY_LIMIT, Topology};
+use lapin::{Connection, ConnectionProperties};
+use saga_proto::amqp::{Topology, declare};
 use tokio_util::sync::CancellationToken;
 
 use crate::{engine::Engine, health::Health};
@@ -42,94 +39,8 @@ pub struct BusSettings {
     pub queue_type: QueueType,
 }
 
-/// Arguments of every quorum queue: poison messages are dead-lettered after
-/// [`DELIVERY_LIMIT`] deliveries instead of cycling forever.
-pub fn quorum_queue_args(topology: &Topology) -> FieldTable {
-    work_queue_args(topology, QueueType::Quorum)
-}
-
-/// Which kind of queue work queues are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum QueueType {
-    /// Raft-replicated, delivery limit for poison messages (the default).
-    Quorum,
-    /// Classic durable queue (no delivery limit: poison messages are only
-    /// dead-lettered when a consumer rejects them). For measurements.
-    Classic,
-}
-
-/// Arguments of a work queue of the given type.
-pub fn work_queue_args(topology: &Topology, queue_type: QueueType) -> FieldTable {
-    let mut args = FieldTable::default();
-    if queue_type == QueueType::Quorum {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(topology.dead_letter_exchange().into()),
-    );
-    if queue_type == QueueType::Quorum {
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(DELIVERY_LIMIT),
-        );
-    }
-    args
-}
-
-/// Declares the orchestrator's side of the topology (idempotent): commands,
-/// events and dead-letter exchanges, the dead-letter queue and the reply queue.
-pub async fn declare_topology(
-    channel: &Channel,
-    topology: &Topology,
-    queue_type: QueueType,
-) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    for (name, kind) in [
-        (topology.commands_exchange(), ExchangeKind::Direct),
-        (topology.events_exchange(), ExchangeKind::Topic),
-        (topology.dead_letter_exchange(), ExchangeKind::Fanout),
-    ] {
-        channel
-            .exchange_declare(name.into(), kind, durable, FieldTable::default())
-            .await?;
-    }
-    let queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let mut dead_letter_args = FieldTable::default();
-    dead_letter_args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(topology.dead_letter_queue().into(), queue, dead_letter_args)
-        .await?;
-    channel
-        .queue_bind(
-            topology.dead_letter_queue().into(),
-            topology.dead_letter_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(
-            topology.reply_queue().into(),
-            queue,
-            work_queue_args(topology, queue_type),
-        )
-        .await?;
-    Ok(())
-}
+/// Which kind of queue the reply queue is (quorum unless measuring).
+pub use saga_proto::amqp::declare::QueueType;
 
 /// Longest wait for one connection attempt (a black-holed broker would
 /// otherwise hold the handshake forever).
@@ -217,7 +128,7 @@ async fn serve_connection(
     shutdown: &CancellationToken,
 ) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
-    declare_topology(&setup, &settings.topology, settings.queue_type).await?;
+    declare::orchestrator(&setup, &settings.topology, settings.queue_type).await?;
     let publish_channel = connection.create_channel().await?;
     let consume_channel = connection.create_channel().await?;
     health.set_broker(true);

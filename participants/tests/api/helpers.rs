@@ -234,7 +234,7 @@ impl TestApp {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                topology::work_queue_arguments(&topology),
+                topology::work_queue_arguments(&topology, topology::QueueType::Quorum),
             )
             .await
             .expect("declare the reply queue");

@@ -52,7 +52,7 @@ async fn a_reply_to_a_queue_that_does_not_exist_yet_is_kept_and_relayed() {
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            topology::work_queue_arguments(&app.topology),
+            topology::work_queue_arguments(&app.topology, topology::QueueType::Quorum),
         )
         .await
         .unwrap();

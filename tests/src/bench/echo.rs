@@ -49,7 +49,7 @@ pub async fn run(
                     durable: true,
                     ..Default::default()
                 },
-                orchestrator::bus::work_queue_args(topology, queue_type),
+                saga_proto::amqp::declare::work_queue_arguments(topology, queue_type),
             )
             .await?;
         setup

@@ -116,7 +116,7 @@ pub struct Args {
     #[arg(long = "orchestrator-arg", allow_hyphen_values = true)]
     pub orchestrator_args: Vec<String>,
     /// Queue type of the reply and participant queues (echo mode).
-    #[arg(long, value_enum, default_value = "quorum")]
+    #[arg(long, default_value = "quorum")]
     pub queue_type: orchestrator::bus::QueueType,
     /// gRPC connections used to start sagas.
     #[arg(long, default_value_t = 4)]

@@ -1,9 +1,13 @@
-//! `orchestrator serve` runs the saga orchestrator; `orchestrator dev` runs
-//! it together with every demo participant in one process (each on its own
-//! connections and database, exactly as if separate).
+//! `orchestrator serve` runs the saga orchestrator with the shipped flows;
+//! `orchestrator dev` runs it together with every demo participant in one
+//! process (each on its own connections and database, exactly as if
+//! separate). Both are built on the embedding API
+//! ([`orchestrator::Orchestrator::builder`]) that a service of one's own
+//! uses with its own flows; this crate exists so that the orchestrator
+//! library does not depend on the demo participants.
 
 use clap::{Parser, Subcommand};
-use orchestrator::{Application, Config, telemetry};
+use orchestrator::{Config, Orchestrator, stop_on_signal, telemetry};
 use participants::demo::{self, DemoConfig, Service};
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +40,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(config) => {
             telemetry::init(config.log_format);
-            let catalog = config.catalog();
-            let app = Application::build(config, catalog, shutdown.clone()).await?;
+            let flows = config.shipped_flows();
+            let app = Orchestrator::builder(config)
+                .flows(flows)
+                .start(shutdown.clone())
+                .await?;
             tokio::spawn(stop_on_signal(shutdown));
             app.run_until_stopped().await;
         }
@@ -45,13 +52,16 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init(config.log_format);
             let demo_config =
                 DemoConfig::from_urls(&config.amqp_url, &config.namespace, &config.database_url)?;
-            let grpc_addr = config.grpc_addr;
-            let catalog = config.catalog();
-            let app = Application::build(config, catalog, shutdown.clone()).await?;
+            let default_addr = config.grpc_addr.port() == 50051;
+            let flows = config.shipped_flows();
+            let app = Orchestrator::builder(config)
+                .flows(flows)
+                .start(shutdown.clone())
+                .await?;
             let mut participants =
                 demo::start(&Service::ALL, demo_config, shutdown.clone()).await?;
             participants.ready().await;
-            print_instructions(app.grpc_addr(), grpc_addr.port() == 50051);
+            print_instructions(app.grpc_addr(), default_addr);
             tokio::spawn(stop_on_signal(shutdown));
             tokio::join!(app.run_until_stopped(), participants.stopped());
         }
@@ -79,21 +89,4 @@ Then: {sagactl} list | get <saga-id> | watch <saga-id> | types
 Stop with Ctrl-C.
 "#
     );
-}
-
-/// Cancels `shutdown` on SIGTERM or Ctrl-C.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("can install a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    shutdown.cancel();
 }

@@ -9,6 +9,9 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+#[cfg(feature = "lapin")]
+pub mod declare;
+
 /// `content_type` of every message.
 pub const CONTENT_TYPE: &str = "application/json";
 /// Header carrying the W3C trace context.

@@ -12,6 +12,8 @@ use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
+use crate::contract::{Action, Compensation};
+
 /// The typed data a flow carries from step to step (persisted as JSON).
 ///
 /// A flow's input is parsed as [`SagaData::Input`] (unknown fields should be
@@ -92,6 +94,21 @@ pub enum DefinitionError {
         step: String,
         /// Its kind.
         kind: StepKind,
+    },
+    /// A step's compensation must be served by the participant that ran
+    /// the action: only it knows what to undo.
+    #[error(
+        "flow {flow}: step {step} is compensated on participant {compensation_participant}, not on {participant} that runs it"
+    )]
+    CompensationElsewhere {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// Who runs the action.
+        participant: String,
+        /// Who the compensation was addressed to.
+        compensation_participant: String,
     },
     /// Classic saga ordering: compensatable steps, then at most one pivot,
     /// then retriable steps; pivot and retriable steps run alone.
@@ -288,22 +305,53 @@ impl StepDef {
 /// Default time to wait for a reply.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default retries of a compensatable or pivot step's action.
+fn default_retry() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(200), 5)
+}
+
+/// Default retries of a retriable step: forever, since it must succeed.
+fn default_retriable_retry() -> RetryPolicy {
+    RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(30))
+}
+
+/// Default retries of a compensation.
+fn default_compensation_retry() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(200), 8)
+}
+
+/// What a step sets for itself; anything left `None` takes the flow's
+/// default ([`FlowBuilder::default_timeout`] ...), then the built-in one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Overrides {
+    /// Reply timeout.
+    timeout: Option<Duration>,
+    /// Retries of the action.
+    retry: Option<RetryPolicy>,
+    /// Retries of the compensation.
+    compensation_retry: Option<RetryPolicy>,
+}
+
 /// Typed builder of one step over the saga data `D`.
+///
+/// Steps are written against typed contracts with [`Step::call`], or with
+/// plain participant and command names and JSON-producing closures
+/// ([`Step::compensatable`], [`Step::pivot`], [`Step::retriable`]) when the
+/// commands are only known at run time.
 pub struct Step<D: SagaData> {
-    /// The step being built.
+    /// The step being built (timeout and retries resolved by the flow).
     def: StepDef,
+    /// What the step set itself.
+    overrides: Overrides,
+    /// A typed compensation served by another participant than the action
+    /// (refused when the flow is built).
+    compensation_elsewhere: Option<&'static str>,
     /// Ties the builder to the flow's data type.
     _data: std::marker::PhantomData<fn(D)>,
 }
 
 impl<D: SagaData> Step<D> {
     fn new(kind: StepKind, name: &str, participant: &str, command: &str) -> Self {
-        let retry = match kind {
-            StepKind::Retriable => {
-                RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(30))
-            }
-            _ => RetryPolicy::exponential(Duration::from_millis(200), 5),
-        };
         Self {
             def: StepDef {
                 name: name.to_owned(),
@@ -313,13 +361,70 @@ impl<D: SagaData> Step<D> {
                 compensation: None,
                 stage: 0,
                 timeout: DEFAULT_TIMEOUT,
-                retry,
-                compensation_retry: RetryPolicy::exponential(Duration::from_millis(200), 8),
+                retry: default_retry(),
+                compensation_retry: default_compensation_retry(),
                 payload: Arc::new(|_| Ok(Value::Object(Default::default()))),
                 compensation_payload: None,
                 fold: Arc::new(|_, _| Ok(())),
             },
+            overrides: Overrides::default(),
+            compensation_elsewhere: None,
             _data: std::marker::PhantomData,
+        }
+    }
+
+    /// A step that sends the typed action `A`, its payload built from the
+    /// saga data; say what kind of step it is with
+    /// [`Call::compensate_with`], [`Call::pivot`] or [`Call::retriable`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use sagas::{Flow, InputError, SagaData, Step};
+    /// use sagas::flows::order_placement::{OrderData, contracts::{inventory, payment}};
+    ///
+    /// let reserve = Step::call::<inventory::Reserve>("reserve_inventory", |d: &OrderData| {
+    ///     inventory::ReservePayload::for_order(d)
+    /// })
+    /// .on_reply(|d: &mut OrderData, r: inventory::Reserved| d.reservation_id = r.reservation_id)
+    /// .compensate_with::<inventory::Release>(|d: &OrderData| inventory::ReleasePayload {
+    ///     order_id: d.order_id.clone(),
+    ///     reservation_id: d.reservation_id.clone(),
+    /// })
+    /// .timeout(Duration::from_secs(5));
+    /// ```
+    ///
+    /// A payload of another type than the contract's does not compile:
+    ///
+    /// ```compile_fail,E0308
+    /// use sagas::Step;
+    /// use sagas::flows::order_placement::{OrderData, contracts::{inventory, payment}};
+    ///
+    /// // payment's payload sent as an inventory reservation
+    /// let wrong = Step::call::<inventory::Reserve>("reserve_inventory", |d: &OrderData| {
+    ///     payment::AmountPayload::for_order(d)
+    /// });
+    /// ```
+    ///
+    /// and neither does compensating a step with another action's undo:
+    ///
+    /// ```compile_fail,E0271
+    /// use sagas::Step;
+    /// use sagas::flows::order_placement::{OrderData, contracts::{inventory, payment}};
+    ///
+    /// let wrong = Step::call::<inventory::Reserve>("reserve_inventory", |d: &OrderData| {
+    ///     inventory::ReservePayload::for_order(d)
+    /// })
+    /// .compensate_with::<payment::Refund>(|d: &OrderData| payment::AmountPayload::for_order(d));
+    /// ```
+    pub fn call<A: Action>(
+        name: &str,
+        payload: impl Fn(&D) -> A::Payload + Send + Sync + 'static,
+    ) -> Call<D, A> {
+        let mut step = Self::new(StepKind::Compensatable, name, A::PARTICIPANT, A::COMMAND);
+        step.def.payload = erase_payload(payload);
+        Call {
+            step,
+            _action: std::marker::PhantomData,
         }
     }
 
@@ -365,35 +470,96 @@ impl<D: SagaData> Step<D> {
         mut self,
         fold: impl Fn(&mut D, R) + Send + Sync + 'static,
     ) -> Self {
-        self.def.fold = Arc::new(move |data: &mut Value, reply: &Value| {
-            let mut typed: D = serde_json::from_value(data.clone())
-                .map_err(|e| format!("saga data does not match the flow: {e}"))?;
-            let reply: R = serde_json::from_value(reply.clone())
-                .map_err(|e| format!("malformed reply data: {e}"))?;
-            fold(&mut typed, reply);
-            *data = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
-            Ok(())
-        });
+        self.def.fold = erase_fold(fold);
         self
     }
 
-    /// How long to wait for a reply before the outcome counts as unknown (default 10 s).
+    /// How long to wait for a reply before the outcome counts as unknown
+    /// (default: the flow's [`FlowBuilder::default_timeout`], else 10 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.def.timeout = timeout;
+        self.overrides.timeout = Some(timeout);
         self
     }
 
-    /// Retries of the action (default: 5 attempts from 200 ms; retriable: forever).
+    /// Retries of the action (default: the flow's
+    /// [`FlowBuilder::default_retry`], else 5 attempts from 200 ms; a
+    /// retriable step: forever).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.def.retry = policy;
+        self.overrides.retry = Some(policy);
         self
     }
 
-    /// Retries of the compensation (default: 8 attempts from 200 ms).
+    /// Retries of the compensation (default: the flow's
+    /// [`FlowBuilder::default_compensation_retry`], else 8 attempts from
+    /// 200 ms).
     pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
-        self.def.compensation_retry = policy;
+        self.overrides.compensation_retry = Some(policy);
         self
     }
+}
+
+/// A step calling the typed action `A`, before its kind is known: what
+/// [`Step::call`] returns.
+pub struct Call<D: SagaData, A: Action> {
+    /// The step, compensatable until said otherwise.
+    step: Step<D>,
+    /// Ties the reply and compensation types to the action.
+    _action: std::marker::PhantomData<fn(A)>,
+}
+
+impl<D: SagaData, A: Action> Call<D, A> {
+    /// Folds the action's success reply into the saga data. A reply that
+    /// does not parse as `A::Reply` counts as a participant fault: the step
+    /// took effect but cannot be used, so the saga compensates it.
+    pub fn on_reply(mut self, fold: impl Fn(&mut D, A::Reply) + Send + Sync + 'static) -> Self {
+        self.step.def.fold = erase_fold(fold);
+        self
+    }
+
+    /// A compensatable step, undone by `C` (a compensation of `A`, served
+    /// by the same participant) with a payload built from the saga data.
+    pub fn compensate_with<C: Compensation<Undoes = A>>(
+        self,
+        payload: impl Fn(&D) -> C::Payload + Send + Sync + 'static,
+    ) -> Step<D> {
+        let mut step = self.step;
+        step.def.compensation = Some(C::COMMAND.to_owned());
+        step.def.compensation_payload = Some(erase_payload(payload));
+        if C::PARTICIPANT != A::PARTICIPANT {
+            // Refused by FlowBuilder::build: a step has one participant,
+            // which must also hold what its compensation undoes.
+            step.compensation_elsewhere = Some(C::PARTICIPANT);
+        }
+        step
+    }
+
+    /// The flow's pivot: after it succeeds the saga only goes forward.
+    pub fn pivot(self) -> Step<D> {
+        let mut step = self.step;
+        step.def.kind = StepKind::Pivot;
+        step
+    }
+
+    /// A step after the pivot, retried until it succeeds, never compensated.
+    pub fn retriable(self) -> Step<D> {
+        let mut step = self.step;
+        step.def.kind = StepKind::Retriable;
+        step
+    }
+}
+
+fn erase_fold<D: SagaData, R: DeserializeOwned>(
+    fold: impl Fn(&mut D, R) + Send + Sync + 'static,
+) -> FoldFn {
+    Arc::new(move |data: &mut Value, reply: &Value| {
+        let mut typed: D = serde_json::from_value(data.clone())
+            .map_err(|e| format!("saga data does not match the flow: {e}"))?;
+        let reply: R = serde_json::from_value(reply.clone())
+            .map_err(|e| format!("malformed reply data: {e}"))?;
+        fold(&mut typed, reply);
+        *data = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+        Ok(())
+    })
 }
 
 fn erase_payload<D: SagaData, P: Serialize>(
@@ -441,6 +607,7 @@ impl Flow {
             version,
             input_description: String::new(),
             stages: Vec::new(),
+            defaults: Overrides::default(),
             _data: std::marker::PhantomData,
         }
     }
@@ -491,7 +658,9 @@ pub struct FlowBuilder<D: SagaData> {
     /// Human description of the input.
     input_description: String,
     /// Stages added so far (each one or more steps).
-    stages: Vec<Vec<StepDef>>,
+    stages: Vec<Vec<Step<D>>>,
+    /// What steps that do not set their own get.
+    defaults: Overrides,
     /// Ties the builder to the data type.
     _data: std::marker::PhantomData<fn(D)>,
 }
@@ -503,17 +672,39 @@ impl<D: SagaData> FlowBuilder<D> {
         self
     }
 
+    /// The reply timeout of every step that does not set its own
+    /// (built-in default: 10 s).
+    pub fn default_timeout(mut self, timeout: Duration) -> Self {
+        self.defaults.timeout = Some(timeout);
+        self
+    }
+
+    /// The action retries of every compensatable and pivot step that does
+    /// not set its own (built-in default: 5 attempts from 200 ms).
+    /// Retriable steps keep retrying forever unless they say otherwise:
+    /// they come after the pivot and must eventually succeed.
+    pub fn default_retry(mut self, policy: RetryPolicy) -> Self {
+        self.defaults.retry = Some(policy);
+        self
+    }
+
+    /// The compensation retries of every compensatable step that does not
+    /// set its own (built-in default: 8 attempts from 200 ms).
+    pub fn default_compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.defaults.compensation_retry = Some(policy);
+        self
+    }
+
     /// Appends a step that runs after everything before it.
     pub fn step(mut self, step: Step<D>) -> Self {
-        self.stages.push(vec![step.def]);
+        self.stages.push(vec![step]);
         self
     }
 
     /// Appends a parallel group: its steps start together; the flow goes on
     /// when all succeed, and compensates all that took effect if any fails.
     pub fn parallel(mut self, steps: impl IntoIterator<Item = Step<D>>) -> Self {
-        self.stages
-            .push(steps.into_iter().map(|step| step.def).collect());
+        self.stages.push(steps.into_iter().collect());
         self
     }
 
@@ -531,12 +722,13 @@ impl<D: SagaData> FlowBuilder<D> {
         let mut steps = Vec::new();
         let mut stages = Vec::new();
         let mut past_pivot = false;
+        let defaults = self.defaults;
         for (stage_index, stage) in self.stages.into_iter().enumerate() {
             if stage.len() > 1 {
-                if let Some(s) = stage.iter().find(|s| s.kind != StepKind::Compensatable) {
+                if let Some(s) = stage.iter().find(|s| s.def.kind != StepKind::Compensatable) {
                     return Err(DefinitionError::BadOrder {
                         flow,
-                        step: s.name.clone(),
+                        step: s.def.name.clone(),
                         reason: "only compensatable steps can run in a parallel group",
                     });
                 }
@@ -544,8 +736,22 @@ impl<D: SagaData> FlowBuilder<D> {
                 return Err(DefinitionError::TinyGroup(flow));
             }
             let mut indices = Vec::new();
-            for mut step in stage {
+            for Step {
+                def: mut step,
+                overrides,
+                compensation_elsewhere,
+                ..
+            } in stage
+            {
                 check_name("step", &step.name)?;
+                if let Some(elsewhere) = compensation_elsewhere {
+                    return Err(DefinitionError::CompensationElsewhere {
+                        flow,
+                        step: step.name,
+                        participant: step.participant,
+                        compensation_participant: elsewhere.to_owned(),
+                    });
+                }
                 check_name("participant", &step.participant)?;
                 check_name("command", &step.command)?;
                 if !names.insert(step.name.clone()) {
@@ -590,6 +796,18 @@ impl<D: SagaData> FlowBuilder<D> {
                     }
                     (StepKind::Retriable, None) => past_pivot = true,
                 }
+                step.timeout = overrides
+                    .timeout
+                    .or(defaults.timeout)
+                    .unwrap_or(DEFAULT_TIMEOUT);
+                step.retry = overrides.retry.unwrap_or_else(|| match step.kind {
+                    StepKind::Retriable => default_retriable_retry(),
+                    _ => defaults.retry.unwrap_or_else(default_retry),
+                });
+                step.compensation_retry = overrides
+                    .compensation_retry
+                    .or(defaults.compensation_retry)
+                    .unwrap_or_else(default_compensation_retry);
                 step.stage = stage_index;
                 indices.push(steps.len());
                 steps.push(step);
@@ -704,6 +922,100 @@ mod tests {
             retriable_comp,
             Err(DefinitionError::UnexpectedCompensation { .. })
         ));
+    }
+
+    mod typed {
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Serialize, Deserialize)]
+        pub struct Nothing {}
+        crate::contract!(Book: "hotel"."book", Nothing => Nothing, action);
+        crate::contract!(Cancel: "hotel"."cancel", Nothing => Nothing, compensation of Book);
+        crate::contract!(Refund: "bank"."refund", Nothing => Nothing, compensation of Book);
+    }
+
+    #[test]
+    fn flow_defaults_apply_to_steps_that_set_nothing_and_steps_keep_their_own() {
+        let slow = RetryPolicy::exponential(Duration::from_secs(1), 3);
+        let undo = RetryPolicy::exponential(Duration::from_secs(2), 20);
+        let flow = Flow::builder::<Data>("f", 1)
+            .default_timeout(Duration::from_secs(3))
+            .default_retry(slow)
+            .default_compensation_retry(undo)
+            .step(comp("plain"))
+            .step(
+                comp("own")
+                    .timeout(Duration::from_secs(9))
+                    .retry(RetryPolicy::exponential(Duration::from_millis(1), 2))
+                    .compensation_retry(slow),
+            )
+            .step(Step::retriable("after", "p", "do"))
+            .build()
+            .unwrap();
+        let [plain, own, after] = flow.steps() else {
+            panic!("three steps")
+        };
+        assert_eq!(
+            (plain.timeout, plain.retry, plain.compensation_retry),
+            (Duration::from_secs(3), slow, undo)
+        );
+        assert_eq!(
+            (own.timeout, own.retry, own.compensation_retry),
+            (
+                Duration::from_secs(9),
+                RetryPolicy::exponential(Duration::from_millis(1), 2),
+                slow
+            )
+        );
+        // A retriable step keeps retrying forever: the flow's finite
+        // default would let it give up after the pivot.
+        assert_eq!(after.timeout, Duration::from_secs(3));
+        assert_eq!(after.retry.max_attempts, None);
+
+        let defaults = Flow::builder::<Data>("f", 1)
+            .step(comp("a"))
+            .build()
+            .unwrap();
+        assert_eq!(defaults.steps()[0].timeout, DEFAULT_TIMEOUT);
+        assert_eq!(defaults.steps()[0].retry, default_retry());
+    }
+
+    #[test]
+    fn typed_steps_take_names_from_their_contracts_and_compensate_on_the_same_participant() {
+        let flow = Flow::builder::<Data>("f", 1)
+            .step(
+                Step::call::<typed::Book>("book", |_: &Data| typed::Nothing {})
+                    .compensate_with::<typed::Cancel>(|_: &Data| typed::Nothing {}),
+            )
+            .build()
+            .unwrap();
+        let step = &flow.steps()[0];
+        assert_eq!(
+            (
+                step.participant.as_str(),
+                step.command.as_str(),
+                step.compensation.as_deref()
+            ),
+            ("hotel", "book", Some("cancel"))
+        );
+        assert_eq!(step.kind, StepKind::Compensatable);
+        let elsewhere = Flow::builder::<Data>("f", 1)
+            .step(
+                Step::call::<typed::Book>("book", |_: &Data| typed::Nothing {})
+                    .compensate_with::<typed::Refund>(|_: &Data| typed::Nothing {}),
+            )
+            .build();
+        match elsewhere {
+            Err(e @ DefinitionError::CompensationElsewhere { .. }) => {
+                assert!(e.to_string().contains("bank"), "{e}");
+            }
+            other => panic!("expected CompensationElsewhere, got {other:?}"),
+        }
+        let pivot = Flow::builder::<Data>("f", 1)
+            .step(Step::call::<typed::Book>("book", |_: &Data| typed::Nothing {}).pivot())
+            .build()
+            .unwrap();
+        assert_eq!(pivot.steps()[0].kind, StepKind::Pivot);
     }
 
     #[test]

@@ -11,10 +11,13 @@
 //!   Events in (started, reply, timer, cancel, operator retry); new state,
 //!   [`Action`]s (send command, schedule timer, publish lifecycle event,
 //!   finish) and history entries out. Time and jitter come in with [`Context`].
+//! - [`contract`]: typed contracts (participant, command, payload, reply)
+//!   shared by a flow's steps and the participants' handlers.
 //! - [`catalog`]: every flow version the orchestrator can run, and
 //!   [`flows`], the flows that ship (order placement v1 and v2).
 
 pub mod catalog;
+pub mod contract;
 pub mod definition;
 pub mod flows;
 pub mod instance;
@@ -22,7 +25,8 @@ pub mod machine;
 
 pub use catalog::{Catalog, CatalogError};
 pub use definition::{
-    DefinitionError, Flow, InputError, RetryPolicy, SagaData, Step, StepDef, StepKind,
+    Call, DefinitionError, Flow, FlowBuilder, InputError, RetryPolicy, SagaData, Step, StepDef,
+    StepKind,
 };
 pub use instance::{
     Direction, Phase, SagaInstance, SagaStatus, StepRecord, StepStatus, TimerKind, Wait,

@@ -7,12 +7,21 @@
 //! - v2: { `reserve_inventory` ‖ `authorize_payment` (payment.authorize /
 //!   void) } → `capture_payment` (payment.capture, pivot) → `confirm_order`
 //!   (retriable).
+//!
+//! Every command is a typed contract of [`contracts`], shared with the
+//! demo participants that serve it.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::definition::{DefinitionError, Flow, InputError, RetryPolicy, SagaData, Step};
+use crate::definition::{
+    DefinitionError, Flow, FlowBuilder, InputError, RetryPolicy, SagaData, Step,
+};
+
+pub mod contracts;
+
+use contracts::{inventory, orders, payment};
 
 /// Flow name.
 pub const NAME: &str = "order_placement";
@@ -133,84 +142,42 @@ impl SagaData for OrderData {
     }
 }
 
-/// `inventory.reserve` success data.
-#[derive(Debug, Deserialize)]
-struct Reserved {
-    #[serde(default)]
-    reservation_id: Option<String>,
-}
-
-/// `payment.charge` / `payment.capture` success data.
-#[derive(Debug, Deserialize)]
-struct Paid {
-    #[serde(default)]
-    payment_id: Option<String>,
-}
-
-/// `payment.authorize` success data.
-#[derive(Debug, Deserialize)]
-struct Authorized {
-    #[serde(default)]
-    authorization_id: Option<String>,
-}
-
 const INPUT_DESCRIPTION: &str = r#"{"order_id": str, "customer_id": str, "items": [{"sku": str, "quantity": int > 0, "unit_price_cents": int >= 0}, ...at least one]}"#;
 
-fn default_retry() -> RetryPolicy {
-    RetryPolicy::exponential(Duration::from_millis(200), 5).with_max_backoff(Duration::from_secs(5))
+/// What every step of both versions waits for a reply and how it retries,
+/// unless it says otherwise.
+fn with_defaults(flow: FlowBuilder<OrderData>) -> FlowBuilder<OrderData> {
+    flow.input_description(INPUT_DESCRIPTION)
+        .default_timeout(Duration::from_secs(5))
+        .default_retry(
+            RetryPolicy::exponential(Duration::from_millis(200), 5)
+                .with_max_backoff(Duration::from_secs(5)),
+        )
 }
 
 fn reserve_inventory() -> Step<OrderData> {
-    Step::compensatable("reserve_inventory", "inventory", "reserve")
-        .payload(|d: &OrderData| {
-            let items: Vec<_> = d
-                .items
-                .iter()
-                .map(|i| serde_json::json!({"sku": i.sku, "quantity": i.quantity}))
-                .collect();
-            serde_json::json!({"order_id": d.order_id, "items": items})
+    Step::call::<inventory::Reserve>("reserve_inventory", inventory::ReservePayload::for_order)
+        .on_reply(|d: &mut OrderData, r: inventory::Reserved| d.reservation_id = r.reservation_id)
+        .compensate_with::<inventory::Release>(|d: &OrderData| inventory::ReleasePayload {
+            order_id: d.order_id.clone(),
+            reservation_id: d.reservation_id.clone(),
         })
-        .on_success(|d: &mut OrderData, r: Reserved| d.reservation_id = r.reservation_id)
-        .compensate_with("release", |d: &OrderData| {
-            serde_json::json!({"order_id": d.order_id, "reservation_id": d.reservation_id})
-        })
-        .timeout(Duration::from_secs(5))
-        .retry(default_retry())
-}
-
-fn amount(d: &OrderData) -> serde_json::Value {
-    serde_json::json!({"order_id": d.order_id, "customer_id": d.customer_id, "amount_cents": d.total_cents})
 }
 
 fn confirm_order() -> Step<OrderData> {
-    Step::retriable("confirm_order", "orders", "confirm")
-        .payload(|d: &OrderData| {
-            serde_json::json!({
-                "order_id": d.order_id,
-                "customer_id": d.customer_id,
-                "total_cents": d.total_cents,
-                "items": d.items,
-            })
-        })
-        .timeout(Duration::from_secs(5))
-        .retry(RetryPolicy::forever(
-            Duration::from_millis(200),
-            Duration::from_secs(30),
-        ))
+    // Retried forever (the default of a retriable step): it comes after
+    // the money moved and must eventually succeed.
+    Step::call::<orders::Confirm>("confirm_order", orders::ConfirmPayload::for_order).retriable()
 }
 
 /// v1: reserve → charge → confirm.
 pub fn v1() -> Result<Flow, DefinitionError> {
-    Flow::builder::<OrderData>(NAME, 1)
-        .input_description(INPUT_DESCRIPTION)
+    with_defaults(Flow::builder::<OrderData>(NAME, 1))
         .step(reserve_inventory())
         .step(
-            Step::compensatable("charge_payment", "payment", "charge")
-                .payload(amount)
-                .on_success(|d: &mut OrderData, r: Paid| d.payment_id = r.payment_id)
-                .compensate_with("refund", amount)
-                .timeout(Duration::from_secs(5))
-                .retry(default_retry()),
+            Step::call::<payment::Charge>("charge_payment", payment::AmountPayload::for_order)
+                .on_reply(|d: &mut OrderData, r: payment::Paid| d.payment_id = r.payment_id)
+                .compensate_with::<payment::Refund>(payment::AmountPayload::for_order),
         )
         .step(confirm_order())
         .build()
@@ -218,32 +185,33 @@ pub fn v1() -> Result<Flow, DefinitionError> {
 
 /// v2: { reserve ‖ authorize } → capture (pivot) → confirm.
 pub fn v2() -> Result<Flow, DefinitionError> {
-    Flow::builder::<OrderData>(NAME, 2)
-        .input_description(INPUT_DESCRIPTION)
+    with_defaults(Flow::builder::<OrderData>(NAME, 2))
         .parallel([
             reserve_inventory(),
-            Step::compensatable("authorize_payment", "payment", "authorize")
-                .payload(amount)
-                .on_success(|d: &mut OrderData, r: Authorized| d.authorization_id = r.authorization_id)
-                .compensate_with("void", |d: &OrderData| {
-                    serde_json::json!({"order_id": d.order_id, "customer_id": d.customer_id, "authorization_id": d.authorization_id})
-                })
-                .timeout(Duration::from_secs(5))
-                .retry(default_retry()),
+            Step::call::<payment::Authorize>(
+                "authorize_payment",
+                payment::AmountPayload::for_order,
+            )
+            .on_reply(|d: &mut OrderData, r: payment::Authorized| {
+                d.authorization_id = r.authorization_id
+            })
+            .compensate_with::<payment::Void>(|d: &OrderData| payment::VoidPayload {
+                order_id: d.order_id.clone(),
+                customer_id: d.customer_id.clone(),
+                authorization_id: d.authorization_id.clone(),
+            }),
         ])
         .step(
-            Step::pivot("capture_payment", "payment", "capture")
-                .payload(|d: &OrderData| {
-                    serde_json::json!({
-                        "order_id": d.order_id,
-                        "customer_id": d.customer_id,
-                        "amount_cents": d.total_cents,
-                        "authorization_id": d.authorization_id,
-                    })
-                })
-                .on_success(|d: &mut OrderData, r: Paid| d.payment_id = r.payment_id)
-                .timeout(Duration::from_secs(5))
-                .retry(default_retry()),
+            Step::call::<payment::Capture>("capture_payment", |d: &OrderData| {
+                payment::CapturePayload {
+                    order_id: d.order_id.clone(),
+                    customer_id: d.customer_id.clone(),
+                    amount_cents: d.total_cents,
+                    authorization_id: d.authorization_id.clone(),
+                }
+            })
+            .on_reply(|d: &mut OrderData, r: payment::Paid| d.payment_id = r.payment_id)
+            .pivot(),
         )
         .step(confirm_order())
         .build()
@@ -324,6 +292,85 @@ mod tests {
         assert!(err.message.contains("order_id"), "{err}");
         let err = parse(r#"{"order_id":"o","customer_id":"c1","items":[{"sku":"a","quantity":1,"unit_price_cents":1}],"extra":1}"#).unwrap_err();
         assert!(err.message.contains("extra"), "{err}");
+    }
+
+    /// The typed contracts send exactly the bodies `proto/AMQP.md`
+    /// documents (and the untyped flow sent before them), and every step
+    /// gets the flow's defaults.
+    #[test]
+    fn payloads_and_settings_are_those_of_the_wire_contract() {
+        use serde_json::json;
+        let data = parse(r#"{"order_id":"o1","customer_id":"c1","items":[{"sku":"sku-1","quantity":2,"unit_price_cents":150}]}"#).unwrap();
+        let items = json!([{"sku": "sku-1", "quantity": 2, "unit_price_cents": 150}]);
+        let amount = json!({"order_id": "o1", "customer_id": "c1", "amount_cents": 300});
+        let (v1, v2) = (v1().unwrap(), v2().unwrap());
+        let step = |flow: &Flow, name: &str| flow.steps()[flow.step_index(name).unwrap()].clone();
+        let reserve = step(&v1, "reserve_inventory");
+        assert_eq!(
+            reserve.action_payload(&data).unwrap(),
+            json!({"order_id": "o1", "items": [{"sku": "sku-1", "quantity": 2}]})
+        );
+        assert_eq!(
+            reserve.compensation_payload(&data).unwrap(),
+            json!({"order_id": "o1", "reservation_id": null})
+        );
+        assert_eq!(
+            (reserve.participant.as_str(), reserve.command.as_str()),
+            ("inventory", "reserve")
+        );
+        assert_eq!(reserve.compensation.as_deref(), Some("release"));
+        let charge = step(&v1, "charge_payment");
+        assert_eq!(charge.action_payload(&data).unwrap(), amount);
+        assert_eq!(charge.compensation_payload(&data).unwrap(), amount);
+        assert_eq!(charge.compensation.as_deref(), Some("refund"));
+        let confirm = step(&v1, "confirm_order");
+        assert_eq!(
+            confirm.action_payload(&data).unwrap(),
+            json!({"order_id": "o1", "customer_id": "c1", "total_cents": 300, "items": items})
+        );
+        let authorize = step(&v2, "authorize_payment");
+        assert_eq!(authorize.action_payload(&data).unwrap(), amount);
+        assert_eq!(
+            authorize.compensation_payload(&data).unwrap(),
+            json!({"order_id": "o1", "customer_id": "c1", "authorization_id": null})
+        );
+        let capture = step(&v2, "capture_payment");
+        assert_eq!(
+            capture.action_payload(&data).unwrap(),
+            json!({"order_id": "o1", "customer_id": "c1", "amount_cents": 300, "authorization_id": null})
+        );
+        let mut folded = data.clone();
+        reserve
+            .fold_reply(&mut folded, &json!({"reservation_id": "r-1"}))
+            .unwrap();
+        capture
+            .fold_reply(&mut folded, &json!({"payment_id": "p-1"}))
+            .unwrap();
+        assert_eq!(
+            (
+                folded["reservation_id"].as_str(),
+                folded["payment_id"].as_str()
+            ),
+            (Some("r-1"), Some("p-1"))
+        );
+
+        let five = RetryPolicy::exponential(Duration::from_millis(200), 5)
+            .with_max_backoff(Duration::from_secs(5));
+        for s in v1.steps().iter().chain(v2.steps()) {
+            assert_eq!(s.timeout, Duration::from_secs(5), "{}", s.name);
+            assert_eq!(
+                s.compensation_retry,
+                RetryPolicy::exponential(Duration::from_millis(200), 8),
+                "{}",
+                s.name
+            );
+            let retry = if s.kind == crate::StepKind::Retriable {
+                RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(30))
+            } else {
+                five
+            };
+            assert_eq!(s.retry, retry, "{}", s.name);
+        }
     }
 
     #[test]

@@ -306,20 +306,15 @@ pub async fn start(
         let participant_config = config.participant_config(service, &faults);
         let shutdown = shutdown.clone();
         async move {
-            let started = match service {
-                Service::Inventory => match inventory::participant() {
-                    Ok(p) => p.start(participant_config, shutdown).await,
-                    Err(e) => Err(e),
-                },
-                Service::Payment => match payment::participant() {
-                    Ok(p) => p.start(participant_config, shutdown).await,
-                    Err(e) => Err(e),
-                },
-                Service::Orders => match orders::participant() {
-                    Ok(p) => p.start(participant_config, shutdown).await,
-                    Err(e) => Err(e),
-                },
-                Service::Notification => notification::start(participant_config, shutdown).await,
+            let participant = match service {
+                Service::Inventory => inventory::participant(),
+                Service::Payment => payment::participant(),
+                Service::Orders => orders::participant(),
+                Service::Notification => notification::participant(),
+            };
+            let started = match participant {
+                Ok(participant) => participant.start(participant_config, shutdown).await,
+                Err(e) => Err(e),
             };
             started
                 .map(|handle| (service, handle))

@@ -1,14 +1,149 @@
-//! What a command handler sees and returns.
+//! What a handler sees and returns: the transaction ([`Tx`]), the typed
+//! command ([`Command`]), a typed reply or a [`HandlerError`].
+//!
+//! A handler is a plain `async fn`:
+//!
+//! ```
+//! use participants::kit::{Command, HandlerError, Tx};
+//! use sagas::flows::order_placement::contracts::orders::{ConfirmPayload, Confirmed};
+//!
+//! async fn confirm(tx: &Tx, command: Command<ConfirmPayload>) -> Result<Confirmed, HandlerError> {
+//!     let order = &command.payload;
+//!     sqlx::query("INSERT INTO orders (order_id) VALUES ($1) ON CONFLICT DO NOTHING")
+//!         .bind(&order.order_id)
+//!         .execute(tx)
+//!         .await?;
+//!     Ok(Confirmed { order_id: order.order_id.clone(), status: "confirmed".into() })
+//! }
+//! ```
+//!
+//! registered for its contract with
+//! [`ParticipantBuilder::action`](super::ParticipantBuilder::action).
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use saga_proto::amqp::{CommandMessage, Phase};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::PgConnection;
+use sqlx::postgres::{PgQueryResult, PgRow, PgStatement, PgTypeInfo};
+use sqlx::{Describe, Either, Execute, Executor, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
+
+/// The transaction a handler runs in: the kit's inbox row, the handler's
+/// business change and the reply's outbox row commit together in it.
+///
+/// `&Tx` is an sqlx [`Executor`], so statements take it as it is
+/// (`.execute(tx)`, `.fetch_one(tx)`), as often as needed. Handlers must
+/// not commit or roll back: the kit does, once it knows the outcome.
+/// Statements of one handler run one after another (they share one
+/// connection); a statement's rows are read whole before the next starts.
+#[derive(Debug)]
+pub struct Tx {
+    /// The open transaction; the lock is only ever contended by statements
+    /// of the same handler that were started together.
+    conn: tokio::sync::Mutex<Transaction<'static, Postgres>>,
+}
+
+impl Tx {
+    pub(crate) fn new(transaction: Transaction<'static, Postgres>) -> Self {
+        Self {
+            conn: tokio::sync::Mutex::new(transaction),
+        }
+    }
+
+    /// The connection, for the kit's own statements between handlers.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        self.conn.get_mut()
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.conn.into_inner().commit().await
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.conn.into_inner().rollback().await
+    }
+}
+
+impl<'c> Executor<'c> for &'c Tx {
+    type Database = Postgres;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        // The guard cannot outlive this call's stream, so the rows are read
+        // whole under it and handed out afterwards.
+        futures::stream::once(async move {
+            let mut conn = self.conn.lock().await;
+            let items: Vec<_> = (&mut **conn).fetch_many(query).collect().await;
+            futures::stream::iter(items)
+        })
+        .flatten()
+        .boxed()
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        async move { (&mut **self.conn.lock().await).fetch_optional(query).await }.boxed()
+    }
+
+    fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgQueryResult, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        async move { (&mut **self.conn.lock().await).execute(query).await }.boxed()
+    }
+
+    fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        async move { (&mut **self.conn.lock().await).fetch_all(query).await }.boxed()
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [PgTypeInfo],
+    ) -> BoxFuture<'e, Result<PgStatement<'q>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        async move {
+            (&mut **self.conn.lock().await)
+                .prepare_with(sql, parameters)
+                .await
+        }
+        .boxed()
+    }
+
+    fn describe<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+    ) -> BoxFuture<'e, Result<Describe<Postgres>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        async move { (&mut **self.conn.lock().await).describe(sql).await }.boxed()
+    }
+}
 
 /// A decoded command handed to a handler: the envelope, the typed payload
 /// and, for a compensation, what the action it undoes returned.
@@ -16,7 +151,7 @@ use uuid::Uuid;
 pub struct Command<P> {
     /// The envelope as received (its `payload` is the raw JSON).
     pub message: Arc<CommandMessage>,
-    /// The payload decoded into the handler's type.
+    /// The payload decoded into the contract's type.
     pub payload: P,
     /// For a compensation: the success data of the action it undoes, as
     /// stored in the inbox (e.g. `{"reservation_id": ...}`), so it can find
@@ -50,7 +185,8 @@ impl<P> Command<P> {
     }
 }
 
-/// The final answer of a handler; both variants are remembered in the inbox.
+/// The final answer to a command; both variants are remembered in the
+/// inbox, so a duplicate gets the same answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Done: the data goes into the reply (and the saga's data).
@@ -61,77 +197,102 @@ pub enum Outcome {
     Rejected(String),
 }
 
-impl Outcome {
-    /// Success carrying `data` serialized to JSON.
-    pub fn success(data: impl Serialize) -> Self {
-        match serde_json::to_value(data) {
-            Ok(value) => Self::Success(value),
-            Err(e) => Self::Rejected(format!("reply data could not be serialized: {e}")),
-        }
-    }
-
-    /// A business rejection with a human-readable reason.
-    pub fn rejected(reason: impl Into<String>) -> Self {
-        Self::Rejected(reason.into())
-    }
-}
-
-/// A passing failure: the transaction is rolled back, nothing is
-/// remembered, and the reply says `transient_error` so the orchestrator
-/// retries.
+/// Why a handler did not succeed.
+///
+/// A handler's own error type converts into it (`impl From<MyError> for
+/// HandlerError`), saying which of its cases are final business refusals
+/// and which are passing faults.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// The database failed (connection lost, lock timeout, deadlock ...).
-    #[error("database error: {0}")]
+    /// A business rule refused the command: final and remembered, answered
+    /// `rejected`; whatever the handler wrote is rolled back.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The database failed (connection lost, lock timeout, deadlock ...):
+    /// rolled back, nothing remembered, answered `transient_error`, so the
+    /// orchestrator retries.
+    #[error("database error")]
     Database(#[from] sqlx::Error),
-    /// Any other passing condition the handler detected.
+    /// Any other passing condition the handler detected; treated as
+    /// [`HandlerError::Database`] is.
     #[error("{0}")]
     Transient(String),
 }
 
-/// What a handler returns.
-pub type HandlerResult = Result<Outcome, HandlerError>;
+impl HandlerError {
+    /// A business refusal with a human-readable reason.
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        Self::Rejected(reason.into())
+    }
 
-/// The boxed future of a handler, borrowing the transaction's connection.
-pub type HandlerFuture<'c> = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'c>>;
-
-/// A command handler: runs inside the kit's transaction (`conn`), which
-/// also holds the inbox row and the reply's outbox row, so the business
-/// change, the de-duplication record and the reply commit together.
-///
-/// Implemented by any `fn(&mut PgConnection, Command<P>) -> HandlerFuture<'_>`.
-/// Handlers must not commit or roll back themselves.
-pub trait Handler<P>: Send + Sync + 'static {
-    /// Handles one command.
-    fn call<'c>(&self, conn: &'c mut PgConnection, command: Command<P>) -> HandlerFuture<'c>;
-}
-
-impl<P, F> Handler<P> for F
-where
-    F: for<'c> Fn(&'c mut PgConnection, Command<P>) -> HandlerFuture<'c> + Send + Sync + 'static,
-{
-    fn call<'c>(&self, conn: &'c mut PgConnection, command: Command<P>) -> HandlerFuture<'c> {
-        self(conn, command)
+    /// The text of a passing failure for the `transient_error` reply: the
+    /// error and every cause, once each.
+    pub(crate) fn transient_reason(&self) -> String {
+        let mut reason = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        reason
     }
 }
 
-/// A handler with its payload type erased. Decoding the payload can fail:
-/// the reason becomes a (remembered) rejection.
+/// What a handler of an erased route returns: its outcome, or a passing
+/// failure.
+pub(crate) type HandlerResult = Result<Outcome, HandlerError>;
+
+/// A handler: an `async fn(&Tx, Command<P>) -> Result<R, E>` with a
+/// serializable `R` and any `E` that converts into [`HandlerError`].
+/// Implemented for every such function; the lifetime lets its future
+/// borrow the transaction.
+pub trait Handler<'a, P>: Send + Sync + 'static {
+    /// The success reply (the reply's `data`).
+    type Reply: Serialize;
+    /// The handler's own error type.
+    type Error: Into<HandlerError>;
+    /// The handler's future.
+    type Future: Future<Output = Result<Self::Reply, Self::Error>> + Send + 'a;
+    /// Handles one command.
+    fn call(&self, tx: &'a Tx, command: Command<P>) -> Self::Future;
+}
+
+impl<'a, P, F, Fut, R, E> Handler<'a, P> for F
+where
+    F: Fn(&'a Tx, Command<P>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'a,
+    R: Serialize,
+    E: Into<HandlerError>,
+{
+    type Reply = R;
+    type Error = E;
+    type Future = Fut;
+
+    fn call(&self, tx: &'a Tx, command: Command<P>) -> Fut {
+        self(tx, command)
+    }
+}
+
+/// A handler with its payload and reply types erased. Decoding the payload
+/// can fail: the reason becomes a (remembered) rejection.
 pub(crate) type ErasedHandler = Arc<
-    dyn for<'c> Fn(
-            &'c mut PgConnection,
+    dyn for<'a> Fn(
+            &'a Tx,
             Command<serde_json::Value>,
-        ) -> Result<HandlerFuture<'c>, String>
+        ) -> Result<BoxFuture<'a, HandlerResult>, String>
         + Send
         + Sync,
 >;
 
+/// Gives a closure the higher-ranked signature of [`ErasedHandler`]
+/// (closures only get one where a bound asks for it).
 fn erase_with<F>(f: F) -> ErasedHandler
 where
-    F: for<'c> Fn(
-            &'c mut PgConnection,
+    F: for<'a> Fn(
+            &'a Tx,
             Command<serde_json::Value>,
-        ) -> Result<HandlerFuture<'c>, String>
+        ) -> Result<BoxFuture<'a, HandlerResult>, String>
         + Send
         + Sync
         + 'static,
@@ -139,22 +300,36 @@ where
     Arc::new(f)
 }
 
+/// Erases a typed handler: decodes the payload (naming the failing field),
+/// serializes the reply, and sorts its error into a rejection or a passing
+/// failure.
 pub(crate) fn erase<P, H>(handler: H) -> ErasedHandler
 where
     P: DeserializeOwned + Send + 'static,
-    H: Handler<P>,
+    H: for<'a> Handler<'a, P>,
 {
-    erase_with(move |conn, command| {
+    erase_with(move |tx, command| {
         let payload: P = serde_path_to_error::deserialize(&command.payload)
             .map_err(|e| format!("invalid payload: {e}"))?;
-        Ok(handler.call(
-            conn,
+        let handling = handler.call(
+            tx,
             Command {
                 message: command.message,
                 payload,
                 action_data: command.action_data,
             },
-        ))
+        );
+        Ok(async move {
+            match handling.await.map_err(Into::into) {
+                Ok(reply) => Ok(match serde_json::to_value(reply) {
+                    Ok(data) => Outcome::Success(data),
+                    Err(e) => Outcome::Rejected(format!("reply data could not be serialized: {e}")),
+                }),
+                Err(HandlerError::Rejected(reason)) => Ok(Outcome::Rejected(reason)),
+                Err(passing) => Err(passing),
+            }
+        }
+        .boxed())
     })
 }
 

@@ -56,28 +56,36 @@
 //!   not decode is answered `rejected` (remembered), so the orchestrator
 //!   gets a final answer instead of a timeout.
 //!
-//! Modules: [`handler`] (what handlers see), [`database`] (own database,
-//! migrations), [`topology`] (declarations), [`faults`] (fault injection),
-//! [`stats`] (counters); inbox, barrier, outbox and the consumer loop are
-//! internal.
+//! Layout — deciding apart from delivering (no module uses both the
+//! database and the broker):
+//! - [`handler`]: what a handler sees ([`Tx`], [`Command`]) and returns.
+//! - `participant`: the builder ([`Participant::builder`]), configuration,
+//!   start-up and the running [`ParticipantHandle`].
+//! - `decide` (SQL only): the inbox, the compensation barrier, the outbox
+//!   rows and their cleaner, batching with its split and deadlock retry,
+//!   and the event recorder; returns decisions as data.
+//! - `deliver` (AMQP only): the consumer loop, publishing replies with
+//!   confirms, the relay's publishing, acks, and the two services on the
+//!   loop (commands, event subscriptions).
+//! - [`database`] (own database, migrations), [`topology`] (the shared
+//!   declarations), [`faults`] (fault injection at the seams between the
+//!   two halves), [`stats`] (counters).
 
-mod barrier;
-mod cleaner;
-pub(crate) mod consumer;
 pub mod database;
+mod decide;
+mod deliver;
 pub mod faults;
 pub mod handler;
-mod inbox;
-pub(crate) mod outbox;
 mod participant;
 pub mod stats;
 pub mod topology;
 
-pub use consumer::TimedOut;
 pub use database::{DatabaseError, PoolSettings};
+pub use decide::events::EventHandler;
+pub use deliver::consumer::TimedOut;
+pub use deliver::replies::PublishError;
 pub use faults::{FaultConfig, FaultConfigError, FaultInjector};
-pub use handler::{Command, Handler, HandlerError, HandlerFuture, HandlerResult, Outcome};
-pub use outbox::PublishError;
+pub use handler::{Command, Handler, HandlerError, Outcome, Tx};
 pub use participant::{
     KitError, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, SetupHook,
 };

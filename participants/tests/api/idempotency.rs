@@ -1,15 +1,13 @@
 //! Inbox de-duplication: one effect per idempotency key, the original reply
 //! for duplicates, rejections remembered, transient errors not.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use participants::demo::Service;
-use participants::kit::{Command, FaultConfig, HandlerError, HandlerFuture, Outcome, Participant};
+use participants::kit::{Command, FaultConfig, HandlerError, Participant, Tx};
 use saga_proto::amqp::{Phase, REPLY_TYPE, ReplyStatus, TRACEPARENT_HEADER};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::PgConnection;
 
 use crate::helpers::{TestApp, command, eventually, rejected, stock, success};
 
@@ -162,42 +160,43 @@ async fn concurrent_duplicates_apply_once() {
     app.finish().await;
 }
 
-#[derive(Debug, Deserialize)]
-struct Note {
+/// `notes.note` payload.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Note {
     text: String,
 }
 
+sagas::contract!(
+    /// `notes.note`: writes a note.
+    WriteNote: "notes"."note", Note => serde_json::Value, action
+);
+
+/// Calls of [`flaky_note`] (only `transient_errors_are_not_remembered`
+/// registers it).
+static NOTE_CALLS: AtomicU32 = AtomicU32::new(0);
+
 /// Writes a row, then fails transiently on its first call: the write must
 /// be rolled back and the key must not be remembered.
-fn flaky_note(
-    calls: Arc<AtomicU32>,
-) -> impl for<'c> Fn(&'c mut PgConnection, Command<Note>) -> HandlerFuture<'c> + Send + Sync + 'static
-{
-    move |conn, command| {
-        let calls = calls.clone();
-        Box::pin(async move {
-            sqlx::query("CREATE TABLE IF NOT EXISTS notes (key text, body text)")
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("INSERT INTO notes VALUES ($1, $2)")
-                .bind(command.idempotency_key())
-                .bind(&command.payload.text)
-                .execute(&mut *conn)
-                .await?;
-            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                return Err(HandlerError::Transient("first call fails".into()));
-            }
-            Ok(Outcome::success(json!({"noted": command.payload.text})))
-        })
+async fn flaky_note(tx: &Tx, command: Command<Note>) -> Result<serde_json::Value, HandlerError> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS notes (key text, body text)")
+        .execute(tx)
+        .await?;
+    sqlx::query("INSERT INTO notes VALUES ($1, $2)")
+        .bind(command.idempotency_key())
+        .bind(&command.payload.text)
+        .execute(tx)
+        .await?;
+    if NOTE_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+        return Err(HandlerError::Transient("first call fails".into()));
     }
+    Ok(json!({"noted": command.payload.text}))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_are_not_remembered() {
     let mut app = TestApp::empty(FaultConfig::default()).await;
-    let calls = Arc::new(AtomicU32::new(0));
     let participant = Participant::builder("notes")
-        .action("note", flaky_note(calls.clone()))
+        .action::<WriteNote>(flaky_note)
         .build()
         .unwrap();
     let config = app.participant_config("notes", FaultConfig::default());
@@ -219,7 +218,7 @@ async fn transient_errors_are_not_remembered() {
     let second = app.call(&note).await;
     assert_eq!(success(&second), json!({"noted": "hello"}));
     assert_eq!(
-        calls.load(Ordering::SeqCst),
+        NOTE_CALLS.load(Ordering::SeqCst),
         2,
         "the retry ran the handler again"
     );

@@ -82,6 +82,12 @@ impl Topology {
         format!("{}.participant.{participant}", self.namespace)
     }
 
+    /// The durable quorum queue an event subscriber (e.g. `notification`)
+    /// consumes lifecycle events from, bound to [`Self::events_exchange`].
+    pub fn subscription_queue(&self, subscriber: &str) -> String {
+        format!("{}.{subscriber}.lifecycle", self.namespace)
+    }
+
     /// The durable quorum queue the orchestrator consumes replies from;
     /// participants publish replies to it through the default exchange
     /// (routing key = this name, also given in each command's `reply_to`).

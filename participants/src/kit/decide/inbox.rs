@@ -14,7 +14,7 @@ use saga_proto::amqp::{CommandMessage, Phase, ReplyMessage, ReplyStatus};
 use sqlx::PgConnection;
 use sqlx::types::Json;
 
-use super::handler::Outcome;
+use crate::kit::handler::Outcome;
 
 pub(crate) fn phase_name(phase: Phase) -> &'static str {
     match phase {

@@ -1,56 +1,26 @@
-//! The reply outbox and its relay.
+//! The reply outbox (its rows; publishing them is the delivering side's).
 //!
 //! A reply is inserted in the same transaction as the outcome it reports,
 //! so it can never be lost once the outcome is committed. The consumer
 //! publishes it right after the commit (publisher confirm, `mandatory`) and
-//! deletes the row on a clean confirm. Rows it could not publish (broker
-//! down, reply queue not declared yet) and rows left behind by a crash are
-//! picked up by the relay once their `available_at` has passed.
+//! the row is deleted on a clean confirm ([`super::cleaner`]). Rows it
+//! could not publish (broker down, reply queue not declared yet) and rows
+//! left behind by a crash are leased by the relay ([`lease`]) once their
+//! `available_at` has passed.
 
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation};
-use saga_proto::amqp::{CONTENT_TYPE, REPLY_TYPE, ReplyMessage, TRACEPARENT_HEADER, traceparent};
-use sqlx::{PgConnection, PgPool};
+use saga_proto::amqp::ReplyMessage;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::consumer::{CONFIRM_TIMEOUT, TimedOut, within};
-use super::handler::Outcome;
 use super::inbox;
+use crate::kit::handler::Outcome;
 
 /// How long the consumer owns a freshly written row before the relay may
 /// take it: longer than the consumer's own publish retries, so the two do
 /// not publish the same row at once in the normal case.
 pub(crate) const CONSUMER_GRACE: Duration = Duration::from_secs(15);
-
-/// A reply could not be handed to the broker.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The channel or connection failed.
-    #[error("publishing failed: {0}")]
-    Amqp(#[from] lapin::Error),
-    /// The broker returned the message: nothing is bound to the routing key
-    /// (the reply queue does not exist yet).
-    #[error("reply returned unroutable ({code} {text}) by the broker")]
-    Unroutable {
-        /// AMQP reply code, 312 NO_ROUTE.
-        code: u16,
-        /// Broker's text.
-        text: String,
-    },
-    /// The broker refused to take responsibility for the message.
-    #[error("reply negatively acknowledged by the broker")]
-    Nacked,
-    /// The channel was not in confirm mode (a bug: the kit enables it).
-    #[error("the publishing channel does not confirm")]
-    NotConfirmed,
-    /// The broker did not confirm in time (a cut or black-holed
-    /// connection); the channel is not to be trusted any more.
-    #[error(transparent)]
-    TimedOut(#[from] TimedOut),
-}
 
 /// A reply ready to be published.
 #[derive(Debug, Clone)]
@@ -141,58 +111,6 @@ pub(crate) async fn defer(pool: &PgPool, id: i64, error: &str) -> Result<(), sql
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// Publishes one reply through the default exchange and waits for the
-/// broker's confirm, at most [`CONFIRM_TIMEOUT`]. `mandatory` turns "no
-/// such queue" into an error here instead of a silent drop.
-pub(crate) async fn publish(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
-    within(
-        "a publisher confirm",
-        CONFIRM_TIMEOUT,
-        publish_unbounded(channel, reply),
-    )
-    .await?
-}
-
-async fn publish_unbounded(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
-    let message_id = Uuid::now_v7();
-    let mut headers = FieldTable::default();
-    headers.insert(
-        TRACEPARENT_HEADER.into(),
-        AMQPValue::LongString(LongString::from(traceparent(reply.saga_id, message_id))),
-    );
-    let properties = BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(message_id.to_string().into())
-        .with_correlation_id(reply.saga_id.to_string().into())
-        .with_type(REPLY_TYPE.into())
-        .with_headers(headers);
-    let confirmation = channel
-        .basic_publish(
-            "".into(),
-            reply.reply_to.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            reply.body.as_bytes(),
-            properties,
-        )
-        .await?
-        .await?;
-    match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            Err(PublishError::Unroutable {
-                code: returned.reply_code,
-                text: returned.reply_text.to_string(),
-            })
-        }
-        Confirmation::Nack(None) => Err(PublishError::Nacked),
-        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
-    }
 }
 
 /// One reply of a batch for [`insert_all`]: with `completes`, the command's
@@ -298,15 +216,19 @@ fn relay_backoff(attempts: i32) -> Duration {
     Duration::from_millis(250 * 2u64.pow(exp)).min(Duration::from_secs(30))
 }
 
-/// One relay pass: claims up to `batch` rows with `FOR UPDATE SKIP LOCKED`
-/// (several relays never publish the same row), publishes each, deletes the
-/// confirmed ones and reschedules the others. Returns (published, failed).
-pub(crate) async fn relay_once(
-    pool: &PgPool,
-    channel: &Channel,
-    sweep: Sweep,
-    batch: i64,
-) -> Result<(usize, usize), sqlx::Error> {
+/// Rows of the outbox held by one relay pass: claimed with `FOR UPDATE
+/// SKIP LOCKED` (several relays never publish the same row), then each
+/// marked published (deleted) or failed (rescheduled with backoff), all
+/// committed together by [`Lease::finish`].
+pub(crate) struct Lease {
+    /// The transaction holding the row locks.
+    tx: Transaction<'static, Postgres>,
+    /// The replies leased, with their failures so far.
+    replies: Vec<(PendingReply, i32)>,
+}
+
+/// Leases up to `batch` rows for a relay pass.
+pub(crate) async fn lease(pool: &PgPool, sweep: Sweep, batch: i64) -> Result<Lease, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(i64, Uuid, String, String, i32)> = sqlx::query_as(
         "SELECT id, saga_id, reply_to, body, attempts FROM kit_outbox
@@ -319,45 +241,63 @@ pub(crate) async fn relay_once(
     .bind(batch)
     .fetch_all(&mut *tx)
     .await?;
-    let (mut published, mut failed) = (0, 0);
-    for (id, saga_id, reply_to, body, attempts) in rows {
-        let reply = PendingReply {
-            outbox_id: Some(id),
-            reply_to,
-            saga_id,
-            body,
-        };
-        match publish(channel, &reply).await {
-            Ok(()) => {
-                sqlx::query("DELETE FROM kit_outbox WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                published += 1;
-            }
-            Err(e) => {
-                let wait = relay_backoff(attempts);
-                tracing::warn!(outbox_id = id, %saga_id, error = %e, retry_in = ?wait, "relay could not publish a reply");
-                sqlx::query(
-                    "UPDATE kit_outbox SET attempts = attempts + 1, last_error = $2,
-                            available_at = now() + make_interval(secs => $3)
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(e.to_string())
-                .bind(wait.as_secs_f64())
-                .execute(&mut *tx)
-                .await?;
-                failed += 1;
-                if matches!(e, PublishError::Amqp(_)) {
-                    // The channel is gone; the rest would fail the same way.
-                    break;
-                }
-            }
-        }
+    let replies = rows
+        .into_iter()
+        .map(|(id, saga_id, reply_to, body, attempts)| {
+            let reply = PendingReply {
+                outbox_id: Some(id),
+                reply_to,
+                saga_id,
+                body,
+            };
+            (reply, attempts)
+        })
+        .collect();
+    Ok(Lease { tx, replies })
+}
+
+impl Lease {
+    /// The replies to publish (taken out; each is then reported with
+    /// [`Lease::published`] or [`Lease::failed`]).
+    pub(crate) fn take(&mut self) -> Vec<(PendingReply, i32)> {
+        std::mem::take(&mut self.replies)
     }
-    tx.commit().await?;
-    Ok((published, failed))
+
+    /// The broker confirmed row `id`: it is deleted with the lease.
+    pub(crate) async fn published(&mut self, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM kit_outbox WHERE id = $1")
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Row `id` could not be published after `attempts` earlier failures:
+    /// it is due again after a growing delay, which it returns.
+    pub(crate) async fn failed(
+        &mut self,
+        id: i64,
+        attempts: i32,
+        error: &str,
+    ) -> Result<Duration, sqlx::Error> {
+        let wait = relay_backoff(attempts);
+        sqlx::query(
+            "UPDATE kit_outbox SET attempts = attempts + 1, last_error = $2,
+                    available_at = now() + make_interval(secs => $3)
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(wait.as_secs_f64())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(wait)
+    }
+
+    /// Commits what the pass did.
+    pub(crate) async fn finish(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
 }
 
 #[cfg(test)]

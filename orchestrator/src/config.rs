@@ -55,7 +55,29 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// `orchestrator serve`'s flags alone, for [`Config::from_args`].
+#[derive(clap::Parser)]
+struct Flags {
+    #[command(flatten)]
+    config: Config,
+}
+
 impl Config {
+    /// Parses the flags of `orchestrator serve` (without the program
+    /// name), falling back to the same environment variables and defaults,
+    /// for a service that embeds the orchestrator without a command line of
+    /// its own (one that has one flattens [`Config`] into its parser).
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        let program = std::iter::once(std::ffi::OsString::from("orchestrator"));
+        Flags::try_parse_from(program.chain(args.into_iter().map(Into::into)))
+            .map(|flags| flags.config)
+    }
+
     /// The shipped flows this configuration runs: order placement, and the
     /// synthetic `bench_chain_<n>` flows with `--bench-flows`.
     pub fn shipped_flows(&self) -> Vec<sagas::Flow> {

@@ -1,8 +1,10 @@
-//! The flows that ship with saga-orchestrator.
+//! The flows that ship with saga-orchestrator: order placement (with the
+//! typed contracts of the commands it sends) and the synthetic bench
+//! chains.
 //!
-//! To add a flow, write one file here (see `order_placement.rs`): a data type
-//! implementing [`crate::SagaData`], and a function returning its
-//! [`Flow`] versions built with the DSL; then list it in [`all`].
+//! A service's own flows live in its own crate and are handed to
+//! `orchestrator::Orchestrator::builder(..).flows(..)` beside (or instead
+//! of) these; `examples/travel` shows one.
 
 use crate::definition::Flow;
 

@@ -1,0 +1,59 @@
+//! What happens once a transition is committed, and only then: the new
+//! state is remembered (so the next reply costs one statement), its
+//! messages go to the publisher, this instance's watch streams wake up,
+//! the timer loop learns the saga's earliest armed timer, and terminal
+//! states are counted. A crash before any of it loses nothing: the outbox
+//! rows are relayed, timers are swept from the database, and the cache is
+//! only a shortcut.
+
+use sagas::{SagaInstance, SagaStatus};
+
+use crate::{
+    bus::publisher::Publisher, cache::SagaCache, store::outbox::OutboxMessage,
+    timers::TimerWakeups, watch::WatchHub,
+};
+
+/// The after-commit work of one orchestrator instance.
+#[derive(Debug)]
+pub struct AfterCommit {
+    /// States of the sagas this instance drives.
+    cache: SagaCache,
+    /// Where committed messages go.
+    publisher: Publisher,
+    /// Tells this instance's watch streams about new history.
+    hub: WatchHub,
+    /// Arms in-process timer wake-ups.
+    timers: TimerWakeups,
+}
+
+impl AfterCommit {
+    /// After-commit work over these parts.
+    pub fn new(cache: SagaCache, publisher: Publisher, hub: WatchHub, timers: TimerWakeups) -> Self {
+        Self {
+            cache,
+            publisher,
+            hub,
+            timers,
+        }
+    }
+
+    /// The states remembered so far.
+    pub fn cache(&self) -> &SagaCache {
+        &self.cache
+    }
+
+    /// Carries out what a committed transition of `state` left to do.
+    pub fn act(&self, state: &SagaInstance, published: Vec<OutboxMessage>, finished: &[SagaStatus]) {
+        crate::crash_point!("orchestrator::after_commit_before_publish");
+        self.cache.store(state);
+        self.publisher.publish(published);
+        self.hub.notify(state.id);
+        let next_due = (!state.status.is_terminal())
+            .then(|| state.next_due_at_ms())
+            .flatten();
+        self.timers.track(state.id, next_due);
+        for status in finished {
+            metrics::counter!("saga_finished_total", "status" => status.as_str()).increment(1);
+        }
+    }
+}

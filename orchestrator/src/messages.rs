@@ -1,0 +1,159 @@
+//! Between the pure machine and the wire: the machine's actions become the
+//! outbox rows the publisher sends (exchange, routing key, envelope) and
+//! the history to write, and a participant's reply becomes a machine
+//! event. No I/O here: the engine writes what [`Envelopes::collect`]
+//! returns, in the same transaction as the state.
+
+use chrono::{DateTime, Utc};
+use saga_proto::amqp::{
+    self, COMMAND_TYPE, CommandMessage, LIFECYCLE_EVENT_TYPE, LifecycleEvent, ReplyMessage,
+    ReplyStatus, SagaLifecycleState, Topology,
+};
+use sagas::{Action, Event, HistoryEntry, Outcome, Phase, Reply, SagaInstance, SagaStatus};
+use uuid::Uuid;
+
+use crate::store::outbox::OutboxMessage;
+
+/// What a saga's transitions produced: to write, then to act on.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// History entries to append, by saga.
+    pub history: Vec<(Uuid, HistoryEntry)>,
+    /// Messages to write to the outbox and publish after the commit.
+    pub outbox: Vec<OutboxMessage>,
+    /// Terminal states reached (counted after the commit).
+    pub finished: Vec<SagaStatus>,
+}
+
+/// Builds the wire messages of one deployment namespace.
+#[derive(Debug, Clone)]
+pub struct Envelopes {
+    /// Exchange and queue names.
+    topology: Topology,
+}
+
+impl Envelopes {
+    /// Messages addressed within `topology`.
+    pub fn new(topology: Topology) -> Self {
+        Self { topology }
+    }
+
+    /// Turns a transition's actions into outbox rows, history and the
+    /// terminal states reached, added to `effects`. Timers need nothing
+    /// here: they live in the state, and the engine arms them from the
+    /// committed state.
+    pub fn collect(
+        &self,
+        state: &SagaInstance,
+        transition: sagas::Transition,
+        now: DateTime<Utc>,
+        effects: &mut Effects,
+    ) {
+        effects.history.extend(
+            transition
+                .history
+                .into_iter()
+                .map(|entry| (state.id, entry)),
+        );
+        for action in transition.actions {
+            match action {
+                Action::SendCommand(command) => {
+                    let message = CommandMessage {
+                        saga_id: state.id,
+                        saga_type: state.saga_type.clone(),
+                        saga_version: state.version,
+                        step: command.step,
+                        phase: wire_phase(command.phase),
+                        attempt: command.attempt,
+                        participant: command.participant.clone(),
+                        command: command.command,
+                        idempotency_key: command.idempotency_key,
+                        compensates: command.compensates,
+                        payload: command.payload,
+                    };
+                    effects.outbox.push(OutboxMessage {
+                        id: 0,
+                        saga_id: state.id,
+                        message_id: Uuid::new_v4(),
+                        message_type: COMMAND_TYPE.to_owned(),
+                        exchange: self.topology.commands_exchange(),
+                        routing_key: command.participant,
+                        reply_to: Some(self.topology.reply_queue()),
+                        mandatory: true,
+                        body: serde_json::to_vec(&message).expect("commands always serialise"),
+                        attempts: 0,
+                    });
+                }
+                Action::ScheduleTimer { .. } => {}
+                Action::PublishLifecycle { status } => {
+                    let state_name = lifecycle_state(status);
+                    let event = LifecycleEvent {
+                        saga_id: state.id,
+                        saga_type: state.saga_type.clone(),
+                        saga_version: state.version,
+                        state: state_name,
+                        data: state.data.clone(),
+                        error: state.error.clone(),
+                        at: now.to_rfc3339(),
+                    };
+                    effects.outbox.push(OutboxMessage {
+                        id: 0,
+                        saga_id: state.id,
+                        message_id: Uuid::new_v4(),
+                        message_type: LIFECYCLE_EVENT_TYPE.to_owned(),
+                        exchange: self.topology.events_exchange(),
+                        routing_key: amqp::event_routing_key(&state.saga_type, state_name),
+                        reply_to: None,
+                        // Nobody has to listen to lifecycle events.
+                        mandatory: false,
+                        body: serde_json::to_vec(&event).expect("events always serialise"),
+                        attempts: 0,
+                    });
+                }
+                Action::Finish { status } => effects.finished.push(status),
+            }
+        }
+    }
+}
+
+fn lifecycle_state(status: SagaStatus) -> SagaLifecycleState {
+    match status {
+        SagaStatus::Running => SagaLifecycleState::Running,
+        SagaStatus::Compensating => SagaLifecycleState::Compensating,
+        SagaStatus::Completed => SagaLifecycleState::Completed,
+        SagaStatus::Compensated => SagaLifecycleState::Compensated,
+        SagaStatus::Failed => SagaLifecycleState::Failed,
+    }
+}
+
+fn wire_phase(phase: Phase) -> amqp::Phase {
+    match phase {
+        Phase::Action => amqp::Phase::Action,
+        Phase::Compensation => amqp::Phase::Compensation,
+    }
+}
+
+/// The machine's view of a reply.
+pub fn reply_event(reply: &ReplyMessage) -> Event {
+    let outcome = match reply.status {
+        ReplyStatus::Success => Outcome::Success(reply.data.clone()),
+        ReplyStatus::Rejected => {
+            Outcome::Rejected(reply.reason.clone().unwrap_or_else(|| "rejected".into()))
+        }
+        ReplyStatus::TransientError => Outcome::TransientError(
+            reply
+                .reason
+                .clone()
+                .unwrap_or_else(|| "transient error".into()),
+        ),
+    };
+    Event::Reply(Reply {
+        step: reply.step.clone(),
+        phase: match reply.phase {
+            amqp::Phase::Action => Phase::Action,
+            amqp::Phase::Compensation => Phase::Compensation,
+        },
+        attempt: reply.attempt,
+        outcome,
+    })
+}

@@ -15,7 +15,7 @@ use saga_proto::v1::{
     ListSagasRequest, ListSagasResponse, RetrySagaRequest, StartSagaRequest, StartSagaResponse,
     WatchSagaRequest, saga_service_server::SagaService,
 };
-use sagas::{CatalogError, SagaStatus, StepStatus};
+use sagas::{CatalogError, SagaStatus, StepStatus, names::SagaType};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -231,12 +231,8 @@ impl SagaService for SagaApi {
         request: Request<StartSagaRequest>,
     ) -> Result<Response<StartSagaResponse>, Status> {
         let request = request.into_inner();
-        if request.saga_type.is_empty() {
-            return Err(invalid("saga_type", "must not be empty"));
-        }
-        if request.saga_type.len() > 64 {
-            return Err(invalid("saga_type", "must be at most 64 bytes"));
-        }
+        // Parsed here, at the edge, by the one naming rule.
+        SagaType::new(request.saga_type.as_str()).map_err(|e| invalid("saga_type", e))?;
         if request.input_json.len() > MAX_INPUT_BYTES {
             return Err(invalid(
                 "input_json",
@@ -292,6 +288,9 @@ impl SagaService for SagaApi {
             }
         };
         let saga_type = (!request.saga_type.is_empty()).then_some(request.saga_type.as_str());
+        if let Some(name) = saga_type {
+            SagaType::new(name).map_err(|e| invalid("saga_type", e))?;
+        }
         if let Some(name) = saga_type
             && self.engine.catalog().get(name, 0).is_err()
         {
@@ -396,11 +395,15 @@ impl SagaService for SagaApi {
                     .steps()
                     .iter()
                     .map(|s| v1::StepDefinition {
-                        name: s.name.clone(),
+                        name: s.name.to_string(),
                         kind: s.kind.as_str().to_owned(),
-                        participant: s.participant.clone(),
-                        command: s.command.clone(),
-                        compensation_command: s.compensation.clone().unwrap_or_default(),
+                        participant: s.participant.to_string(),
+                        command: s.command.to_string(),
+                        compensation_command: s
+                            .compensation
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
                         group: s.stage as u32,
                         timeout_ms: s.timeout.as_millis() as u32,
                         max_attempts: s.retry.max_attempts.unwrap_or(0),

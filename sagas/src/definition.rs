@@ -13,6 +13,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::contract::{Action, Compensation};
+use crate::names::{CommandName, InvalidName, ParticipantName, SagaType, StepName};
 
 /// The typed data a flow carries from step to step (persisted as JSON).
 ///
@@ -50,16 +51,10 @@ impl InputError {
 /// A flow definition that cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DefinitionError {
-    /// Flow, step, participant and command names: 1-64 of `[a-z0-9_-]`, starting with a letter.
-    #[error(
-        "invalid {what} name {name:?}: use 1 to 64 characters from a-z, 0-9, '_' and '-', starting with a letter"
-    )]
-    InvalidName {
-        /// Which kind of name.
-        what: &'static str,
-        /// The name given.
-        name: String,
-    },
+    /// A flow, step, participant or command name breaks the naming rule
+    /// ([`crate::names`]).
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
     /// Versions start at 1.
     #[error("flow {0}: versions start at 1")]
     ZeroVersion(String),
@@ -121,24 +116,6 @@ pub enum DefinitionError {
         /// What is wrong.
         reason: &'static str,
     },
-}
-
-/// Validates a flow, step, participant or command name.
-fn check_name(what: &'static str, name: &str) -> Result<(), DefinitionError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(DefinitionError::InvalidName {
-            what,
-            name: name.to_owned(),
-        })
-    }
 }
 
 /// The classic saga step taxonomy.
@@ -244,15 +221,15 @@ type ParseFn = Arc<dyn Fn(&str) -> Result<Value, InputError> + Send + Sync>;
 #[derive(Clone)]
 pub struct StepDef {
     /// Unique within the flow, e.g. `reserve_inventory`.
-    pub name: String,
+    pub name: StepName,
     /// Compensatable, pivot or retriable.
     pub kind: StepKind,
     /// Participant that runs it (the command routing key).
-    pub participant: String,
+    pub participant: ParticipantName,
     /// Command name of the action, e.g. `reserve`.
-    pub command: String,
+    pub command: CommandName,
     /// Command name of the compensation, e.g. `release`.
-    pub compensation: Option<String>,
+    pub compensation: Option<CommandName>,
     /// Index of the stage (sequential position) the step belongs to.
     pub stage: usize,
     /// How long to wait for a reply before the outcome counts as unknown.
@@ -332,6 +309,27 @@ struct Overrides {
     compensation_retry: Option<RetryPolicy>,
 }
 
+/// A step as written, its names still unparsed (they are parsed, and any
+/// error reported, when the flow is built).
+struct Draft {
+    /// The step's name.
+    name: String,
+    /// Compensatable, pivot or retriable.
+    kind: StepKind,
+    /// The participant's name.
+    participant: String,
+    /// The action's command.
+    command: String,
+    /// The compensation's command.
+    compensation: Option<String>,
+    /// Builds the action's payload.
+    payload: PayloadFn,
+    /// Builds the compensation's payload.
+    compensation_payload: Option<PayloadFn>,
+    /// Folds the action's success data into the saga data.
+    fold: FoldFn,
+}
+
 /// Typed builder of one step over the saga data `D`.
 ///
 /// Steps are written against typed contracts with [`Step::call`], or with
@@ -339,8 +337,9 @@ struct Overrides {
 /// ([`Step::compensatable`], [`Step::pivot`], [`Step::retriable`]) when the
 /// commands are only known at run time.
 pub struct Step<D: SagaData> {
-    /// The step being built (timeout and retries resolved by the flow).
-    def: StepDef,
+    /// The step being built (names parsed, timeout and retries resolved by
+    /// the flow).
+    def: Draft,
     /// What the step set itself.
     overrides: Overrides,
     /// A typed compensation served by another participant than the action
@@ -353,16 +352,12 @@ pub struct Step<D: SagaData> {
 impl<D: SagaData> Step<D> {
     fn new(kind: StepKind, name: &str, participant: &str, command: &str) -> Self {
         Self {
-            def: StepDef {
+            def: Draft {
                 name: name.to_owned(),
                 kind,
                 participant: participant.to_owned(),
                 command: command.to_owned(),
                 compensation: None,
-                stage: 0,
-                timeout: DEFAULT_TIMEOUT,
-                retry: default_retry(),
-                compensation_retry: default_compensation_retry(),
                 payload: Arc::new(|_| Ok(Value::Object(Default::default()))),
                 compensation_payload: None,
                 fold: Arc::new(|_, _| Ok(())),
@@ -576,7 +571,7 @@ fn erase_payload<D: SagaData, P: Serialize>(
 #[derive(Clone)]
 pub struct Flow {
     /// Flow name, e.g. `order_placement`.
-    name: String,
+    name: SagaType,
     /// Version, from 1.
     version: u32,
     /// Human description of the input's JSON shape.
@@ -614,7 +609,7 @@ impl Flow {
 
     /// The flow's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// The flow's version.
@@ -710,8 +705,8 @@ impl<D: SagaData> FlowBuilder<D> {
 
     /// Checks the definition and returns the runnable flow.
     pub fn build(self) -> Result<Flow, DefinitionError> {
+        let name = SagaType::new(self.name.as_str())?;
         let flow = self.name.clone();
-        check_name("flow", &flow)?;
         if self.version == 0 {
             return Err(DefinitionError::ZeroVersion(flow));
         }
@@ -737,42 +732,52 @@ impl<D: SagaData> FlowBuilder<D> {
             }
             let mut indices = Vec::new();
             for Step {
-                def: mut step,
+                def: draft,
                 overrides,
                 compensation_elsewhere,
                 ..
             } in stage
             {
-                check_name("step", &step.name)?;
+                let mut step = StepDef {
+                    name: StepName::new(draft.name)?,
+                    kind: draft.kind,
+                    participant: ParticipantName::new(draft.participant)?,
+                    command: CommandName::new(draft.command)?,
+                    compensation: draft.compensation.map(CommandName::new).transpose()?,
+                    stage: stage_index,
+                    timeout: DEFAULT_TIMEOUT,
+                    retry: default_retry(),
+                    compensation_retry: default_compensation_retry(),
+                    payload: draft.payload,
+                    compensation_payload: draft.compensation_payload,
+                    fold: draft.fold,
+                };
                 if let Some(elsewhere) = compensation_elsewhere {
                     return Err(DefinitionError::CompensationElsewhere {
                         flow,
-                        step: step.name,
-                        participant: step.participant,
+                        step: step.name.into(),
+                        participant: step.participant.into(),
                         compensation_participant: elsewhere.to_owned(),
                     });
                 }
-                check_name("participant", &step.participant)?;
-                check_name("command", &step.command)?;
                 if !names.insert(step.name.clone()) {
                     return Err(DefinitionError::DuplicateStep {
                         flow,
-                        step: step.name,
+                        step: step.name.into(),
                     });
                 }
                 match (step.kind, &step.compensation) {
                     (StepKind::Compensatable, None) => {
                         return Err(DefinitionError::MissingCompensation {
                             flow,
-                            step: step.name,
+                            step: step.name.into(),
                         });
                     }
-                    (StepKind::Compensatable, Some(command)) => {
-                        check_name("command", command)?;
+                    (StepKind::Compensatable, Some(_)) => {
                         if past_pivot {
                             return Err(DefinitionError::BadOrder {
                                 flow,
-                                step: step.name,
+                                step: step.name.into(),
                                 reason: "a compensatable step cannot follow a pivot or retriable step",
                             });
                         }
@@ -780,7 +785,7 @@ impl<D: SagaData> FlowBuilder<D> {
                     (kind, Some(_)) => {
                         return Err(DefinitionError::UnexpectedCompensation {
                             flow,
-                            step: step.name,
+                            step: step.name.into(),
                             kind,
                         });
                     }
@@ -788,7 +793,7 @@ impl<D: SagaData> FlowBuilder<D> {
                         if past_pivot {
                             return Err(DefinitionError::BadOrder {
                                 flow,
-                                step: step.name,
+                                step: step.name.into(),
                                 reason: "a pivot step must come before every retriable step and be the only pivot",
                             });
                         }
@@ -808,7 +813,6 @@ impl<D: SagaData> FlowBuilder<D> {
                     .compensation_retry
                     .or(defaults.compensation_retry)
                     .unwrap_or_else(default_compensation_retry);
-                step.stage = stage_index;
                 indices.push(steps.len());
                 steps.push(step);
             }
@@ -816,7 +820,7 @@ impl<D: SagaData> FlowBuilder<D> {
         }
         let parse_input: ParseFn = Arc::new(parse_typed_input::<D>);
         Ok(Flow {
-            name: self.name,
+            name,
             version: self.version,
             input_description: self.input_description,
             steps,
@@ -906,7 +910,7 @@ mod tests {
             Err(DefinitionError::BadOrder { .. })
         ));
         let bad_name = Flow::builder::<Data>("Bad Name", 1).step(comp("a")).build();
-        assert!(matches!(bad_name, Err(DefinitionError::InvalidName { .. })));
+        assert!(matches!(bad_name, Err(DefinitionError::InvalidName(_))));
         assert!(matches!(
             Flow::builder::<Data>("f", 0).step(comp("a")).build(),
             Err(DefinitionError::ZeroVersion(_))

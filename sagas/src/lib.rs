@@ -13,6 +13,8 @@
 //!   finish) and history entries out. Time and jitter come in with [`Context`].
 //! - [`contract`]: typed contracts (participant, command, payload, reply)
 //!   shared by a flow's steps and the participants' handlers.
+//! - [`names`]: saga types, steps, participants, commands and namespaces,
+//!   each a newtype parsed once by one rule.
 //! - [`catalog`]: every flow version the orchestrator can run, and
 //!   [`flows`], the flows that ship (order placement v1 and v2).
 
@@ -22,6 +24,7 @@ pub mod definition;
 pub mod flows;
 pub mod instance;
 pub mod machine;
+pub mod names;
 
 pub use catalog::{Catalog, CatalogError};
 pub use definition::{

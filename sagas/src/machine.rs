@@ -549,8 +549,13 @@ impl Run<'_> {
             }
         };
         let command = match phase {
-            Phase::Action => def.command.clone(),
-            Phase::Compensation => def.compensation.clone().unwrap_or_default(),
+            Phase::Action => def.command.to_string(),
+            // Every compensatable step has one (checked when the flow is built).
+            Phase::Compensation => def
+                .compensation
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         };
         let idempotency_key = self.saga.idempotency_key(index, phase);
         let compensates =
@@ -589,17 +594,17 @@ impl Run<'_> {
             phase.as_str()
         );
         self.out.actions.push(Action::SendCommand(Command {
-            step: def.name.clone(),
+            step: def.name.to_string(),
             phase,
             attempt,
-            participant: def.participant.clone(),
+            participant: def.participant.to_string(),
             command,
             idempotency_key,
             compensates,
             payload,
         }));
         self.out.actions.push(Action::ScheduleTimer {
-            step: def.name.clone(),
+            step: def.name.to_string(),
             phase,
             attempt,
             kind: TimerKind::ReplyTimeout,
@@ -629,7 +634,7 @@ impl Run<'_> {
             due_at_ms,
         });
         self.out.actions.push(Action::ScheduleTimer {
-            step: def.name.clone(),
+            step: def.name.to_string(),
             phase,
             attempt,
             kind: TimerKind::RetryBackoff,

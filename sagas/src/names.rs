@@ -138,6 +138,24 @@ macro_rules! name {
                 &self.0 == other
             }
         }
+
+        impl PartialEq<$ty> for String {
+            fn eq(&self, other: &$ty) -> bool {
+                self == &other.0
+            }
+        }
+
+        impl PartialEq<$ty> for str {
+            fn eq(&self, other: &$ty) -> bool {
+                self == other.0
+            }
+        }
+
+        impl PartialEq<$ty> for &str {
+            fn eq(&self, other: &$ty) -> bool {
+                *self == other.0
+            }
+        }
     };
 }
 
@@ -189,8 +207,14 @@ mod tests {
         let name = ParticipantName::new("inventory").unwrap();
         let json = serde_json::to_string(&name).unwrap();
         assert_eq!(json, "\"inventory\"");
-        assert_eq!(serde_json::from_str::<ParticipantName>(&json).unwrap(), name);
+        assert_eq!(
+            serde_json::from_str::<ParticipantName>(&json).unwrap(),
+            name
+        );
         let error = serde_json::from_str::<ParticipantName>("\"No Way\"").unwrap_err();
-        assert!(error.to_string().contains("invalid participant name"), "{error}");
+        assert!(
+            error.to_string().contains("invalid participant name"),
+            "{error}"
+        );
     }
 }

@@ -40,7 +40,7 @@ fn participant_name(value: &str) -> Result<String, String> {
 }
 
 fn namespace(value: &str) -> Result<String, String> {
-    saga_proto::amqp::validate_name(value).map_err(|e| e.to_string())?;
+    sagas::names::Namespace::new(value).map_err(|e| e.to_string())?;
     Ok(value.to_owned())
 }
 

@@ -10,8 +10,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga_proto::amqp::{Phase, Topology, validate_name};
+use saga_proto::amqp::{Phase, Topology};
 use sagas::contract::{Action, Compensation, Contract};
+use sagas::names::ParticipantName;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
@@ -34,7 +35,7 @@ use super::stats::{Stats, StatsSnapshot};
 pub enum KitError {
     /// The participant's name is not usable in queue names and routing keys.
     #[error(transparent)]
-    InvalidName(#[from] saga_proto::amqp::InvalidName),
+    InvalidName(#[from] sagas::names::InvalidName),
     /// Nothing was registered: no command and no event subscription.
     #[error("participant {0} registers no command and subscribes to no event")]
     NothingToServe(String),
@@ -239,15 +240,15 @@ impl ParticipantBuilder {
 
     /// Checks the registration.
     pub fn build(self) -> Result<Participant, KitError> {
-        validate_name(&self.name)?;
+        let name = ParticipantName::new(self.name)?;
         if let Some(refused) = self.refused {
             return Err(refused);
         }
         if self.routes.is_empty() && self.subscription.is_none() {
-            return Err(KitError::NothingToServe(self.name));
+            return Err(KitError::NothingToServe(name.into()));
         }
         Ok(Participant {
-            name: self.name,
+            name,
             routes: Arc::new(self.routes),
             subscription: self.subscription,
             migrations: self.migrations,
@@ -303,7 +304,7 @@ impl ParticipantConfig {
 /// A participant ready to start: name, handlers, migrations.
 pub struct Participant {
     /// Participant name.
-    name: String,
+    name: ParticipantName,
     /// Command name → handler (empty for a pure event subscriber).
     routes: Arc<BTreeMap<String, Route>>,
     /// Its event subscription, if any.
@@ -338,7 +339,7 @@ impl Participant {
 
     /// The participant's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// Opens (creates, migrates) the database, waiting for PostgreSQL with
@@ -359,12 +360,12 @@ impl Participant {
             &shutdown,
         )
         .await?
-        .ok_or_else(|| KitError::ShutDown(self.name.clone()))?;
+        .ok_or_else(|| KitError::ShutDown(self.name.to_string()))?;
         if let Some(setup) = &self.setup {
             setup(pool.clone())
                 .await
                 .map_err(|source| KitError::Setup {
-                    participant: self.name.clone(),
+                    participant: self.name.to_string(),
                     source,
                 })?;
         }
@@ -378,14 +379,14 @@ impl Participant {
         let mut consumers = Vec::new();
         if !self.routes.is_empty() {
             let decider = Decider::new(
-                self.name.clone(),
+                self.name.to_string(),
                 self.routes,
                 pool.clone(),
                 config.faults.clone(),
                 stats.clone(),
             );
             let service = CommandService::new(
-                self.name.clone(),
+                self.name.to_string(),
                 config.topology.clone(),
                 decider,
                 config.faults.clone(),
@@ -400,13 +401,13 @@ impl Participant {
         }
         if let Some(subscription) = self.subscription {
             let recorder = EventRecorder::new(
-                self.name.clone(),
+                self.name.to_string(),
                 pool.clone(),
                 subscription.handler,
                 stats.clone(),
             );
             let service = EventService::new(
-                self.name.clone(),
+                self.name.to_string(),
                 config.topology.clone(),
                 subscription.binding_key,
                 recorder,
@@ -414,7 +415,12 @@ impl Participant {
             );
             consumers.push(spawn_consumer(Arc::new(service), settings, shutdown));
         }
-        Ok(ParticipantHandle::new(self.name, consumers, pool, stats))
+        Ok(ParticipantHandle::new(
+            self.name.into(),
+            consumers,
+            pool,
+            stats,
+        ))
     }
 }
 

@@ -26,48 +26,26 @@ pub const LIFECYCLE_EVENT_TYPE: &str = "saga.lifecycle";
 /// dead-letters it (`x-delivery-limit`), so a poison message never blocks a queue.
 pub const DELIVERY_LIMIT: i64 = 5;
 
-/// A namespace was empty or used characters outside `[a-z0-9_-]`.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "invalid namespace {0:?}: use 1 to 64 characters from a-z, 0-9, '_' and '-', starting with a letter"
-)]
-pub struct InvalidName(pub String);
-
-/// Validates a namespace or participant name: 1 to 64 characters of
-/// `[a-z0-9_-]`, starting with a letter (safe in routing keys and queue names).
-pub fn validate_name(name: &str) -> Result<(), InvalidName> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidName(name.to_owned()))
-    }
-}
+pub use sagas::names::{InvalidName, Namespace};
 
 /// The exchange and queue names of one deployment namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// Prefix of every name, e.g. `saga`.
-    namespace: String,
+    namespace: Namespace,
 }
 
 impl Topology {
-    /// Names for `namespace` (validated with [`validate_name`]).
+    /// Names for `namespace` (parsed as a [`Namespace`]).
     pub fn new(namespace: &str) -> Result<Self, InvalidName> {
-        validate_name(namespace)?;
         Ok(Self {
-            namespace: namespace.to_owned(),
+            namespace: Namespace::new(namespace)?,
         })
     }
 
     /// The namespace itself.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        self.namespace.as_str()
     }
 
     /// Durable `direct` exchange the orchestrator publishes commands to;

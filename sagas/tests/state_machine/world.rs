@@ -650,7 +650,7 @@ impl<'f> World<'f> {
             }
             Phase::Compensation => {
                 assert_eq!(def.kind, StepKind::Compensatable);
-                assert_eq!(Some(&command.command), def.compensation.as_ref());
+                assert_eq!(Some(command.command.as_str()), def.compensation.as_deref());
                 let undoes = command.compensates.as_ref().expect("compensates is set");
                 assert!(
                     self.issued

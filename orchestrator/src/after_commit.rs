@@ -28,7 +28,12 @@ pub struct AfterCommit {
 
 impl AfterCommit {
     /// After-commit work over these parts.
-    pub fn new(cache: SagaCache, publisher: Publisher, hub: WatchHub, timers: TimerWakeups) -> Self {
+    pub fn new(
+        cache: SagaCache,
+        publisher: Publisher,
+        hub: WatchHub,
+        timers: TimerWakeups,
+    ) -> Self {
         Self {
             cache,
             publisher,
@@ -43,7 +48,12 @@ impl AfterCommit {
     }
 
     /// Carries out what a committed transition of `state` left to do.
-    pub fn act(&self, state: &SagaInstance, published: Vec<OutboxMessage>, finished: &[SagaStatus]) {
+    pub fn act(
+        &self,
+        state: &SagaInstance,
+        published: Vec<OutboxMessage>,
+        finished: &[SagaStatus],
+    ) {
         crate::crash_point!("orchestrator::after_commit_before_publish");
         self.cache.store(state);
         self.publisher.publish(published);

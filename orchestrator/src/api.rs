@@ -6,6 +6,7 @@
 //! that does not allow it → FAILED_PRECONDITION; database unreachable →
 //! UNAVAILABLE.
 
+use sagas::errors::Chain;
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
@@ -24,9 +25,9 @@ use uuid::Uuid;
 use crate::{
     engine::{Engine, EngineError, StartRequest, is_connection_error},
     store::{
-        StoreError,
-        history::{self, HistoryRow},
-        sagas::{self as saga_rows, Cursor, SagaRecord},
+        Store, StoreError,
+        history::HistoryRow,
+        sagas::{Cursor, SagaRecord},
     },
     watch::WatchHub,
 };
@@ -47,16 +48,18 @@ const WATCH_REREAD: Duration = Duration::from_secs(2);
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct SagaApi {
-    /// Drives sagas.
+    /// Drives sagas (starts, cancels, retries, reads one saga).
     engine: Arc<Engine>,
+    /// Listings and history, read without the engine.
+    store: Store,
     /// Change notifications for watch streams.
     hub: WatchHub,
 }
 
 impl SagaApi {
-    /// A service over `engine`.
-    pub fn new(engine: Arc<Engine>, hub: WatchHub) -> Self {
-        Self { engine, hub }
+    /// A service over `engine`, reading listings and history from `store`.
+    pub fn new(engine: Arc<Engine>, store: Store, hub: WatchHub) -> Self {
+        Self { engine, store, hub }
     }
 }
 
@@ -79,7 +82,7 @@ fn store_status(error: &StoreError) -> Status {
         StoreError::Database(e) if is_connection_error(e) => {
             Status::unavailable(format!("database unavailable: {e}"))
         }
-        other => Status::internal(other.to_string()),
+        other => Status::internal(Chain(other).to_string()),
     }
 }
 
@@ -306,15 +309,11 @@ impl SagaService for SagaApi {
             "" => None,
             token => Some(decode_token(token)?),
         };
-        let mut records = saga_rows::list(
-            self.engine.store().pool(),
-            saga_type,
-            status,
-            cursor,
-            i64::from(page_size) + 1,
-        )
-        .await
-        .map_err(|e| store_status(&e))?;
+        let mut records = self
+            .store
+            .list_sagas(saga_type, status, cursor, i64::from(page_size) + 1)
+            .await
+            .map_err(|e| store_status(&e))?;
         let next_page_token = if records.len() > page_size as usize {
             records.truncate(page_size as usize);
             records.last().map(encode_token).unwrap_or_default()
@@ -337,16 +336,17 @@ impl SagaService for SagaApi {
         // Subscribe before the first read so nothing falls in between.
         let notifications = self.hub.subscribe();
         self.engine.get(id).await?;
-        let pool = self.engine.store().pool().clone();
+        let store = self.store.clone();
         let watcher = Uuid::new_v4();
-        history::watch(&pool, id, watcher)
+        store
+            .add_watcher(id, watcher)
             .await
             .map_err(|e| store_status(&e))?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            stream_history(&pool, id, notifications, tx).await;
-            if let Err(error) = history::unwatch(&pool, id, watcher).await {
-                tracing::warn!(%error, saga_id = %id, "could not remove a watcher registration");
+            stream_history(&store, id, notifications, tx).await;
+            if let Err(error) = store.remove_watcher(id, watcher).await {
+                tracing::warn!(error = %Chain(&error), saga_id = %id, "could not remove a watcher registration");
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -418,14 +418,14 @@ impl SagaService for SagaApi {
 /// Sends the saga's history, then new rows as they come, until the terminal
 /// event or until the client goes away.
 async fn stream_history(
-    pool: &sqlx::PgPool,
+    store: &Store,
     id: Uuid,
     mut notifications: broadcast::Receiver<Uuid>,
     tx: mpsc::Sender<Result<v1::SagaEvent, Status>>,
 ) {
     let mut last_seq = 0;
     loop {
-        match history::since(pool, id, last_seq).await {
+        match store.history_since(id, last_seq).await {
             Ok(rows) => {
                 for row in rows {
                     last_seq = row.seq;
@@ -439,7 +439,7 @@ async fn stream_history(
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "watch stream could not read history; will retry");
+                tracing::warn!(error = %Chain(&error), "watch stream could not read history; will retry");
             }
         }
         // Wait for news about this saga (or re-read after a while anyway).

@@ -25,6 +25,7 @@
 //! taking calls, the reply consumer finishes and acknowledges its batch, the
 //! publisher flushes and awaits its confirms.
 
+use sagas::errors::Chain;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -36,11 +37,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::ServingStatus;
 
 use crate::{
+    after_commit::AfterCommit,
     api::SagaApi,
     bus::{self, BusSettings, publisher},
+    cache::SagaCache,
     config::Config,
     engine::Engine,
     health::Health,
+    messages::Envelopes,
     relay,
     store::{Store, StoreError},
     timers::{self, TimerSettings, TimerWakeups},
@@ -54,7 +58,7 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     /// PostgreSQL could not be reached or migrated.
-    #[error("cannot prepare the database: {0}")]
+    #[error("cannot prepare the database")]
     Database(#[from] StoreError),
     /// The gRPC address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -179,7 +183,7 @@ impl Application {
                     .with_max_delay(Duration::from_secs(5))
                     .with_total_delay(Some(Duration::from_secs(60))),
             )
-            .notify(|error, delay| tracing::warn!(%error, ?delay, "database not ready; retrying"))
+            .notify(|error: &StoreError, delay| tracing::warn!(error = %Chain(error), ?delay, "database not ready; retrying"))
             .await?;
         check_flows(&store, &catalog).await?;
         let listener = TcpListener::bind(config.grpc_addr)
@@ -199,15 +203,20 @@ impl Application {
         let wakeups = TimerWakeups::default();
         let topology = config.topology();
         let hub = WatchHub::new();
+        let after_commit = AfterCommit::new(
+            SagaCache::new(SagaCache::DEFAULT_CAPACITY),
+            publisher.clone(),
+            hub.clone(),
+            wakeups.clone(),
+        );
         let engine = Arc::new(Engine::new(
             store.clone(),
             Arc::new(catalog),
-            topology.clone(),
-            publisher.clone(),
-            wakeups.clone(),
+            Envelopes::new(topology.clone()),
+            after_commit,
             health.clone(),
-            hub.clone(),
         ));
+        let kick = relay::Kick::default();
         let tasks = TaskTracker::new();
 
         tasks.spawn(bus::run(
@@ -222,6 +231,7 @@ impl Application {
             engine.clone(),
             outgoing,
             health.clone(),
+            kick.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(timers::run(
@@ -231,9 +241,10 @@ impl Application {
             shutdown.clone(),
         ));
         tasks.spawn(relay::run(
-            engine.clone(),
+            store.clone(),
             publisher,
             health.clone(),
+            kick,
             Duration::from_secs(1),
             shutdown.clone(),
         ));
@@ -251,7 +262,7 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .expect("embedded descriptor sets are valid");
-        let api = SagaServiceServer::new(SagaApi::new(engine.clone(), hub))
+        let api = SagaServiceServer::new(SagaApi::new(engine.clone(), store.clone(), hub))
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let server = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -263,7 +274,7 @@ impl Application {
             );
         tasks.spawn(async move {
             if let Err(error) = server.await {
-                tracing::error!(%error, "gRPC server failed");
+                tracing::error!(error = %Chain(&error), "gRPC server failed");
             }
         });
         tasks.close();
@@ -310,15 +321,11 @@ impl Application {
 /// Refuses to start when running sagas need a flow version that is gone:
 /// they could never finish.
 async fn check_flows(store: &Store, catalog: &Catalog) -> Result<(), StartupError> {
-    let rows: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT DISTINCT saga_type, version FROM sagas WHERE status IN ('running', 'compensating', 'failed')",
-    )
-    .fetch_all(store.pool())
-    .await
-    .map_err(StoreError::from)?;
-    let missing: Vec<String> = rows
+    let missing: Vec<String> = store
+        .flows_in_use()
+        .await?
         .into_iter()
-        .filter(|(name, version)| catalog.get(name, *version as u32).is_err())
+        .filter(|(name, version)| catalog.get(name, *version).is_err())
         .map(|(name, version)| format!("{name} v{version}"))
         .collect();
     if missing.is_empty() {

@@ -19,6 +19,9 @@ pub struct SagaCache {
 }
 
 impl SagaCache {
+    /// Sagas kept in memory by default.
+    pub const DEFAULT_CAPACITY: usize = 100_000;
+
     /// A cache of at most `capacity` sagas.
     pub fn new(capacity: usize) -> Self {
         Self {

@@ -1,33 +1,33 @@
 //! The engine: load → apply the pure machine → persist state, history and
-//! outbox in one transaction → commit → act.
+//! outbox in one transaction → commit → act. Turning actions into wire
+//! messages is [`crate::messages`]'s; what happens after the commit is
+//! [`crate::after_commit`]'s.
 //!
-//! Every event (start, reply, timer, cancel, operator retry) goes through
-//! [`Engine::commit`]: the sagas concerned are locked (`FOR UPDATE`, in id
-//! order) for the whole transaction, so no saga is ever driven by two
-//! instances at once; only after the commit are messages handed to the
+//! Every event goes through one write: a start through the start writers
+//! ([`Engine::start`]), replies ([`Engine::apply_replies`]) through one
+//! compare-and-set statement on each cached saga's revision, or under row
+//! locks (`FOR UPDATE`, in id order) for the others, timers
+//! ([`Engine::fire_due_timers`]) and operator events ([`Engine::cancel`],
+//! [`Engine::retry`]) under row locks. So no saga is ever driven by two
+//! instances at once. Only after the commit are messages handed to the
 //! publisher and timers armed. A crash at any point either loses the whole
-//! transaction (the event is redelivered or re-fired) or leaves committed
-//! outbox rows that the relay publishes.
+//! write (the event is redelivered or re-fired) or leaves committed outbox
+//! rows that the relay publishes.
 
 use std::{collections::HashMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
-use saga_proto::amqp::{
-    self, COMMAND_TYPE, CommandMessage, LIFECYCLE_EVENT_TYPE, LifecycleEvent, ReplyMessage,
-    ReplyStatus, SagaLifecycleState, Topology,
-};
+use saga_proto::amqp::ReplyMessage;
 use sagas::{
-    Action, Catalog, CatalogError, Context, Event, HistoryEntry, InputError, Outcome, Phase,
-    Refused, Reply, SagaInstance, SagaStatus,
+    Catalog, CatalogError, Context, Event, HistoryEntry, InputError, Refused, SagaInstance,
 };
 use sqlx::PgConnection;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{
-    bus::publisher::Publisher,
-    cache::SagaCache,
+    after_commit::AfterCommit,
     health::Health,
+    messages::{Effects, Envelopes, reply_event},
     starts::StartWriter,
     store::{
         Store, StoreError,
@@ -35,15 +35,14 @@ use crate::{
         sagas::{self as saga_rows, NewSaga, SagaRecord},
         transition::{self, StartRow},
     },
-    timers::TimerWakeups,
-    watch::WatchHub,
+    timers::TimerSweep,
 };
 
 /// Why an engine operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The saga input is invalid.
-    #[error("invalid input: {0}")]
+    #[error("invalid input")]
     InvalidInput(#[from] InputError),
     /// Unknown saga type or version.
     #[error(transparent)]
@@ -97,34 +96,18 @@ pub struct Started {
 /// Drives sagas: the only writer of saga state.
 #[derive(Debug)]
 pub struct Engine {
-    /// The database.
+    /// Where saga state, history and outbox rows are written.
     store: Store,
     /// Flow definitions.
     catalog: Arc<Catalog>,
-    /// Exchange and queue names.
-    topology: Topology,
-    /// Where committed messages go.
-    publisher: Publisher,
-    /// Arms in-process timer wake-ups.
-    timers: TimerWakeups,
+    /// Turns the machine's actions into wire messages.
+    envelopes: Envelopes,
+    /// What happens once a transition is committed.
+    after_commit: AfterCommit,
     /// Reports database reachability.
     health: Health,
-    /// Asks the outbox relay to run now (e.g. after a reconnect).
-    relay_kick: Arc<Notify>,
-    /// Tells this instance's watch streams about new history.
-    hub: WatchHub,
-    /// States of the sagas this instance drives.
-    cache: SagaCache,
     /// Writes concurrent starts together.
     starts: StartWriter,
-}
-
-/// What a saga's transitions produced, to write and then act on.
-#[derive(Debug, Default)]
-struct Effects {
-    history: Vec<(Uuid, HistoryEntry)>,
-    outbox: Vec<OutboxMessage>,
-    finished: Vec<SagaStatus>,
 }
 
 /// One saga's new state, the revision it was computed from, and effects.
@@ -138,9 +121,6 @@ struct Change {
     effects: Effects,
 }
 
-/// Sagas kept in memory by default.
-pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
-
 fn context(now: DateTime<Utc>) -> Context {
     Context {
         now_ms: now.timestamp_millis(),
@@ -148,68 +128,22 @@ fn context(now: DateTime<Utc>) -> Context {
     }
 }
 
-fn lifecycle_state(status: SagaStatus) -> SagaLifecycleState {
-    match status {
-        SagaStatus::Running => SagaLifecycleState::Running,
-        SagaStatus::Compensating => SagaLifecycleState::Compensating,
-        SagaStatus::Completed => SagaLifecycleState::Completed,
-        SagaStatus::Compensated => SagaLifecycleState::Compensated,
-        SagaStatus::Failed => SagaLifecycleState::Failed,
-    }
-}
-
-fn wire_phase(phase: Phase) -> amqp::Phase {
-    match phase {
-        Phase::Action => amqp::Phase::Action,
-        Phase::Compensation => amqp::Phase::Compensation,
-    }
-}
-
-/// The machine's view of a reply.
-pub fn reply_event(reply: &ReplyMessage) -> Event {
-    let outcome = match reply.status {
-        ReplyStatus::Success => Outcome::Success(reply.data.clone()),
-        ReplyStatus::Rejected => {
-            Outcome::Rejected(reply.reason.clone().unwrap_or_else(|| "rejected".into()))
-        }
-        ReplyStatus::TransientError => Outcome::TransientError(
-            reply
-                .reason
-                .clone()
-                .unwrap_or_else(|| "transient error".into()),
-        ),
-    };
-    Event::Reply(Reply {
-        step: reply.step.clone(),
-        phase: match reply.phase {
-            amqp::Phase::Action => Phase::Action,
-            amqp::Phase::Compensation => Phase::Compensation,
-        },
-        attempt: reply.attempt,
-        outcome,
-    })
-}
-
 impl Engine {
-    /// An engine over `store` running the flows of `catalog`.
+    /// An engine over `store` running the flows of `catalog`, addressing
+    /// its messages with `envelopes` and handing committed transitions to
+    /// `after_commit`.
     pub fn new(
         store: Store,
         catalog: Arc<Catalog>,
-        topology: Topology,
-        publisher: Publisher,
-        timers: TimerWakeups,
+        envelopes: Envelopes,
+        after_commit: AfterCommit,
         health: Health,
-        hub: WatchHub,
     ) -> Self {
         Self {
             catalog,
-            topology,
-            publisher,
-            timers,
+            envelopes,
+            after_commit,
             health,
-            relay_kick: Arc::new(Notify::new()),
-            hub,
-            cache: SagaCache::new(DEFAULT_CACHE_CAPACITY),
             starts: StartWriter::spawn(store.pool().clone()),
             store,
         }
@@ -225,16 +159,6 @@ impl Engine {
         &self.catalog
     }
 
-    /// Asks the outbox relay to run now.
-    pub fn relay_now(&self) {
-        self.relay_kick.notify_one();
-    }
-
-    /// Resolves when someone asked the relay to run.
-    pub async fn relay_requested(&self) {
-        self.relay_kick.notified().await;
-    }
-
     /// Starts a saga, idempotently on (type, idempotency key). Input is
     /// validated before anything is written.
     pub async fn start(&self, request: StartRequest) -> Result<Started, EngineError> {
@@ -244,7 +168,8 @@ impl Engine {
         let saga_id = Uuid::now_v7();
         let (state, transition) = sagas::start(&flow, saga_id, data, context(now));
         let mut effects = Effects::default();
-        self.collect(&state, transition, now, &mut effects);
+        self.envelopes
+            .collect(&state, transition, now, &mut effects);
         let new = NewSaga {
             state: &state,
             idempotency_key: request.idempotency_key.as_deref(),
@@ -281,7 +206,7 @@ impl Engine {
         let created = published.is_some();
         if let Some(published) = published {
             metrics::counter!("saga_started_total", "saga_type" => request.saga_type).increment(1);
-            self.act(&state, published, effects);
+            self.after_commit.act(&state, published, &effects.finished);
         }
         Ok(Started { saga_id, created })
     }
@@ -334,7 +259,8 @@ impl Engine {
         let count = written.len();
         metrics::counter!("saga_timers_fired_total").increment(count as u64);
         for (change, published) in written {
-            self.act(&change.state, published, change.effects);
+            self.after_commit
+                .act(&change.state, published, &change.effects.finished);
         }
         Ok(count)
     }
@@ -369,7 +295,7 @@ impl Engine {
             // Refusals are checked before anything is written.
             let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
             let mut effects = Effects::default();
-            self.collect(&next, transition, now, &mut effects);
+            self.envelopes.collect(&next, transition, now, &mut effects);
             let change = Change {
                 expected: state.seq,
                 state: next,
@@ -381,7 +307,8 @@ impl Engine {
         }
         .await;
         for (change, published) in self.observe(result)? {
-            self.act(&change.state, published, change.effects);
+            self.after_commit
+                .act(&change.state, published, &change.effects.finished);
         }
         self.get(saga_id).await
     }
@@ -393,7 +320,7 @@ impl Engine {
         let mut ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let (cached, mut locked_ids) = self.cache.get_many(&ids);
+        let (cached, mut locked_ids) = self.after_commit.cache().get_many(&ids);
         if !cached.is_empty() {
             let mut conn = self.store.pool().acquire().await?;
             let fast: Vec<(Uuid, Event)> = events
@@ -418,10 +345,11 @@ impl Engine {
             let (written, stale) = written?;
             drop(conn);
             for (change, published) in written {
-                self.act(&change.state, published, change.effects);
+                self.after_commit
+                    .act(&change.state, published, &change.effects.finished);
             }
             for id in &stale {
-                self.cache.forget(id);
+                self.after_commit.cache().forget(id);
             }
             metrics::counter!("saga_stale_cache_writes_total").increment(stale.len() as u64);
             locked_ids.extend(stale);
@@ -441,7 +369,8 @@ impl Engine {
         let (written, _) = self.write_changes(&mut tx, changes, &[], now).await?;
         tx.commit().await?;
         for (change, published) in written {
-            self.act(&change.state, published, change.effects);
+            self.after_commit
+                .act(&change.state, published, &change.effects.finished);
         }
         Ok(())
     }
@@ -479,13 +408,14 @@ impl Engine {
                 Ok((next, transition)) => match index.get(saga_id) {
                     Some(&i) => {
                         let change = &mut changes[i];
-                        self.collect(&next, transition, now, &mut change.effects);
+                        self.envelopes
+                            .collect(&next, transition, now, &mut change.effects);
                         change.state = next;
                     }
                     None => {
                         let original = states.remove(saga_id).expect("present above");
                         let mut effects = Effects::default();
-                        self.collect(&next, transition, now, &mut effects);
+                        self.envelopes.collect(&next, transition, now, &mut effects);
                         index.insert(*saga_id, changes.len());
                         changes.push(Change {
                             expected: original.seq,
@@ -556,97 +486,6 @@ impl Engine {
         Ok((done, stale))
     }
 
-    /// Turns a transition's actions into outbox rows, history and wake-ups.
-    fn collect(
-        &self,
-        state: &SagaInstance,
-        transition: sagas::Transition,
-        now: DateTime<Utc>,
-        effects: &mut Effects,
-    ) {
-        effects.history.extend(
-            transition
-                .history
-                .into_iter()
-                .map(|entry| (state.id, entry)),
-        );
-        for action in transition.actions {
-            match action {
-                Action::SendCommand(command) => {
-                    let message = CommandMessage {
-                        saga_id: state.id,
-                        saga_type: state.saga_type.clone(),
-                        saga_version: state.version,
-                        step: command.step,
-                        phase: wire_phase(command.phase),
-                        attempt: command.attempt,
-                        participant: command.participant.clone(),
-                        command: command.command,
-                        idempotency_key: command.idempotency_key,
-                        compensates: command.compensates,
-                        payload: command.payload,
-                    };
-                    effects.outbox.push(OutboxMessage {
-                        id: 0,
-                        saga_id: state.id,
-                        message_id: Uuid::new_v4(),
-                        message_type: COMMAND_TYPE.to_owned(),
-                        exchange: self.topology.commands_exchange(),
-                        routing_key: command.participant,
-                        reply_to: Some(self.topology.reply_queue()),
-                        mandatory: true,
-                        body: serde_json::to_vec(&message).expect("commands always serialise"),
-                        attempts: 0,
-                    });
-                }
-                // Tracked from the new state after commit (see `act`).
-                Action::ScheduleTimer { .. } => {}
-                Action::PublishLifecycle { status } => {
-                    let state_name = lifecycle_state(status);
-                    let event = LifecycleEvent {
-                        saga_id: state.id,
-                        saga_type: state.saga_type.clone(),
-                        saga_version: state.version,
-                        state: state_name,
-                        data: state.data.clone(),
-                        error: state.error.clone(),
-                        at: now.to_rfc3339(),
-                    };
-                    effects.outbox.push(OutboxMessage {
-                        id: 0,
-                        saga_id: state.id,
-                        message_id: Uuid::new_v4(),
-                        message_type: LIFECYCLE_EVENT_TYPE.to_owned(),
-                        exchange: self.topology.events_exchange(),
-                        routing_key: amqp::event_routing_key(&state.saga_type, state_name),
-                        reply_to: None,
-                        // Nobody has to listen to lifecycle events.
-                        mandatory: false,
-                        body: serde_json::to_vec(&event).expect("events always serialise"),
-                        attempts: 0,
-                    });
-                }
-                Action::Finish { status } => effects.finished.push(status),
-            }
-        }
-    }
-
-    /// After commit: remember the state, publish, wake watchers, arm
-    /// timers, count.
-    fn act(&self, state: &SagaInstance, published: Vec<OutboxMessage>, effects: Effects) {
-        crate::crash_point!("orchestrator::after_commit_before_publish");
-        self.cache.store(state);
-        self.publisher.publish(published);
-        self.hub.notify(state.id);
-        let next_due = (!state.status.is_terminal())
-            .then(|| state.next_due_at_ms())
-            .flatten();
-        self.timers.track(state.id, next_due);
-        for status in effects.finished {
-            metrics::counter!("saga_finished_total", "status" => status.as_str()).increment(1);
-        }
-    }
-
     /// Mirrors database reachability into health.
     fn observe<T>(&self, result: Result<T, EngineError>) -> Result<T, EngineError> {
         match &result {
@@ -669,4 +508,12 @@ pub fn is_connection_error(error: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
     ) || matches!(error, sqlx::Error::Database(e) if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+impl TimerSweep for Engine {
+    type Error = EngineError;
+
+    async fn fire_due(&self, limit: i64) -> Result<usize, EngineError> {
+        self.fire_due_timers(limit).await
+    }
 }

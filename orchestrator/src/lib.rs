@@ -3,16 +3,21 @@
 //! Layout (the edges around the pure `sagas` machine):
 //! - [`config`], [`telemetry`]: flags/env and logging.
 //! - [`store`]: PostgreSQL tables (sagas, history, outbox), migrations.
+//! - [`app`]: the embedding API ([`Orchestrator::builder`]): wires
+//!   everything and runs it until shutdown.
 //! - [`engine`]: load → apply → persist state + history + outbox in one
-//!   transaction → commit → act. The only writer of saga state; [`cache`]
-//!   keeps the states it drives so a reply costs one statement.
+//!   transaction → commit. The only writer of saga state.
+//! - [`messages`]: the machine's actions as wire messages (exchange,
+//!   routing key, envelope), and replies as machine events.
+//! - [`after_commit`]: what follows a commit: [`cache`] (the states this
+//!   instance drives, so a reply costs one statement), the publisher,
+//!   watch wake-ups, timer wake-ups.
 //! - [`bus`]: RabbitMQ — connection supervision, topology, the confirming
 //!   publisher and the batching reply consumer.
 //! - [`relay`]: republishes outbox rows whose lease ran out.
 //! - [`timers`]: fires due step timers stored with the sagas.
 //! - [`watch`]: cross-instance history notifications for `WatchSaga`.
 //! - [`api`]: the gRPC service; [`health`]: what health reports.
-//! - [`app`]: wires everything and runs it until shutdown.
 //!
 //! Crash points (feature `failpoints`): `orchestrator::after_commit_before_publish`,
 //! `orchestrator::after_publish_before_outbox_delete`,
@@ -35,6 +40,7 @@ macro_rules! crash_point {
     };
 }
 
+pub mod after_commit;
 pub mod api;
 pub mod app;
 pub mod bus;
@@ -42,6 +48,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod health;
+pub mod messages;
 pub mod relay;
 pub mod starts;
 pub mod store;

@@ -3,21 +3,37 @@
 //! queue was bound for them yet. Claims rows with `FOR UPDATE SKIP LOCKED`
 //! (re-leasing them) so several instances never publish the same row at once.
 
+use sagas::errors::Chain;
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{bus::publisher::Publisher, engine::Engine, health::Health, store::outbox};
+use tokio::sync::Notify;
+
+use crate::{bus::publisher::Publisher, health::Health, store::Store};
 
 /// Rows claimed per round.
 const BATCH: i64 = 500;
 
-/// Runs until `shutdown`: every `interval`, and whenever the engine asks.
+/// Asks the relay to run now (cheap to clone): after a broker reconnect,
+/// rows whose lease ran out while it was down go out at once.
+#[derive(Debug, Clone, Default)]
+pub struct Kick(Arc<Notify>);
+
+impl Kick {
+    /// Runs the relay as soon as it is free.
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Runs until `shutdown`: every `interval`, and whenever kicked.
 pub async fn run(
-    engine: Arc<Engine>,
+    store: Store,
     publisher: Publisher,
     health: Health,
+    kick: Kick,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -25,13 +41,13 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
-            () = engine.relay_requested() => {}
+            () = kick.0.notified() => {}
         }
         if !health.broker_up() {
             continue;
         }
         loop {
-            match outbox::claim_expired(engine.store().pool(), Utc::now(), BATCH).await {
+            match store.claim_expired_outbox(Utc::now(), BATCH).await {
                 Ok(rows) => {
                     let claimed = rows.len() as i64;
                     if claimed > 0 {
@@ -44,7 +60,7 @@ pub async fn run(
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "outbox relay could not read the outbox");
+                    tracing::warn!(error = %Chain(&error), "outbox relay could not read the outbox");
                     break;
                 }
             }

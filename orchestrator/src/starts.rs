@@ -9,6 +9,7 @@
 //! A group that fails is written again one start at a time, so one start's
 //! error never becomes another's.
 
+use sagas::errors::Chain;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -114,7 +115,7 @@ async fn write_group(pool: &PgPool, mut group: Vec<Pending>) {
             answer.send(Err(error)).ok();
         }
         Err(error) => {
-            tracing::warn!(%error, starts = group.len(), "group start failed; writing each start alone");
+            tracing::warn!(error = %Chain(&error), starts = group.len(), "group start failed; writing each start alone");
             for Pending { row, answer } in group {
                 let written = write_rows(pool, &[&row]).await.map(|i| i.take(row));
                 answer.send(written).ok();

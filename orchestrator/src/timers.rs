@@ -23,8 +23,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::engine::Engine;
-
 /// Sagas handled per sweep transaction.
 const SWEEP_BATCH: i64 = 200;
 
@@ -141,9 +139,19 @@ impl Default for TimerSettings {
     }
 }
 
+/// What the loop fires timers with (the engine), so that this module does
+/// not depend on it.
+pub trait TimerSweep: Send + Sync + 'static {
+    /// Why a sweep failed.
+    type Error: std::error::Error + 'static;
+    /// Fires the timers of up to `limit` due sagas; returns how many sagas
+    /// it handled.
+    fn fire_due(&self, limit: i64) -> impl Future<Output = Result<usize, Self::Error>> + Send;
+}
+
 /// Runs until `shutdown`.
-pub async fn run(
-    engine: Arc<Engine>,
+pub async fn run<S: TimerSweep>(
+    engine: Arc<S>,
     wakeups: TimerWakeups,
     settings: TimerSettings,
     shutdown: CancellationToken,
@@ -160,11 +168,11 @@ pub async fn run(
         }
         wakeups.forget_until(chrono::Utc::now().timestamp_millis());
         loop {
-            match engine.fire_due_timers(SWEEP_BATCH).await {
+            match engine.fire_due(SWEEP_BATCH).await {
                 Ok(n) if n as i64 == SWEEP_BATCH => continue,
                 Ok(_) => break,
                 Err(error) => {
-                    tracing::warn!(%error, "timer sweep failed; will retry");
+                    tracing::warn!(error = %sagas::errors::Chain(&error), "timer sweep failed; will retry");
                     break;
                 }
             }

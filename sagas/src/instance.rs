@@ -7,6 +7,19 @@ use uuid::Uuid;
 
 use crate::definition::Flow;
 
+/// A timer came due.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerFired {
+    /// The step that set it.
+    pub step: String,
+    /// Action or compensation.
+    pub phase: Phase,
+    /// The attempt it belongs to (see [`Wait::attempt`]).
+    pub attempt: u32,
+    /// Reply timeout or retry backoff.
+    pub kind: TimerKind,
+}
+
 /// Whether a command performs a step's action or undoes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -265,7 +278,7 @@ impl SagaInstance {
     }
 
     /// The timer events due at `now_ms`, earliest first.
-    pub fn due_timers(&self, now_ms: i64) -> Vec<crate::machine::TimerFired> {
+    pub fn due_timers(&self, now_ms: i64) -> Vec<TimerFired> {
         let mut due: Vec<_> = self
             .steps
             .iter()
@@ -274,7 +287,7 @@ impl SagaInstance {
                 (w.due_at_ms <= now_ms).then(|| {
                     (
                         w.due_at_ms,
-                        crate::machine::TimerFired {
+                        TimerFired {
                             step: s.name.clone(),
                             phase: w.phase,
                             attempt: w.attempt,

@@ -11,7 +11,7 @@
 //!   Events in (started, reply, timer, cancel, operator retry); new state,
 //!   [`Action`]s (send command, schedule timer, publish lifecycle event,
 //!   finish) and history entries out. Time and jitter come in with [`Context`].
-//! - [`contract`]: typed contracts (participant, command, payload, reply)
+//! - [`contract`](mod@contract): typed contracts (participant, command, payload, reply)
 //!   shared by a flow's steps and the participants' handlers.
 //! - [`names`]: saga types, steps, participants, commands and namespaces,
 //!   each a newtype parsed once by one rule.
@@ -21,6 +21,7 @@
 pub mod catalog;
 pub mod contract;
 pub mod definition;
+pub mod errors;
 pub mod flows;
 pub mod instance;
 pub mod machine;
@@ -32,9 +33,9 @@ pub use definition::{
     StepKind,
 };
 pub use instance::{
-    Direction, Phase, SagaInstance, SagaStatus, StepRecord, StepStatus, TimerKind, Wait,
+    Direction, Phase, SagaInstance, SagaStatus, StepRecord, StepStatus, TimerFired, TimerKind, Wait,
 };
 pub use machine::{
     Action, Command, Context, Event, HistoryEntry, HistoryKind, Outcome, Refused, Reply,
-    TimerFired, Transition, apply, start,
+    Transition, apply, start,
 };

@@ -30,7 +30,9 @@ use uuid::Uuid;
 
 use crate::{
     definition::{Flow, StepKind},
-    instance::{Direction, Phase, SagaInstance, SagaStatus, StepStatus, TimerKind, Wait},
+    instance::{
+        Direction, Phase, SagaInstance, SagaStatus, StepStatus, TimerFired, TimerKind, Wait,
+    },
 };
 
 /// The outside world's contribution to a transition.
@@ -64,19 +66,6 @@ pub struct Reply {
     pub attempt: u32,
     /// What happened.
     pub outcome: Outcome,
-}
-
-/// A timer came due.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimerFired {
-    /// The step that set it.
-    pub step: String,
-    /// Action or compensation.
-    pub phase: Phase,
-    /// The attempt it belongs to (see [`Wait::attempt`]).
-    pub attempt: u32,
-    /// Reply timeout or retry backoff.
-    pub kind: TimerKind,
 }
 
 /// Everything that can happen to a saga.

@@ -1,7 +1,7 @@
 //! Test harness of saga-orchestrator's integration and failure-injection
 //! suites (the suites themselves are in `tests/suite`).
 //!
-//! - [`env`]: a private namespace and databases per test, removed afterwards.
+//! - [`env`](mod@env): a private namespace and databases per test, removed afterwards.
 //! - [`app`]: an in-process orchestrator on port 0 with a gRPC client and
 //!   helpers such as [`app::TestApp::wait_for_state`].
 //! - [`ledgers`]: typed reads of the demo participants' databases (stock,

@@ -4,6 +4,7 @@
 //! transaction committed. An undecodable reply is rejected without requeue,
 //! so the queue dead-letters it, and counted; it never blocks the queue.
 
+use sagas::errors::Chain;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -17,7 +18,7 @@ use lapin::{
 use saga_proto::amqp::ReplyMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 
 /// Consumes `queue` until `shutdown` (after finishing and acknowledging the
 /// batches in hand) or until the channel breaks. Up to `workers` batches are
@@ -188,7 +189,7 @@ async fn apply_until_committed(
                 .without_max_times(),
         )
         .when(|_| !shutdown.is_cancelled())
-        .notify(|error, delay| tracing::warn!(%error, retry_in = ?delay, "could not apply replies; retrying"))
+        .notify(|error: &EngineError, delay| tracing::warn!(error = %Chain(error), retry_in = ?delay, "could not apply replies; retrying"))
         .await
         .is_ok()
 }

@@ -20,7 +20,7 @@ use lapin::{Connection, ConnectionProperties};
 use saga_proto::amqp::{Topology, declare};
 use tokio_util::sync::CancellationToken;
 
-use crate::{engine::Engine, health::Health};
+use crate::{engine::Engine, health::Health, relay::Kick};
 
 /// Settings of the RabbitMQ edge.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ enum ConnectError {
 }
 
 /// Connects with exponential backoff (100 ms doubling to
-/// [`MAX_RECONNECT_DELAY`], jittered) until it succeeds or `shutdown` fires.
+/// `MAX_RECONNECT_DELAY`, jittered) until it succeeds or `shutdown` fires.
 pub async fn connect(url: &str, shutdown: &CancellationToken) -> Option<Connection> {
     let attempt = || async {
         tokio::time::timeout(
@@ -92,6 +92,7 @@ pub async fn run(
     engine: Arc<Engine>,
     mut outgoing: publisher::Outgoing,
     health: Health,
+    kick: Kick,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
@@ -104,6 +105,7 @@ pub async fn run(
             &engine,
             &mut outgoing,
             &health,
+            &kick,
             &shutdown,
         )
         .await
@@ -125,6 +127,7 @@ async fn serve_connection(
     engine: &Arc<Engine>,
     outgoing: &mut publisher::Outgoing,
     health: &Health,
+    kick: &Kick,
     shutdown: &CancellationToken,
 ) -> lapin::Result<()> {
     let setup = connection.create_channel().await?;
@@ -136,7 +139,8 @@ async fn serve_connection(
         namespace = settings.topology.namespace(),
         "connected to RabbitMQ"
     );
-    engine.relay_now();
+    // Rows whose lease ran out while the broker was away go out now.
+    kick.now();
 
     // The consumer stops first on shutdown; the publisher then flushes.
     let consumer_done = CancellationToken::new();

@@ -4,6 +4,7 @@
 //! pushed back in the outbox with a growing delay and a warning, never
 //! dropped.
 
+use sagas::errors::Chain;
 use std::time::Duration;
 
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -184,7 +185,7 @@ fn settle(
             let reason = format!("{} {}", returned.reply_code, returned.reply_text);
             tokio::spawn(async move {
                 if let Err(error) = outbox::defer(store.pool(), message.id, delay, &reason).await {
-                    tracing::warn!(%error, "could not defer an unroutable message; the relay will retry it");
+                    tracing::warn!(error = %Chain(&error), "could not defer an unroutable message; the relay will retry it");
                 }
             });
         }
@@ -234,7 +235,7 @@ async fn delete_confirmed(store: Store, stop: CancellationToken) {
                 // The rows stay: the next transition or deletion takes them
                 // again; if none does before their lease runs out, the relay
                 // publishes them again, which receivers de-duplicate.
-                tracing::warn!(%error, count = ids.len(), "could not delete confirmed outbox rows");
+                tracing::warn!(error = %Chain(&error), count = ids.len(), "could not delete confirmed outbox rows");
                 store.confirmed().put_back(ids);
                 break;
             }

@@ -18,6 +18,8 @@ pub mod transition;
 
 use std::{str::FromStr, time::Duration};
 
+use uuid::Uuid;
+
 use sqlx::{
     ConnectOptions, PgPool, Postgres,
     migrate::MigrateDatabase,
@@ -28,16 +30,16 @@ use sqlx::{
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached or a statement failed.
-    #[error("database error: {0}")]
+    #[error("database error")]
     Database(#[from] sqlx::Error),
     /// The schema could not be brought up to date.
-    #[error("database migration failed: {0}")]
+    #[error("database migration failed")]
     Migration(#[from] sqlx::migrate::MigrateError),
     /// A stored status is not one the model knows (a bug or a manual edit).
     #[error("unknown saga status {0:?} in the database")]
     UnknownStatus(String),
     /// A stored saga state could not be decoded (a bug or a manual edit).
-    #[error("saga {id}: stored state is unreadable: {source}")]
+    #[error("saga {id}: stored state is unreadable")]
     CorruptState {
         /// The saga.
         id: uuid::Uuid,
@@ -107,6 +109,60 @@ impl Store {
     /// Closes every connection.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Sagas newest first, filtered by type and status, after `cursor`.
+    pub async fn list_sagas(
+        &self,
+        saga_type: Option<&str>,
+        status: Option<::sagas::SagaStatus>,
+        cursor: Option<sagas::Cursor>,
+        limit: i64,
+    ) -> Result<Vec<sagas::SagaRecord>, StoreError> {
+        sagas::list(&self.pool, saga_type, status, cursor, limit).await
+    }
+
+    /// Registers a `WatchSaga` stream, so transitions of the saga NOTIFY.
+    pub async fn add_watcher(&self, saga_id: Uuid, watcher_id: Uuid) -> Result<(), StoreError> {
+        history::watch(&self.pool, saga_id, watcher_id).await
+    }
+
+    /// Removes a `WatchSaga` stream's registration.
+    pub async fn remove_watcher(&self, saga_id: Uuid, watcher_id: Uuid) -> Result<(), StoreError> {
+        history::unwatch(&self.pool, saga_id, watcher_id).await
+    }
+
+    /// A saga's history rows after `after_seq`, in order.
+    pub async fn history_since(
+        &self,
+        saga_id: Uuid,
+        after_seq: i64,
+    ) -> Result<Vec<history::HistoryRow>, StoreError> {
+        history::since(&self.pool, saga_id, after_seq).await
+    }
+
+    /// Leases up to `limit` outbox rows whose lease ran out (for the relay).
+    pub async fn claim_expired_outbox(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: i64,
+    ) -> Result<Vec<outbox::OutboxMessage>, StoreError> {
+        outbox::claim_expired(&self.pool, now, limit).await
+    }
+
+    /// The (type, version) of every saga that can still move (running,
+    /// compensating, or failed and retriable), so a start can refuse to run
+    /// without the flow versions they need.
+    pub async fn flows_in_use(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT DISTINCT saga_type, version FROM sagas WHERE status IN ('running', 'compensating', 'failed')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, version)| (name, version as u32))
+            .collect())
     }
 }
 

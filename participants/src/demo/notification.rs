@@ -5,7 +5,7 @@
 //! ([`ParticipantBuilder::subscribe`](crate::kit::ParticipantBuilder::subscribe)):
 //! the kit declares the topic exchange `<ns>.events` and the quorum queue
 //! `<ns>.notification.lifecycle` bound with `order_placement.*`, and hands
-//! each batch of events to [`record`] in one transaction. Each
+//! each batch of events to `record` in one transaction. Each
 //! [`LifecycleEvent`] becomes one row of `notifications`, unique on
 //! (saga_id, state), so a redelivered event is recorded once. Undecodable
 //! events are dead-lettered and counted as poison.

@@ -228,14 +228,7 @@ impl HandlerError {
     /// The text of a passing failure for the `transient_error` reply: the
     /// error and every cause, once each.
     pub(crate) fn transient_reason(&self) -> String {
-        let mut reason = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            reason.push_str(": ");
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        reason
+        sagas::errors::Chain(self).to_string()
     }
 }
 

@@ -133,7 +133,7 @@ pub struct OutageRecord {
     pub kind: String,
     /// Which services' roads.
     pub target: String,
-    /// refuse, black_hole or latency <ms>.
+    /// refuse, black_hole or latency `<ms>`.
     pub mode: String,
     /// How long it lasted.
     pub length: Duration,

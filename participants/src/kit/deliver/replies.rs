@@ -49,10 +49,7 @@ impl PublishError {
     /// The error and its cause, once each, for logs and the outbox's
     /// `last_error`.
     pub(crate) fn with_cause(&self) -> String {
-        match self {
-            Self::Amqp(cause) => format!("{self}: {cause}"),
-            _ => self.to_string(),
-        }
+        sagas::errors::Chain(self).to_string()
     }
 }
 

@@ -397,20 +397,12 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        config: Config,
-    }
 
     fn config() -> Config {
         // An address nothing listens on: the checks below must refuse
         // before anything is connected to.
-        Cli::parse_from(["x", "--database-url", "postgres://nobody@127.0.0.1:1/none"]).config
+        Config::from_args(["--database-url", "postgres://nobody@127.0.0.1:1/none"]).unwrap()
     }
 
     #[tokio::test]

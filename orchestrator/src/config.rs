@@ -119,21 +119,13 @@ fn parse_namespace(text: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        config: Config,
-    }
 
     #[test]
     fn defaults_parse_and_bad_values_name_the_flag() {
-        let cli = Cli::try_parse_from(["x"]).unwrap();
-        assert_eq!(cli.config.namespace, "saga");
-        assert_eq!(cli.config.grpc_addr.port(), 50051);
+        let config = Config::from_args(Vec::<String>::new()).unwrap();
+        assert_eq!(config.namespace, "saga");
+        assert_eq!(config.grpc_addr.port(), 50051);
         for (flag, value) in [
             ("--namespace", "Bad Name"),
             ("--grpc-addr", "nowhere"),
@@ -142,10 +134,7 @@ mod tests {
             ("--database-url", "mysql://x"),
             ("--db-max-connections", "0"),
         ] {
-            let error = Cli::try_parse_from(["x", flag, value])
-                .err()
-                .unwrap()
-                .to_string();
+            let error = Config::from_args([flag, value]).err().unwrap().to_string();
             assert!(error.contains(flag), "{flag}: {error}");
         }
     }

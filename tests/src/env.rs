@@ -2,10 +2,7 @@
 //! databases named after it, all removed when the [`TestEnv`] is dropped,
 //! even if the test panicked.
 
-use lapin::{
-    Connection, ConnectionProperties,
-    options::{ExchangeDeleteOptions, QueueDeleteOptions},
-};
+use lapin::{Connection, ConnectionProperties};
 use uuid::Uuid;
 
 /// PostgreSQL server of the tests (trust auth).
@@ -84,44 +81,23 @@ pub async fn delete_namespace(amqp_url: &str, namespace: &str, extra_queues: Vec
         return;
     };
     let topology = saga_proto::amqp::Topology::new(namespace).unwrap();
-    let mut queues = vec![
-        topology.reply_queue(),
-        topology.dead_letter_queue(),
-        format!("{namespace}.notification.lifecycle"),
-    ];
-    for participant in [
-        "inventory",
-        "payment",
-        "orders",
-        "notification",
-        "echo",
-        "alpha",
-        "beta",
-        "gamma",
-        "delta",
-    ] {
-        queues.push(topology.participant_queue(participant));
-    }
-    queues.extend(extra_queues);
-    for queue in queues {
-        // A failed delete closes the channel; use a fresh one each time.
-        if let Ok(ch) = connection.create_channel().await {
-            let _ = ch
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    for exchange in [
-        topology.commands_exchange(),
-        topology.events_exchange(),
-        topology.dead_letter_exchange(),
-    ] {
-        if let Ok(ch) = connection.create_channel().await {
-            let _ = ch
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
+    saga_proto::amqp::declare::delete_all(
+        &connection,
+        &topology,
+        &[
+            "inventory",
+            "payment",
+            "orders",
+            "echo",
+            "alpha",
+            "beta",
+            "gamma",
+            "delta",
+        ],
+        &["notification"],
+        &extra_queues,
+    )
+    .await;
     let _ = connection.close(200, "bye".into()).await;
 }
 

@@ -6,10 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use orchestrator::{Application, Config, Orchestrator};
@@ -111,28 +108,14 @@ async fn cleanup(namespace: String) {
         return;
     };
     let topology = Topology::new(&namespace).unwrap();
-    let mut queues = vec![topology.reply_queue(), topology.dead_letter_queue()];
-    for participant in ["bookings", "cards", "itinerary"] {
-        queues.push(topology.participant_queue(participant));
-    }
-    for queue in queues {
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    for exchange in [
-        topology.commands_exchange(),
-        topology.events_exchange(),
-        topology.dead_letter_exchange(),
-    ] {
-        if let Ok(channel) = connection.create_channel().await {
-            let _ = channel
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
+    saga_proto::amqp::declare::delete_all(
+        &connection,
+        &topology,
+        &["bookings", "cards", "itinerary"],
+        &[],
+        &[],
+    )
+    .await;
     let _ = connection.close(200, "bye".into()).await;
 }
 

@@ -197,6 +197,46 @@ pub async fn event_subscription(
     .await
 }
 
+/// Deletes everything a deployment in `topology`'s namespace declared: the
+/// reply and dead-letter queues, the queue of each of `participants`, the
+/// subscription queue of each of `subscribers`, `extra_queues`, and the
+/// three exchanges. For tests and for tearing a namespace down; what does
+/// not exist is skipped (each delete runs on a fresh channel, since a
+/// failed one closes its channel).
+pub async fn delete_all(
+    connection: &lapin::Connection,
+    topology: &Topology,
+    participants: &[&str],
+    subscribers: &[&str],
+    extra_queues: &[String],
+) {
+    let mut queues = vec![topology.reply_queue(), topology.dead_letter_queue()];
+    queues.extend(participants.iter().map(|p| topology.participant_queue(p)));
+    queues.extend(subscribers.iter().map(|s| topology.subscription_queue(s)));
+    queues.extend(extra_queues.iter().cloned());
+    for queue in queues {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    for exchange in [
+        topology.commands_exchange(),
+        topology.events_exchange(),
+        topology.dead_letter_exchange(),
+    ] {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .exchange_delete(
+                    exchange.into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,10 @@ use saga_tests::{
 
 use crate::failure_support::{SETTLE, cluster, load, seed};
 
+/// Most orders a load under lost commits starts (at 8/s, longer than any
+/// wait below); it is stopped long before.
+const LOAD_BOUND: usize = 1_500;
+
 /// Waits (bounded) until `count` commits were cut on `node`'s database road.
 async fn wait_commits_cut(node: &Node, count: u64, within: Duration) {
     let deadline = Instant::now() + within;
@@ -89,7 +93,12 @@ async fn retry_start(
 #[tokio::test]
 async fn orchestrator_commits_lost_under_load_change_nothing() {
     let (_permit, mut cluster) = cluster(ClusterOptions::default()).await;
-    let load = load(&cluster, 40, 8.0, seed("orchestrator commits lost"));
+    // The load must outlast the faults: each cut waits for statements the
+    // load causes (a bounded load of 40 could be done, or nearly, before
+    // the third start is cut, and the wait below then never ends). It is
+    // stopped once 40 orders started and every cut happened; the bound
+    // only keeps it finite.
+    let load = load(&cluster, LOAD_BOUND, 8.0, seed("orchestrator commits lost"));
     assert!(load.wait_started(5, Duration::from_secs(30)).await);
     // Reply batches and timer sweeps (explicit transactions), whichever
     // commits next, then saga starts (one autocommit statement each).
@@ -110,7 +119,8 @@ async fn orchestrator_commits_lost_under_load_change_nothing() {
 #[tokio::test]
 async fn participant_commits_lost_under_load_change_nothing() {
     let (_permit, mut cluster) = cluster(ClusterOptions::default()).await;
-    let load = load(&cluster, 40, 8.0, seed("participant commits lost"));
+    // As above: the load outlasts the faults and is stopped after them.
+    let load = load(&cluster, LOAD_BOUND, 8.0, seed("participant commits lost"));
     assert!(load.wait_started(5, Duration::from_secs(30)).await);
     let targets: Vec<usize> = [Service::Inventory, Service::Payment, Service::Orders]
         .iter()

@@ -113,7 +113,9 @@ impl EventRecorder {
                     .with_max_delay(Duration::from_secs(5))
                     .with_max_times(8),
             )
-            // A refusal is the handler's final word on this batch.
+            // A refusal is not retried in place: the deliveries are
+            // requeued, and a batch refused every time ends in the dead
+            // letters at the queue's delivery limit.
             .when(|e| !matches!(e, HandlerError::Rejected(_)))
             .notify(|e, wait| tracing::warn!(participant = %self.name, error = %e.transient_reason(), retry_in = ?wait, "cannot record events"))
             .await?;

@@ -61,10 +61,15 @@ impl Env {
             .expect("the orchestrator starts")
     }
 
+    fn services(&self) -> ServicesConfig {
+        ServicesConfig::new(AMQP_URL, &self.namespace, &format!("{POSTGRES}/postgres")).unwrap()
+    }
+
     async fn participants(&self) {
-        let config =
-            ServicesConfig::new(AMQP_URL, &self.namespace, &format!("{POSTGRES}/postgres"))
-                .unwrap();
+        self.start_participants(self.services()).await;
+    }
+
+    async fn start_participants(&self, config: ServicesConfig) {
         services::start(&config, self.shutdown.clone())
             .await
             .expect("the participants start");
@@ -320,6 +325,44 @@ async fn a_declined_card_cancels_every_reservation_and_charges_nothing() {
         .await
         .unwrap();
     assert_eq!(itineraries, 0);
+    env.shutdown.cancel();
+    app.run_until_stopped().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_above_the_configured_card_limit_is_refused_and_the_trip_compensates() {
+    let env = Env::new();
+    let app = env.orchestrator(env.shutdown.clone()).await;
+    // The limit is the cards handler's state: one below this trip's total.
+    let flight = 2 * bookings::SEAT_CENTS;
+    let hotel = 3 * bookings::NIGHT_CENTS;
+    let car = 4 * bookings::CAR_DAY_CENTS;
+    let mut config = env.services();
+    config.card_policy.limit_cents = flight + hotel + car - 1;
+    env.start_participants(config).await;
+    let mut client = client(&app).await;
+
+    let saga_id = start(&mut client, 2, trip("t-5", "visa-5")).await;
+    let saga = finished(&mut client, &saga_id).await;
+    assert_eq!(saga.state(), SagaState::Compensated, "{saga:?}");
+    assert!(
+        saga.error
+            .contains(&format!("outside 1..={}", flight + hotel + car - 1)),
+        "{}",
+        saga.error
+    );
+    let booked = env.database("bookings").await;
+    assert!(
+        bookings_of(&booked, "t-5")
+            .await
+            .iter()
+            .all(|(_, status, _)| status == "cancelled")
+    );
+    assert!(
+        charges(&env.database("cards").await, "t-5")
+            .await
+            .is_empty()
+    );
     env.shutdown.cancel();
     app.run_until_stopped().await;
 }

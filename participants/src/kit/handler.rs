@@ -267,6 +267,38 @@ where
     }
 }
 
+/// A handler with shared state: an `async fn(&S, &Tx, Command<P>) ->
+/// Result<R, E>`, registered with
+/// [`ParticipantBuilder::action_with`](super::ParticipantBuilder::action_with)
+/// together with the state (a client, settings, a cache) every call gets.
+pub trait HandlerWith<'a, S, P>: Send + Sync + 'static {
+    /// The success reply (the reply's `data`).
+    type Reply: Serialize;
+    /// The handler's own error type.
+    type Error: Into<HandlerError>;
+    /// The handler's future.
+    type Future: Future<Output = Result<Self::Reply, Self::Error>> + Send + 'a;
+    /// Handles one command.
+    fn call(&self, state: &'a S, tx: &'a Tx, command: Command<P>) -> Self::Future;
+}
+
+impl<'a, S, P, F, Fut, R, E> HandlerWith<'a, S, P> for F
+where
+    S: 'a,
+    F: Fn(&'a S, &'a Tx, Command<P>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'a,
+    R: Serialize,
+    E: Into<HandlerError>,
+{
+    type Reply = R;
+    type Error = E;
+    type Future = Fut;
+
+    fn call(&self, state: &'a S, tx: &'a Tx, command: Command<P>) -> Fut {
+        self(state, tx, command)
+    }
+}
+
 /// A handler with its payload and reply types erased. Decoding the payload
 /// can fail: the reason becomes a (remembered) rejection.
 pub(crate) type ErasedHandler = Arc<
@@ -293,36 +325,55 @@ where
     Arc::new(f)
 }
 
-/// Erases a typed handler: decodes the payload (naming the failing field),
-/// serializes the reply, and sorts its error into a rejection or a passing
-/// failure.
+/// Decodes the payload of `command` as `P` (naming the failing field).
+fn decode<P: DeserializeOwned>(command: Command<serde_json::Value>) -> Result<Command<P>, String> {
+    let payload: P = serde_path_to_error::deserialize(&command.payload)
+        .map_err(|e| format!("invalid payload: {e}"))?;
+    Ok(Command {
+        message: command.message,
+        payload,
+        action_data: command.action_data,
+    })
+}
+
+/// Serializes a handler's reply, and sorts its error into a (remembered)
+/// rejection or a passing failure.
+fn outcome<R: Serialize, E: Into<HandlerError>>(result: Result<R, E>) -> HandlerResult {
+    match result.map_err(Into::into) {
+        Ok(reply) => Ok(match serde_json::to_value(reply) {
+            Ok(data) => Outcome::Success(data),
+            Err(e) => Outcome::Rejected(format!("reply data could not be serialized: {e}")),
+        }),
+        Err(HandlerError::Rejected(reason)) => Ok(Outcome::Rejected(reason)),
+        Err(passing) => Err(passing),
+    }
+}
+
+/// Erases a typed handler.
 pub(crate) fn erase<P, H>(handler: H) -> ErasedHandler
 where
     P: DeserializeOwned + Send + 'static,
     H: for<'a> Handler<'a, P>,
 {
     erase_with(move |tx, command| {
-        let payload: P = serde_path_to_error::deserialize(&command.payload)
-            .map_err(|e| format!("invalid payload: {e}"))?;
-        let handling = handler.call(
-            tx,
-            Command {
-                message: command.message,
-                payload,
-                action_data: command.action_data,
-            },
-        );
-        Ok(async move {
-            match handling.await.map_err(Into::into) {
-                Ok(reply) => Ok(match serde_json::to_value(reply) {
-                    Ok(data) => Outcome::Success(data),
-                    Err(e) => Outcome::Rejected(format!("reply data could not be serialized: {e}")),
-                }),
-                Err(HandlerError::Rejected(reason)) => Ok(Outcome::Rejected(reason)),
-                Err(passing) => Err(passing),
-            }
-        }
-        .boxed())
+        let handling = handler.call(tx, decode(command)?);
+        Ok(async move { outcome(handling.await) }.boxed())
+    })
+}
+
+/// Erases a typed handler with its state.
+pub(crate) fn erase_with_state<S, P, H>(state: Arc<S>, handler: H) -> ErasedHandler
+where
+    S: Send + Sync + 'static,
+    P: DeserializeOwned + Send + 'static,
+    H: for<'a> HandlerWith<'a, S, P>,
+{
+    let handler = Arc::new(handler);
+    erase_with(move |tx, command| {
+        let command = decode(command)?;
+        let (state, handler) = (state.clone(), handler.clone());
+        // The call borrows the state and the handler held by this future.
+        Ok(async move { outcome(handler.call(&state, tx, command).await) }.boxed())
     })
 }
 

@@ -85,7 +85,7 @@ pub use decide::events::EventHandler;
 pub use deliver::consumer::TimedOut;
 pub use deliver::replies::PublishError;
 pub use faults::{FaultConfig, FaultConfigError, FaultInjector};
-pub use handler::{Command, Handler, HandlerError, Outcome, Tx};
+pub use handler::{Command, Handler, HandlerError, HandlerWith, Outcome, Tx};
 pub use participant::{
     KitError, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, SetupHook,
 };

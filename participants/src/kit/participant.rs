@@ -27,7 +27,7 @@ use super::deliver::commands::CommandService;
 use super::deliver::consumer::{self, ConsumerSettings, DeliveryHandler};
 use super::deliver::events::EventService;
 use super::faults::FaultInjector;
-use super::handler::{Handler, Route, erase};
+use super::handler::{ErasedHandler, Handler, HandlerWith, Route, erase, erase_with_state};
 use super::stats::{Stats, StatsSnapshot};
 
 /// Why a participant could not be built or started.
@@ -123,11 +123,7 @@ impl std::fmt::Debug for ParticipantBuilder {
 }
 
 impl ParticipantBuilder {
-    fn register<C, H>(mut self, phase: Phase, handler: H) -> Self
-    where
-        C: Contract,
-        H: for<'a> Handler<'a, C::Payload, Reply = C::Reply>,
-    {
+    fn register<C: Contract>(mut self, phase: Phase, handler: ErasedHandler) -> Self {
         let refusal = if C::PARTICIPANT != self.name {
             Some(KitError::ForeignContract {
                 participant: self.name.clone(),
@@ -135,10 +131,7 @@ impl ParticipantBuilder {
                 command: C::COMMAND.to_owned(),
             })
         } else {
-            let route = Route {
-                phase,
-                handler: erase(handler),
-            };
+            let route = Route { phase, handler };
             self.routes
                 .insert(C::COMMAND.to_owned(), route)
                 .map(|_| KitError::DuplicateCommand {
@@ -190,7 +183,7 @@ impl ParticipantBuilder {
         self,
         handler: impl for<'a> Handler<'a, C::Payload, Reply = C::Reply>,
     ) -> Self {
-        self.register::<C, _>(Phase::Action, handler)
+        self.register::<C>(Phase::Action, erase(handler))
     }
 
     /// Serves the compensation `C` with `handler` (same shape as
@@ -201,7 +194,53 @@ impl ParticipantBuilder {
         self,
         handler: impl for<'a> Handler<'a, C::Payload, Reply = C::Reply>,
     ) -> Self {
-        self.register::<C, _>(Phase::Compensation, handler)
+        self.register::<C>(Phase::Compensation, erase(handler))
+    }
+
+    /// Serves the action `C` with a handler that also gets `state` (shared
+    /// by every call): an `async fn(&S, &Tx, Command<C::Payload>) ->
+    /// Result<C::Reply, E>`. For what a handler needs beside its
+    /// transaction: a client of another system, settings, a cache.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use participants::kit::{Command, HandlerError, Participant, Tx};
+    /// use sagas::flows::order_placement::contracts::orders::{Confirm, ConfirmPayload, Confirmed};
+    ///
+    /// struct Limits { max_total_cents: u64 }
+    ///
+    /// async fn confirm(limits: &Limits, tx: &Tx, command: Command<ConfirmPayload>) -> Result<Confirmed, HandlerError> {
+    ///     if command.payload.total_cents > limits.max_total_cents {
+    ///         return Err(HandlerError::rejected("total_cents: above the limit"));
+    ///     }
+    ///     sqlx::query("INSERT INTO orders (order_id) VALUES ($1) ON CONFLICT DO NOTHING")
+    ///         .bind(&command.payload.order_id)
+    ///         .execute(tx)
+    ///         .await?;
+    ///     Ok(Confirmed { order_id: command.payload.order_id, status: "confirmed".into() })
+    /// }
+    ///
+    /// let limits = Arc::new(Limits { max_total_cents: 1_000_000 });
+    /// let orders = Participant::builder("orders").action_with::<Confirm, _>(limits, confirm).build()?;
+    /// # Ok::<(), participants::kit::KitError>(())
+    /// ```
+    pub fn action_with<C: Action, S: Send + Sync + 'static>(
+        self,
+        state: Arc<S>,
+        handler: impl for<'a> HandlerWith<'a, S, C::Payload, Reply = C::Reply>,
+    ) -> Self {
+        self.register::<C>(Phase::Action, erase_with_state(state, handler))
+    }
+
+    /// Serves the compensation `C` with a handler that also gets `state`
+    /// (see [`action_with`](Self::action_with) and
+    /// [`compensation`](Self::compensation)).
+    pub fn compensation_with<C: Compensation, S: Send + Sync + 'static>(
+        self,
+        state: Arc<S>,
+        handler: impl for<'a> HandlerWith<'a, S, C::Payload, Reply = C::Reply>,
+    ) -> Self {
+        self.register::<C>(Phase::Compensation, erase_with_state(state, handler))
     }
 
     /// Subscribes to saga lifecycle events whose routing key

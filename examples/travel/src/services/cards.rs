@@ -1,5 +1,8 @@
 //! `cards`: charges a card. A card token starting with `declined` is
-//! refused, and so is a charge above [`LIMIT_CENTS`].
+//! refused, and so is a charge above the configured limit (the handler's
+//! state, [`CardPolicy`]).
+
+use std::sync::Arc;
 
 use participants::kit::{Command, HandlerError, KitError, Participant, Tx};
 use uuid::Uuid;
@@ -8,18 +11,37 @@ use crate::contracts::cards::{Charge, ChargeRequest, Charged};
 
 /// Participant name.
 pub const NAME: &str = "cards";
-/// Largest charge a card takes.
-pub const LIMIT_CENTS: u64 = 5_000_000;
+/// Largest charge a card takes unless configured otherwise.
+pub const DEFAULT_LIMIT_CENTS: u64 = 5_000_000;
 
-/// The cards participant.
-pub fn participant() -> Result<Participant, KitError> {
+/// What the card gateway accepts: settings every charge reads.
+#[derive(Debug, Clone)]
+pub struct CardPolicy {
+    /// Largest charge.
+    pub limit_cents: u64,
+}
+
+impl Default for CardPolicy {
+    fn default() -> Self {
+        Self {
+            limit_cents: DEFAULT_LIMIT_CENTS,
+        }
+    }
+}
+
+/// The cards participant, charging under `policy`.
+pub fn participant(policy: CardPolicy) -> Result<Participant, KitError> {
     Participant::builder(NAME)
         .migrations(sqlx::migrate!("migrations/cards"))
-        .action::<Charge>(charge)
+        .action_with::<Charge, _>(Arc::new(policy), charge)
         .build()
 }
 
-async fn charge(tx: &Tx, command: Command<ChargeRequest>) -> Result<Charged, HandlerError> {
+async fn charge(
+    policy: &CardPolicy,
+    tx: &Tx,
+    command: Command<ChargeRequest>,
+) -> Result<Charged, HandlerError> {
     let p = &command.payload;
     if p.card.starts_with("declined") {
         return Err(HandlerError::rejected(format!(
@@ -27,10 +49,10 @@ async fn charge(tx: &Tx, command: Command<ChargeRequest>) -> Result<Charged, Han
             p.card
         )));
     }
-    if p.amount_cents == 0 || p.amount_cents > LIMIT_CENTS {
+    if p.amount_cents == 0 || p.amount_cents > policy.limit_cents {
         return Err(HandlerError::rejected(format!(
-            "amount_cents: {} is outside 1..={LIMIT_CENTS}",
-            p.amount_cents
+            "amount_cents: {} is outside 1..={}",
+            p.amount_cents, policy.limit_cents
         )));
     }
     let charge_id = Uuid::now_v7();
@@ -43,7 +65,7 @@ async fn charge(tx: &Tx, command: Command<ChargeRequest>) -> Result<Charged, Han
     .bind(command.saga_id())
     .bind(&p.trip_id)
     .bind(&p.card)
-    .bind(p.amount_cents as i64)
+    .bind(i64::try_from(p.amount_cents).unwrap_or(i64::MAX))
     .execute(tx)
     .await?;
     Ok(Charged {

@@ -26,6 +26,8 @@ pub struct ServicesConfig {
     pub database_prefix: String,
     /// Most connections of each participant's pool.
     pub max_connections: u32,
+    /// What the card gateway accepts.
+    pub card_policy: cards::CardPolicy,
 }
 
 /// Why the participants could not start.
@@ -59,6 +61,7 @@ impl ServicesConfig {
             postgres: PgConnectOptions::from_str(postgres_url).map_err(ServicesError::Url)?,
             database_prefix: format!("{namespace}_"),
             max_connections: 3,
+            card_policy: cards::CardPolicy::default(),
         })
     }
 
@@ -82,12 +85,12 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Vec<ParticipantHandle>, ServicesError> {
     let mut handles = Vec::new();
-    for (name, build) in [
-        (bookings::NAME, bookings::participant as fn() -> _),
-        (cards::NAME, cards::participant),
-        (itinerary::NAME, itinerary::participant),
+    for (name, built) in [
+        (bookings::NAME, bookings::participant()),
+        (cards::NAME, cards::participant(config.card_policy.clone())),
+        (itinerary::NAME, itinerary::participant()),
     ] {
-        let started = match build() {
+        let started = match built {
             Ok(participant) => {
                 participant
                     .start(config.participant(name), shutdown.clone())

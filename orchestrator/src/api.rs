@@ -6,7 +6,6 @@
 //! that does not allow it → FAILED_PRECONDITION; database unreachable →
 //! UNAVAILABLE.
 
-use sagas::errors::Chain;
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
@@ -16,7 +15,7 @@ use saga_proto::v1::{
     ListSagasRequest, ListSagasResponse, RetrySagaRequest, StartSagaRequest, StartSagaResponse,
     WatchSagaRequest, saga_service_server::SagaService,
 };
-use sagas::{CatalogError, SagaStatus, StepStatus, names::SagaType};
+use sagas::{CatalogError, SagaStatus, StepStatus, errors::Chain, names::SagaType};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};

@@ -25,12 +25,11 @@
 //! taking calls, the reply consumer finishes and acknowledges its batch, the
 //! publisher flushes and awaits its confirms.
 
-use sagas::errors::Chain;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use saga_proto::v1::{FILE_DESCRIPTOR_SET, saga_service_server::SagaServiceServer};
-use sagas::{Catalog, CatalogError, Flow};
+use sagas::{Catalog, CatalogError, Flow, errors::Chain};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -87,9 +86,10 @@ pub enum StartupError {
 pub struct Orchestrator;
 
 impl Orchestrator {
-    /// Starts describing an orchestrator that runs with `config` (see
-    /// [`Config`]; `Config::parse_from` or the fields directly). Add the
-    /// flows it runs with [`OrchestratorBuilder::flows`].
+    /// Starts describing an orchestrator that runs with `config` (a
+    /// [`Config`] flattened into the service's own command line, or built
+    /// with [`Config::from_args`]). Add the flows it runs with
+    /// [`OrchestratorBuilder::flows`].
     pub fn builder(config: Config) -> OrchestratorBuilder {
         OrchestratorBuilder {
             config,

@@ -3,13 +3,12 @@
 //! queue was bound for them yet. Claims rows with `FOR UPDATE SKIP LOCKED`
 //! (re-leasing them) so several instances never publish the same row at once.
 
-use sagas::errors::Chain;
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
-use tokio_util::sync::CancellationToken;
-
+use sagas::errors::Chain;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::{bus::publisher::Publisher, health::Health, store::Store};
 

@@ -9,10 +9,10 @@
 //! A group that fails is written again one start at a time, so one start's
 //! error never becomes another's.
 
-use sagas::errors::Chain;
 use std::sync::Arc;
 
 use chrono::Utc;
+use sagas::errors::Chain;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 

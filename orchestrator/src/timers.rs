@@ -151,7 +151,7 @@ pub trait TimerSweep: Send + Sync + 'static {
 
 /// Runs until `shutdown`.
 pub async fn run<S: TimerSweep>(
-    engine: Arc<S>,
+    sweep: Arc<S>,
     wakeups: TimerWakeups,
     settings: TimerSettings,
     shutdown: CancellationToken,
@@ -168,7 +168,7 @@ pub async fn run<S: TimerSweep>(
         }
         wakeups.forget_until(chrono::Utc::now().timestamp_millis());
         loop {
-            match engine.fire_due(SWEEP_BATCH).await {
+            match sweep.fire_due(SWEEP_BATCH).await {
                 Ok(n) if n as i64 == SWEEP_BATCH => continue,
                 Ok(_) => break,
                 Err(error) => {

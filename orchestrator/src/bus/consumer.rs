@@ -4,7 +4,6 @@
 //! transaction committed. An undecodable reply is rejected without requeue,
 //! so the queue dead-letters it, and counted; it never blocks the queue.
 
-use sagas::errors::Chain;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -16,6 +15,7 @@ use lapin::{
     types::FieldTable,
 };
 use saga_proto::amqp::ReplyMessage;
+use sagas::errors::Chain;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, EngineError};

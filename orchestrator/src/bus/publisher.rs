@@ -4,7 +4,6 @@
 //! pushed back in the outbox with a growing delay and a warning, never
 //! dropped.
 
-use sagas::errors::Chain;
 use std::time::Duration;
 
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -14,6 +13,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use saga_proto::amqp::{CONTENT_TYPE, TRACEPARENT_HEADER, traceparent};
+use sagas::errors::Chain;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

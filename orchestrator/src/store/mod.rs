@@ -18,13 +18,12 @@ pub mod transition;
 
 use std::{str::FromStr, time::Duration};
 
-use uuid::Uuid;
-
 use sqlx::{
     ConnectOptions, PgPool, Postgres,
     migrate::MigrateDatabase,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
+use uuid::Uuid;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]

@@ -61,22 +61,8 @@ impl CommandService {
 
     /// Decodes a delivery; an undecodable one is dead-lettered (`None`).
     async fn accept(&self, delivery: Delivery) -> Option<(Acker, Received)> {
-        let message: CommandMessage = match serde_json::from_slice(&delivery.data) {
-            Ok(message) => message,
-            Err(e) => {
-                bump(
-                    &self.stats.poison,
-                    &self.name,
-                    "participant_poison_messages_total",
-                    1,
-                );
-                tracing::warn!(participant = %self.name, error = %e, bytes = delivery.data.len(), "undecodable command: dead-lettering it");
-                if let Err(e) = consumer::settle(&delivery.acker, Settle::DeadLetter).await {
-                    tracing::warn!(participant = %self.name, error = %e, "could not reject a poison message; it comes back");
-                }
-                return None;
-            }
-        };
+        let message: CommandMessage =
+            consumer::decode_or_dead_letter(&delivery, &self.name, &self.stats, "command").await?;
         let reply_to = delivery
             .properties
             .reply_to()

@@ -38,6 +38,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::kit::stats::{Stats, bump};
+
 /// What a consumer does with its queue.
 pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     /// Name for logs and the consumer tag.
@@ -175,6 +177,34 @@ pub(crate) async fn settle(acker: &Acker, how: Settle) -> Result<(), SettleError
     };
     settled??;
     Ok(())
+}
+
+/// Decodes a delivery's JSON body as `T`. A body that does not decode is
+/// poison: counted (`participant_poison_messages_total`), rejected without
+/// requeue so the quorum queue dead-letters it, and `None` is returned.
+/// `what` names the message in the warning ("command", "lifecycle event").
+pub(crate) async fn decode_or_dead_letter<T: serde::de::DeserializeOwned>(
+    delivery: &Delivery,
+    participant: &str,
+    stats: &Stats,
+    what: &'static str,
+) -> Option<T> {
+    match serde_json::from_slice(&delivery.data) {
+        Ok(decoded) => Some(decoded),
+        Err(e) => {
+            bump(
+                &stats.poison,
+                participant,
+                "participant_poison_messages_total",
+                1,
+            );
+            tracing::warn!(%participant, error = %e, bytes = delivery.data.len(), "undecodable {what}: dead-lettering it");
+            if let Err(e) = settle(&delivery.acker, Settle::DeadLetter).await {
+                tracing::warn!(%participant, error = %e, "could not reject a poison message; it comes back");
+            }
+            None
+        }
+    }
 }
 
 /// How a session ended.

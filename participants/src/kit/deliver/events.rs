@@ -10,9 +10,9 @@ use saga_proto::amqp::{LifecycleEvent, Topology};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::{DeliveryHandler, Settle, settle};
+use super::consumer::{DeliveryHandler, Settle, decode_or_dead_letter, settle};
 use crate::kit::decide::events::EventRecorder;
-use crate::kit::stats::{Stats, bump};
+use crate::kit::stats::Stats;
 use crate::kit::topology;
 
 /// An event subscription, broker side.
@@ -75,21 +75,11 @@ impl DeliveryHandler for EventService {
         let mut events = Vec::with_capacity(deliveries.len());
         let mut ackers = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            match serde_json::from_slice::<LifecycleEvent>(&delivery.data) {
-                Ok(event) => {
-                    events.push(event);
-                    ackers.push(delivery.acker);
-                }
-                Err(e) => {
-                    bump(
-                        &self.stats.poison,
-                        &self.name,
-                        "participant_poison_messages_total",
-                        1,
-                    );
-                    tracing::warn!(participant = %self.name, error = %e, "undecodable lifecycle event: dead-lettering it");
-                    settle(&delivery.acker, Settle::DeadLetter).await.ok();
-                }
+            let decoded: Option<LifecycleEvent> =
+                decode_or_dead_letter(&delivery, &self.name, &self.stats, "lifecycle event").await;
+            if let Some(event) = decoded {
+                events.push(event);
+                ackers.push(delivery.acker);
             }
         }
         if events.is_empty() {

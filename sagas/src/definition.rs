@@ -738,16 +738,28 @@ impl<D: SagaData> FlowBuilder<D> {
                 ..
             } in stage
             {
-                let mut step = StepDef {
+                // What the step did not set itself comes from the flow, then
+                // from the built-in defaults.
+                let retry = overrides.retry.unwrap_or_else(|| match draft.kind {
+                    StepKind::Retriable => default_retriable_retry(),
+                    _ => defaults.retry.unwrap_or_else(default_retry),
+                });
+                let step = StepDef {
                     name: StepName::new(draft.name)?,
                     kind: draft.kind,
                     participant: ParticipantName::new(draft.participant)?,
                     command: CommandName::new(draft.command)?,
                     compensation: draft.compensation.map(CommandName::new).transpose()?,
                     stage: stage_index,
-                    timeout: DEFAULT_TIMEOUT,
-                    retry: default_retry(),
-                    compensation_retry: default_compensation_retry(),
+                    timeout: overrides
+                        .timeout
+                        .or(defaults.timeout)
+                        .unwrap_or(DEFAULT_TIMEOUT),
+                    retry,
+                    compensation_retry: overrides
+                        .compensation_retry
+                        .or(defaults.compensation_retry)
+                        .unwrap_or_else(default_compensation_retry),
                     payload: draft.payload,
                     compensation_payload: draft.compensation_payload,
                     fold: draft.fold,
@@ -801,18 +813,6 @@ impl<D: SagaData> FlowBuilder<D> {
                     }
                     (StepKind::Retriable, None) => past_pivot = true,
                 }
-                step.timeout = overrides
-                    .timeout
-                    .or(defaults.timeout)
-                    .unwrap_or(DEFAULT_TIMEOUT);
-                step.retry = overrides.retry.unwrap_or_else(|| match step.kind {
-                    StepKind::Retriable => default_retriable_retry(),
-                    _ => defaults.retry.unwrap_or_else(default_retry),
-                });
-                step.compensation_retry = overrides
-                    .compensation_retry
-                    .or(defaults.compensation_retry)
-                    .unwrap_or_else(default_compensation_retry);
                 indices.push(steps.len());
                 steps.push(step);
             }

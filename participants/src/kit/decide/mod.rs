@@ -24,7 +24,7 @@ use sqlx::PgPool;
 
 use self::barrier::Barrier;
 use self::cleaner::OutboxCleaner;
-pub(crate) use self::outbox::{Lease, PendingReply, Sweep};
+pub(crate) use self::outbox::{Lease, Leased, PendingReply, Sweep};
 use super::faults::FaultInjector;
 use super::handler::{Command, HandlerError, Outcome, Route, Tx};
 use super::stats::{Stats, bump};

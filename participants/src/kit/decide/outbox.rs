@@ -223,8 +223,18 @@ fn relay_backoff(attempts: i32) -> Duration {
 pub(crate) struct Lease {
     /// The transaction holding the row locks.
     tx: Transaction<'static, Postgres>,
-    /// The replies leased, with their failures so far.
-    replies: Vec<(PendingReply, i32)>,
+    /// The replies leased.
+    replies: Vec<Leased>,
+}
+
+/// One leased outbox row.
+pub(crate) struct Leased {
+    /// The row.
+    pub id: i64,
+    /// Its reply.
+    pub reply: PendingReply,
+    /// Failed publishes so far (sets the backoff of the next).
+    pub attempts: i32,
 }
 
 /// Leases up to `batch` rows for a relay pass.
@@ -250,7 +260,11 @@ pub(crate) async fn lease(pool: &PgPool, sweep: Sweep, batch: i64) -> Result<Lea
                 saga_id,
                 body,
             };
-            (reply, attempts)
+            Leased {
+                id,
+                reply,
+                attempts,
+            }
         })
         .collect();
     Ok(Lease { tx, replies })
@@ -259,7 +273,7 @@ pub(crate) async fn lease(pool: &PgPool, sweep: Sweep, batch: i64) -> Result<Lea
 impl Lease {
     /// The replies to publish (taken out; each is then reported with
     /// [`Lease::published`] or [`Lease::failed`]).
-    pub(crate) fn take(&mut self) -> Vec<(PendingReply, i32)> {
+    pub(crate) fn take(&mut self) -> Vec<Leased> {
         std::mem::take(&mut self.replies)
     }
 

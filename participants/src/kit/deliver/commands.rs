@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, DeliveryHandler, Settle};
 use super::replies;
-use crate::kit::decide::{Decider, Decision, PendingReply, Received, Sweep};
+use crate::kit::decide::{Decider, Decision, Leased, PendingReply, Received, Sweep};
 use crate::kit::faults::FaultInjector;
 use crate::kit::stats::{Stats, bump};
 use crate::kit::topology;
@@ -186,8 +186,12 @@ impl CommandService {
     ) -> Result<(usize, usize), Box<dyn std::error::Error + Send + Sync>> {
         let mut lease = self.decider.lease(sweep, RELAY_BATCH).await?;
         let (mut published, mut failed) = (0, 0);
-        for (reply, attempts) in lease.take() {
-            let Some(id) = reply.outbox_id else { continue };
+        for Leased {
+            id,
+            reply,
+            attempts,
+        } in lease.take()
+        {
             match replies::publish(publisher, &reply).await {
                 Ok(()) => {
                     lease.published(id).await?;

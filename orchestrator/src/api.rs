@@ -4,7 +4,10 @@
 //! Error codes: malformed input or id → INVALID_ARGUMENT naming the field;
 //! unknown saga type, version or id → NOT_FOUND; cancel/retry in a state
 //! that does not allow it → FAILED_PRECONDITION; database unreachable →
-//! UNAVAILABLE.
+//! UNAVAILABLE. Authentication and the method's permission are checked
+//! before a request gets here ([`crate::security::layer`]); each call
+//! checks the permission for the saga type it concerns and refuses with
+//! PERMISSION_DENIED before anything is written.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -23,6 +26,7 @@ use uuid::Uuid;
 
 use crate::{
     engine::{Engine, EngineError, StartRequest, is_connection_error},
+    security::{Denied, Permission, Principal, Visible, principal_of},
     store::{
         Store, StoreError,
         history::HistoryRow,
@@ -74,6 +78,21 @@ fn parse_saga_id(text: &str) -> Result<Uuid, Status> {
         return Err(invalid("saga_id", "is not a UUID (too long)"));
     }
     Uuid::parse_str(text).map_err(|_| invalid("saga_id", format!("{text:?} is not a UUID")))
+}
+
+fn denied(denied: Denied) -> Status {
+    Status::permission_denied(denied.to_string())
+}
+
+/// Whether `principal` may do what needs `permission` to `record`'s saga.
+fn check_saga(
+    principal: &Principal,
+    permission: Permission,
+    record: &SagaRecord,
+) -> Result<(), Status> {
+    principal
+        .check(permission, &record.state.saga_type)
+        .map_err(denied)
 }
 
 fn store_status(error: &StoreError) -> Status {
@@ -164,6 +183,7 @@ pub fn saga_view(record: &SagaRecord) -> v1::Saga {
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
         idempotency_key: record.idempotency_key.clone().unwrap_or_default(),
+        started_by: record.started_by.clone().unwrap_or_default(),
     }
 }
 
@@ -176,6 +196,7 @@ fn event_view(row: &HistoryRow) -> v1::SagaEvent {
         state: saga_state(row.status) as i32,
         at: Some(timestamp(row.at)),
         detail: row.detail.clone(),
+        principal: row.principal.clone().unwrap_or_default(),
     }
 }
 
@@ -232,9 +253,13 @@ impl SagaService for SagaApi {
         &self,
         request: Request<StartSagaRequest>,
     ) -> Result<Response<StartSagaResponse>, Status> {
+        let principal = principal_of(&request)?;
         let request = request.into_inner();
         // Parsed here, at the edge, by the one naming rule.
         SagaType::new(request.saga_type.as_str()).map_err(|e| invalid("saga_type", e))?;
+        principal
+            .check(Permission::Start, &request.saga_type)
+            .map_err(denied)?;
         if request.input_json.len() > MAX_INPUT_BYTES {
             return Err(invalid(
                 "input_json",
@@ -253,6 +278,7 @@ impl SagaService for SagaApi {
                 input: request.input_json,
                 idempotency_key: (!request.idempotency_key.is_empty())
                     .then_some(request.idempotency_key),
+                started_by: principal.name().to_owned(),
             })
             .await?;
         Ok(Response::new(StartSagaResponse {
@@ -265,8 +291,10 @@ impl SagaService for SagaApi {
         &self,
         request: Request<GetSagaRequest>,
     ) -> Result<Response<v1::Saga>, Status> {
+        let principal = principal_of(&request)?;
         let id = parse_saga_id(&request.into_inner().saga_id)?;
         let record = self.engine.get(id).await?;
+        check_saga(&principal, Permission::Read, &record)?;
         Ok(Response::new(saga_view(&record)))
     }
 
@@ -274,6 +302,7 @@ impl SagaService for SagaApi {
         &self,
         request: Request<ListSagasRequest>,
     ) -> Result<Response<ListSagasResponse>, Status> {
+        let principal = principal_of(&request)?;
         let request = request.into_inner();
         let status = match v1::SagaState::try_from(request.state) {
             Ok(v1::SagaState::Unspecified) => None,
@@ -300,6 +329,16 @@ impl SagaService for SagaApi {
                 "saga_type: unknown saga type {name:?}"
             )));
         }
+        // A principal limited to some flows sees only their sagas.
+        let saga_types: Option<Vec<String>> = match (saga_type, principal.visible(Permission::Read))
+        {
+            (Some(name), _) => {
+                principal.check(Permission::Read, name).map_err(denied)?;
+                Some(vec![name.to_owned()])
+            }
+            (None, Visible::All) => None,
+            (None, Visible::Only(types)) => Some(types.into_iter().collect()),
+        };
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -308,11 +347,19 @@ impl SagaService for SagaApi {
             "" => None,
             token => Some(decode_token(token)?),
         };
-        let mut records = self
-            .store
-            .list_sagas(saga_type, status, cursor, i64::from(page_size) + 1)
-            .await
-            .map_err(|e| store_status(&e))?;
+        let mut records = if saga_types.as_ref().is_some_and(Vec::is_empty) {
+            Vec::new()
+        } else {
+            self.store
+                .list_sagas(
+                    saga_types.as_deref(),
+                    status,
+                    cursor,
+                    i64::from(page_size) + 1,
+                )
+                .await
+                .map_err(|e| store_status(&e))?
+        };
         let next_page_token = if records.len() > page_size as usize {
             records.truncate(page_size as usize);
             records.last().map(encode_token).unwrap_or_default()
@@ -331,10 +378,12 @@ impl SagaService for SagaApi {
         &self,
         request: Request<WatchSagaRequest>,
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        let principal = principal_of(&request)?;
         let id = parse_saga_id(&request.into_inner().saga_id)?;
         // Subscribe before the first read so nothing falls in between.
         let notifications = self.hub.subscribe();
-        self.engine.get(id).await?;
+        let record = self.engine.get(id).await?;
+        check_saga(&principal, Permission::Read, &record)?;
         let store = self.store.clone();
         let watcher = Uuid::new_v4();
         store
@@ -355,6 +404,7 @@ impl SagaService for SagaApi {
         &self,
         request: Request<CancelSagaRequest>,
     ) -> Result<Response<v1::Saga>, Status> {
+        let principal = principal_of(&request)?;
         let request = request.into_inner();
         let id = parse_saga_id(&request.saga_id)?;
         if request.reason.len() > MAX_REASON_BYTES {
@@ -363,7 +413,13 @@ impl SagaService for SagaApi {
                 format!("must be at most {MAX_REASON_BYTES} bytes"),
             ));
         }
-        let record = self.engine.cancel(id, request.reason).await?;
+        // The type decides the permission; it never changes, so reading it
+        // before the locked write cannot race.
+        check_saga(&principal, Permission::Operate, &self.engine.get(id).await?)?;
+        let record = self
+            .engine
+            .cancel(id, request.reason, principal.name())
+            .await?;
         Ok(Response::new(saga_view(&record)))
     }
 
@@ -371,20 +427,24 @@ impl SagaService for SagaApi {
         &self,
         request: Request<RetrySagaRequest>,
     ) -> Result<Response<v1::Saga>, Status> {
+        let principal = principal_of(&request)?;
         let id = parse_saga_id(&request.into_inner().saga_id)?;
-        let record = self.engine.retry(id).await?;
+        check_saga(&principal, Permission::Operate, &self.engine.get(id).await?)?;
+        let record = self.engine.retry(id, principal.name()).await?;
         Ok(Response::new(saga_view(&record)))
     }
 
     async fn list_saga_types(
         &self,
-        _request: Request<ListSagaTypesRequest>,
+        request: Request<ListSagaTypesRequest>,
     ) -> Result<Response<ListSagaTypesResponse>, Status> {
+        let principal = principal_of(&request)?;
         let saga_types = self
             .engine
             .catalog()
             .list()
             .into_iter()
+            .filter(|(flow, _)| principal.check(Permission::Read, flow.name()).is_ok())
             .map(|(flow, latest)| v1::SagaType {
                 name: flow.name().to_owned(),
                 version: flow.version(),

@@ -45,6 +45,7 @@ use crate::{
     health::Health,
     messages::Envelopes,
     relay,
+    security::{self, ApiSecurity, AuthLayer, SecurityError, size_limit::SizeLimitLayer},
     store::{Store, StoreError},
     timers::{self, TimerSettings, TimerWakeups},
     watch::WatchHub,
@@ -79,6 +80,9 @@ pub enum StartupError {
     /// No flow was registered: the orchestrator would refuse every start.
     #[error("no flows registered: add some with OrchestratorBuilder::flows")]
     NoFlows,
+    /// The API's TLS or access settings are wrong, or would expose it.
+    #[error("cannot secure the gRPC API")]
+    Security(#[from] SecurityError),
 }
 
 /// The entry point of the embedding API: [`Orchestrator::builder`].
@@ -169,6 +173,9 @@ impl Application {
         catalog: Catalog,
         shutdown: CancellationToken,
     ) -> Result<Self, StartupError> {
+        // Checked first: a wrong file or an exposed, open listener stops the
+        // start before anything is connected to or written.
+        let security = ApiSecurity::from_config(&config)?;
         if let Some(addr) = config.metrics_addr {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
@@ -257,28 +264,48 @@ impl Application {
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         tasks.spawn(mirror_health(health.clone(), reporter, shutdown.clone()));
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        // v1alpha too: older grpcurl, Postman and grpcio-reflection speak
+        // only that.
+        let reflection_v1 = reflection()
             .build_v1()
+            .expect("embedded descriptor sets are valid");
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
             .expect("embedded descriptor sets are valid");
         let api = SagaServiceServer::new(SagaApi::new(engine.clone(), store.clone(), hub))
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        let server = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
+            .layer(SizeLimitLayer::new(MAX_GRPC_MESSAGE_BYTES))
+            .layer(AuthLayer::new(security.access.clone()))
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(api)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.clone().cancelled_owned(),
-            );
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(api);
+        let stopped = shutdown.clone().cancelled_owned();
+        let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match &security.tls {
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                security::tls::incoming(listener, tls.clone(), shutdown.clone()),
+                stopped,
+            )),
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped),
+            ),
+        };
         tasks.spawn(async move {
             if let Err(error) = server.await {
                 tracing::error!(error = %Chain(&error), "gRPC server failed");
             }
         });
+        let tls = security.tls.is_some();
+        let auth = security.access.is_on();
+        tasks.spawn(security.run(shutdown.clone()));
         tasks.close();
-        tracing::info!(%grpc_addr, namespace = %config.namespace, "orchestrator started");
+        tracing::info!(%grpc_addr, tls, auth, namespace = %config.namespace, "orchestrator started");
         Ok(Self {
             grpc_addr,
             shutdown,

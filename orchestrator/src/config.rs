@@ -1,7 +1,7 @@
 //! Configuration: flags with environment fallbacks, validated once at start.
 //! A bad value fails fast with a message naming the flag and variable.
 
-use std::{net::SocketAddr, str::FromStr};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr};
 
 use saga_proto::amqp::Topology;
 
@@ -53,6 +53,27 @@ pub struct Config {
     /// Serve Prometheus metrics on this address (off when unset).
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve the gRPC API over TLS with this certificate chain (PEM, leaf
+    /// first; re-read on SIGHUP). Needs --tls-key.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM; re-read on SIGHUP).
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM; mTLS; re-read on
+    /// SIGHUP). The certificate's first DNS name, else its CN, is the
+    /// caller; its roles come from the --auth-tokens file's [[certificate]]
+    /// entries.
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The access file (TOML: token hashes and certificate subjects with
+    /// their roles; re-read on SIGHUP). Without it the API is open.
+    #[arg(long, env = "AUTH_TOKENS_FILE")]
+    pub auth_tokens: Option<PathBuf>,
+    /// Allow serving on a non-loopback address without TLS and
+    /// authentication (logged as a warning at start and every hour).
+    #[arg(long, env = "SAGA_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `orchestrator serve`'s flags alone, for [`Config::from_args`].

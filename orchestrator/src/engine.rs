@@ -82,6 +82,8 @@ pub struct StartRequest {
     pub input: String,
     /// Idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// The principal starting it (recorded with the saga).
+    pub started_by: String,
 }
 
 /// The answer to a start.
@@ -175,6 +177,7 @@ impl Engine {
             idempotency_key: request.idempotency_key.as_deref(),
             input: &request.input,
             now,
+            started_by: &request.started_by,
         };
         let history = std::mem::take(&mut effects.history);
         let outbox = std::mem::take(&mut effects.outbox);
@@ -249,7 +252,7 @@ impl Engine {
                 &events,
                 now,
             );
-            let (written, _) = self.write_changes(&mut tx, changes, &[], now).await?;
+            let (written, _) = self.write_changes(&mut tx, changes, &[], now, None).await?;
             crate::crash_point!("orchestrator::timer_before_commit");
             tx.commit().await?;
             Ok(written)
@@ -265,15 +268,22 @@ impl Engine {
         Ok(count)
     }
 
-    /// Asks a running saga to compensate what it did.
-    pub async fn cancel(&self, saga_id: Uuid, reason: String) -> Result<SagaRecord, EngineError> {
-        self.operator_event(saga_id, Event::CancelRequested { reason })
+    /// Asks a running saga to compensate what it did; `by` is recorded
+    /// with the history rows it produces.
+    pub async fn cancel(
+        &self,
+        saga_id: Uuid,
+        reason: String,
+        by: &str,
+    ) -> Result<SagaRecord, EngineError> {
+        self.operator_event(saga_id, Event::CancelRequested { reason }, by)
             .await
     }
 
-    /// Resumes a FAILED saga where it stopped.
-    pub async fn retry(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
-        self.operator_event(saga_id, Event::OperatorRetry).await
+    /// Resumes a FAILED saga where it stopped; `by` is recorded with the
+    /// history rows it produces.
+    pub async fn retry(&self, saga_id: Uuid, by: &str) -> Result<SagaRecord, EngineError> {
+        self.operator_event(saga_id, Event::OperatorRetry, by).await
     }
 
     /// One saga as stored.
@@ -285,7 +295,12 @@ impl Engine {
             .ok_or(EngineError::SagaNotFound(saga_id))
     }
 
-    async fn operator_event(&self, saga_id: Uuid, event: Event) -> Result<SagaRecord, EngineError> {
+    async fn operator_event(
+        &self,
+        saga_id: Uuid,
+        event: Event,
+        by: &str,
+    ) -> Result<SagaRecord, EngineError> {
         let now = Utc::now();
         let result = async {
             let mut tx = self.store.pool().begin().await?;
@@ -301,7 +316,9 @@ impl Engine {
                 state: next,
                 effects,
             };
-            let (written, _) = self.write_changes(&mut tx, vec![change], &[], now).await?;
+            let (written, _) = self
+                .write_changes(&mut tx, vec![change], &[], now, Some(by))
+                .await?;
             tx.commit().await?;
             Ok::<_, EngineError>(written)
         }
@@ -337,7 +354,7 @@ impl Engine {
                 self.store.confirmed().take(outbox::MAX_DELETES_PER_WRITE)
             };
             let written = self
-                .write_changes(&mut conn, changes, &confirmed, now)
+                .write_changes(&mut conn, changes, &confirmed, now, None)
                 .await;
             if written.is_err() {
                 self.store.confirmed().put_back(confirmed);
@@ -366,7 +383,7 @@ impl Engine {
         let mut tx = self.store.pool().begin().await?;
         let states = saga_rows::lock(&mut tx, &locked_ids).await?;
         let changes = self.apply_all(states.into_iter().map(|s| (s.id, s)).collect(), &slow, now);
-        let (written, _) = self.write_changes(&mut tx, changes, &[], now).await?;
+        let (written, _) = self.write_changes(&mut tx, changes, &[], now, None).await?;
         tx.commit().await?;
         for (change, published) in written {
             self.after_commit
@@ -432,13 +449,15 @@ impl Engine {
 
     /// Writes changes with compare-and-set, deleting the `confirmed` outbox
     /// rows on the way; returns the written ones with their outbox rows
-    /// (ids assigned) and the ids of the stale ones.
+    /// (ids assigned) and the ids of the stale ones. `actor` is the
+    /// principal whose call caused the changes, if any.
     async fn write_changes(
         &self,
         conn: &mut PgConnection,
         mut changes: Vec<Change>,
         confirmed: &[i64],
         now: DateTime<Utc>,
+        actor: Option<&str>,
     ) -> Result<(Vec<(Change, Vec<OutboxMessage>)>, Vec<Uuid>), EngineError> {
         if changes.is_empty() {
             debug_assert!(confirmed.is_empty(), "nothing to carry the deletes");
@@ -458,6 +477,7 @@ impl Engine {
             conn,
             &states,
             &history,
+            actor,
             &outbox,
             confirmed,
             now,

@@ -50,6 +50,7 @@ pub mod engine;
 pub mod health;
 pub mod messages;
 pub mod relay;
+pub mod security;
 pub mod starts;
 pub mod store;
 pub mod telemetry;

@@ -36,20 +36,21 @@ pub struct TestApp {
 
 /// The orchestrator configuration of a test env.
 pub fn config(env: &TestEnv) -> Config {
-    Config {
-        database_url: env.database_url("orch"),
-        amqp_url: AMQP_URL.to_owned(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        namespace: env.namespace.clone(),
-        log_format: LogFormat::Pretty,
-        db_max_connections: 4,
-        reply_prefetch: 256,
-        reply_batch: 64,
-        reply_workers: 2,
-        bench_flows: false,
-        queue_type: orchestrator::bus::QueueType::Quorum,
-        metrics_addr: None,
-    }
+    // From the parser, so that every setting not named here has the
+    // default `serve` has (TLS and authentication off).
+    let mut config = Config::from_args(["--grpc-addr", "127.0.0.1:0"]).expect("defaults parse");
+    config.database_url = env.database_url("orch");
+    config.amqp_url = AMQP_URL.to_owned();
+    config.namespace = env.namespace.clone();
+    config.log_format = LogFormat::Pretty;
+    config.db_max_connections = 4;
+    config.reply_prefetch = 256;
+    config.reply_batch = 64;
+    config.reply_workers = 2;
+    config.bench_flows = false;
+    config.queue_type = orchestrator::bus::QueueType::Quorum;
+    config.metrics_addr = None;
+    config
 }
 
 impl TestApp {
@@ -74,9 +75,13 @@ impl TestApp {
             async move { serving.then_some(()) }
         })
         .await;
-        let client = SagaServiceClient::connect(format!("http://{addr}"))
-            .await
-            .expect("client connects");
+        // Lazily: an orchestrator serving TLS or requiring tokens is called
+        // by the test's own clients.
+        let client = SagaServiceClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("an address")
+                .connect_lazy(),
+        );
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .connect(&database_url)

@@ -1,6 +1,7 @@
 //! Test harness of saga-orchestrator's integration and failure-injection
 //! suites (the suites themselves are in `tests/suite`).
 //!
+//! - [`certs`]: a test CA and certificates signed by it, as PEM files.
 //! - [`env`](mod@env): a private namespace and databases per test, removed afterwards.
 //! - [`app`]: an in-process orchestrator on port 0 with a gRPC client and
 //!   helpers such as [`app::TestApp::wait_for_state`].
@@ -24,6 +25,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod certs;
 pub mod chaos;
 pub mod cluster;
 pub mod env;

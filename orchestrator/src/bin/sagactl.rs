@@ -4,8 +4,13 @@
 //! COMPLETED); 1 the call failed (connection, NOT_FOUND, INVALID_ARGUMENT,
 //! ...); 2 bad command line; 3 the saga ended COMPENSATED; 4 the saga ended
 //! FAILED.
+//!
+//! Against a secured orchestrator: `--token`/`SAGA_TOKEN` or
+//! `--token-file`/`SAGA_TOKEN_FILE` for a bearer token, an `https://`
+//! address with `--ca-cert` (the orchestrator's CA; public CAs are trusted
+//! without it), and `--cert`/`--key` for mTLS.
 
-use std::{io::Read, process::ExitCode};
+use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
@@ -15,7 +20,14 @@ use saga_proto::v1::{
     Saga, SagaEvent, SagaState, StartSagaRequest, StepState, WatchSagaRequest,
     saga_service_client::SagaServiceClient,
 };
-use tonic::transport::Channel;
+use tonic::{
+    metadata::AsciiMetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+
+/// The client, adding the bearer token (if any) to every call.
+type Client = SagaServiceClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +48,29 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token (prefer --token-file or SAGA_TOKEN: a flag shows in
+    /// the process list).
+    #[arg(
+        long,
+        env = "SAGA_TOKEN",
+        global = true,
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, env = "SAGA_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the orchestrator's certificate
+    /// (with an https:// address).
+    #[arg(long, env = "SAGA_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; needs --key.
+    #[arg(long, env = "SAGA_CLIENT_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "SAGA_CLIENT_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +136,144 @@ enum Command {
     Types,
     /// Check the orchestrator's health (exit 0 when SERVING, 1 otherwise).
     Health,
+    /// Make a new random token and print it with the access-file entry
+    /// (its SHA-256) that grants it `--role`s. Nothing is sent or stored.
+    Token {
+        /// Who the token is for (recorded as the principal of its calls).
+        #[arg(long)]
+        principal: String,
+        /// Roles to grant: reader, starter, operator, admin.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Limit the roles to these flows (repeatable; default: every flow).
+        #[arg(long = "saga-type")]
+        saga_types: Vec<String>,
+    },
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+fn read_file(what: &str, path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {what} {}: {e}", path.display()))
+}
+
+fn bearer(cli: &Cli) -> anyhow::Result<Bearer> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            String::from_utf8(read_file("--token-file", path)?)
+                .map_err(|_| anyhow::anyhow!("--token-file {} is not text", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    match token {
+        None => Ok(Bearer(None)),
+        Some(token) if token.is_empty() => anyhow::bail!("the bearer token is empty"),
+        Some(token) => {
+            // The token is never echoed, not even in this error.
+            let value = AsciiMetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                anyhow::anyhow!(
+                    "the bearer token holds characters that cannot be sent (printable ASCII only)"
+                )
+            })?;
+            Ok(Bearer(Some(value)))
+        }
+    }
+}
+
+/// A channel to `--addr`, with TLS for `https://` addresses.
+async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(cli.addr.clone())
+        .map_err(|e| anyhow::anyhow!("--addr {:?} is not a URL: {e}", cli.addr))?;
+    let https = cli.addr.starts_with("https://");
+    if !https && (cli.ca_cert.is_some() || cli.cert.is_some()) {
+        anyhow::bail!(
+            "--ca-cert and --cert need an https:// address (got {})",
+            cli.addr
+        );
+    }
+    if https {
+        let mut tls = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(path) = &cli.ca_cert {
+            tls = tls.ca_certificate(Certificate::from_pem(read_file("--ca-cert", path)?));
+        }
+        if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+            tls = tls.identity(Identity::from_pem(
+                read_file("--cert", cert)?,
+                read_file("--key", key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("cannot use the TLS settings: {e}"))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the orchestrator at {}: {}",
+            cli.addr,
+            chain(&e)
+        )
+    })
+}
+
+/// An error with its causes (a TLS refusal is in the causes).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn new_token(principal: &str, roles: &[String], saga_types: &[String]) -> anyhow::Result<()> {
+    use sha2::Digest;
+    for role in roles {
+        if !["reader", "starter", "operator", "admin"].contains(&role.as_str()) {
+            anyhow::bail!("--role {role:?} is not one of reader, starter, operator, admin");
+        }
+    }
+    let bytes: [u8; 32] = rand::random();
+    let token = format!("sgt_{}", hex::encode(bytes));
+    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let quote = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| format!("{i:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!("token for {principal} (give it to the client; it is not stored anywhere):");
+    println!("{token}");
+    eprintln!("\nadd to the access file (--auth-tokens), then send SIGHUP to the orchestrator:\n");
+    eprintln!(
+        "[[token]]\nprincipal = {principal:?}\nsha256 = \"{hash}\"\nroles = [{}]",
+        quote(roles)
+    );
+    if !saga_types.is_empty() {
+        eprintln!("saga_types = [{}]", quote(saga_types));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -193,6 +366,7 @@ fn saga_json(saga: &Saga) -> serde_json::Value {
         "error": saga.error,
         "created_at": timestamp(&saga.created_at),
         "updated_at": timestamp(&saga.updated_at),
+        "started_by": saga.started_by,
         "steps": saga.steps.iter().map(|s| serde_json::json!({
             "name": s.name, "state": step_name(s.state), "attempts": s.attempts,
             "compensation_attempts": s.compensation_attempts, "error": s.error,
@@ -208,6 +382,9 @@ fn print_saga(saga: &Saga, json: bool) {
     println!("saga     {}", saga.saga_id);
     println!("type     {} v{}", saga.saga_type, saga.definition_version);
     println!("state    {}", state_name(saga.state));
+    if !saga.started_by.is_empty() {
+        println!("started  by {}", saga.started_by);
+    }
     if !saga.error.is_empty() {
         println!("error    {}", saga.error);
     }
@@ -242,17 +419,23 @@ fn print_event(event: &SagaEvent, json: bool) {
         println!(
             "{}",
             serde_json::json!({"seq": event.seq, "at": timestamp(&event.at), "kind": event.kind,
-                "step": event.step, "state": state_name(event.state), "detail": event.detail})
+                "step": event.step, "state": state_name(event.state), "detail": event.detail,
+                "principal": event.principal})
         );
     } else {
         println!(
-            "{:>4}  {}  {:<13} {:<22} {:<18} {}",
+            "{:>4}  {}  {:<13} {:<22} {:<18} {}{}",
             event.seq,
             timestamp(&event.at),
             state_name(event.state),
             event.kind,
             event.step,
-            event.detail
+            event.detail,
+            if event.principal.is_empty() {
+                String::new()
+            } else {
+                format!("  (by {})", event.principal)
+            }
         );
     }
 }
@@ -270,11 +453,7 @@ fn read_input(input: &str) -> anyhow::Result<String> {
 }
 
 /// Streams the saga's history; returns its final state.
-async fn follow(
-    client: &mut SagaServiceClient<Channel>,
-    saga_id: &str,
-    json: bool,
-) -> anyhow::Result<i32> {
+async fn follow(client: &mut Client, saga_id: &str, json: bool) -> anyhow::Result<i32> {
     let mut stream = client
         .watch_saga(WatchSagaRequest {
             saga_id: saga_id.to_owned(),
@@ -292,11 +471,19 @@ async fn follow(
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Health = cli.command {
-        return health(&cli.addr).await;
+        return health(&cli).await;
     }
-    let mut client = SagaServiceClient::connect(cli.addr.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the orchestrator at {}: {e}", cli.addr))?;
+    if let Command::Token {
+        principal,
+        roles,
+        saga_types,
+    } = &cli.command
+    {
+        new_token(principal, roles, saga_types)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bearer = bearer(&cli)?;
+    let mut client = SagaServiceClient::with_interceptor(channel(&cli).await?, bearer);
     let json = cli.json;
     match cli.command {
         Command::Start {
@@ -401,7 +588,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_saga(&saga, json);
         }
-        Command::Health => unreachable!("handled above"),
+        Command::Health | Command::Token { .. } => unreachable!("handled above"),
         Command::Types => {
             let types = client
                 .list_saga_types(ListSagaTypesRequest {})
@@ -459,15 +646,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Asks the standard gRPC health service; SERVING means PostgreSQL and
 /// RabbitMQ are both reachable.
-async fn health(addr: &str) -> anyhow::Result<ExitCode> {
+async fn health(cli: &Cli) -> anyhow::Result<ExitCode> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = Channel::from_shared(addr.to_owned())?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the orchestrator at {addr}: {e}"))?;
-    let mut client = HealthClient::new(channel);
+    let mut client = HealthClient::new(channel(cli).await?);
     let status = client
         .check(HealthCheckRequest {
             service: String::new(),

@@ -29,6 +29,9 @@ pub struct HistoryRow {
     pub detail: String,
     /// When.
     pub at: DateTime<Utc>,
+    /// The principal whose call produced it (start, cancel, retry); none
+    /// for what the engine did on its own.
+    pub principal: Option<String>,
 }
 
 impl HistoryRow {
@@ -71,7 +74,7 @@ pub async fn since(
     after_seq: i64,
 ) -> Result<Vec<HistoryRow>, StoreError> {
     let rows = sqlx::query(
-        "SELECT saga_id, seq, kind, step, status, detail, at FROM saga_history
+        "SELECT saga_id, seq, kind, step, status, detail, at, principal FROM saga_history
          WHERE saga_id = $1 AND seq > $2 ORDER BY seq",
     )
     .bind(saga_id)
@@ -89,6 +92,7 @@ pub async fn since(
                 status: SagaStatus::parse(&status).ok_or(StoreError::UnknownStatus(status))?,
                 detail: row.try_get("detail")?,
                 at: row.try_get("at")?,
+                principal: row.try_get("principal")?,
             })
         })
         .collect()

@@ -113,12 +113,12 @@ impl Store {
     /// Sagas newest first, filtered by type and status, after `cursor`.
     pub async fn list_sagas(
         &self,
-        saga_type: Option<&str>,
+        saga_types: Option<&[String]>,
         status: Option<::sagas::SagaStatus>,
         cursor: Option<sagas::Cursor>,
         limit: i64,
     ) -> Result<Vec<sagas::SagaRecord>, StoreError> {
-        sagas::list(&self.pool, saga_type, status, cursor, limit).await
+        sagas::list(&self.pool, saga_types, status, cursor, limit).await
     }
 
     /// Registers a `WatchSaga` stream, so transitions of the saga NOTIFY.

@@ -20,6 +20,9 @@ pub struct SagaRecord {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// The principal that started it (none for sagas started before
+    /// principals were recorded).
+    pub started_by: Option<String>,
 }
 
 /// A new saga to insert.
@@ -33,9 +36,11 @@ pub struct NewSaga<'a> {
     pub input: &'a str,
     /// Creation time.
     pub now: DateTime<Utc>,
+    /// The principal starting it.
+    pub started_by: &'a str,
 }
 
-const COLUMNS: &str = "state, idempotency_key, input, created_at, updated_at";
+const COLUMNS: &str = "state, idempotency_key, input, created_at, updated_at, started_by";
 
 fn decode(row: &PgRow) -> Result<SagaRecord, StoreError> {
     let state: serde_json::Value = row.try_get("state")?;
@@ -50,6 +55,7 @@ fn decode(row: &PgRow) -> Result<SagaRecord, StoreError> {
         input: row.try_get("input")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        started_by: row.try_get("started_by")?,
     })
 }
 
@@ -135,23 +141,24 @@ pub struct Cursor {
     pub id: Uuid,
 }
 
-/// Sagas newest first, filtered by type and status, after `cursor`.
+/// Sagas newest first, filtered by type (`None`: any type; `Some`: one of
+/// these) and status, after `cursor`.
 pub async fn list(
     pool: &PgPool,
-    saga_type: Option<&str>,
+    saga_types: Option<&[String]>,
     status: Option<SagaStatus>,
     cursor: Option<Cursor>,
     limit: i64,
 ) -> Result<Vec<SagaRecord>, StoreError> {
     let rows = sqlx::query(&format!(
         "SELECT id, {COLUMNS} FROM sagas
-         WHERE ($1::text IS NULL OR saga_type = $1)
+         WHERE ($1::text[] IS NULL OR saga_type = ANY($1))
            AND ($2::text IS NULL OR status = $2)
            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
          ORDER BY created_at DESC, id DESC
          LIMIT $5"
     ))
-    .bind(saga_type)
+    .bind(saga_types)
     .bind(status.map(|s| s.as_str()))
     .bind(cursor.map(|c| c.created_at))
     .bind(cursor.map(|c| c.id))

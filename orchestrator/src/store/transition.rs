@@ -22,10 +22,12 @@ struct HistoryColumns<'a> {
     steps: Vec<Option<&'a str>>,
     statuses: Vec<&'a str>,
     details: Vec<&'a str>,
+    principals: Vec<Option<&'a str>>,
 }
 
 impl<'a> HistoryColumns<'a> {
-    fn new(entries: impl IntoIterator<Item = &'a (Uuid, HistoryEntry)>) -> Self {
+    /// `entries`, each with the principal whose call produced it.
+    fn new(entries: impl IntoIterator<Item = (&'a (Uuid, HistoryEntry), Option<&'a str>)>) -> Self {
         let mut columns = Self {
             ids: Vec::new(),
             seqs: Vec::new(),
@@ -33,14 +35,16 @@ impl<'a> HistoryColumns<'a> {
             steps: Vec::new(),
             statuses: Vec::new(),
             details: Vec::new(),
+            principals: Vec::new(),
         };
-        for (id, e) in entries {
+        for ((id, e), principal) in entries {
             columns.ids.push(*id);
             columns.seqs.push(e.seq as i64);
             columns.kinds.push(e.kind.as_str());
             columns.steps.push(e.step.as_deref());
             columns.statuses.push(e.status.as_str());
             columns.details.push(e.detail.as_str());
+            columns.principals.push(principal);
         }
         columns
     }
@@ -84,11 +88,16 @@ impl<'a> OutboxColumns<'a> {
     }
 }
 
-const INSERT_HISTORY: &str =
-    "INSERT INTO saga_history (saga_id, seq, kind, step, status, detail, at)
-         SELECT h.id, h.seq, h.kind, h.step, h.status, h.detail, $1
-         FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[])
-              AS h(id, seq, kind, step, status, detail)";
+/// The history insert of both statements; the principals are bound last
+/// (as parameter `$principals`), after each statement's own parameters.
+fn insert_history(principals: usize) -> String {
+    format!(
+        "INSERT INTO saga_history (saga_id, seq, kind, step, status, detail, at, principal)
+         SELECT h.id, h.seq, h.kind, h.step, h.status, h.detail, $1, h.principal
+         FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], ${principals}::text[])
+              AS h(id, seq, kind, step, status, detail, principal)"
+    )
+}
 
 const INSERT_OUTBOX: &str = "INSERT INTO outbox (saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, available_at)
          SELECT o.saga_id, o.message_id, o.message_type, o.exchange, o.routing_key, o.reply_to, o.mandatory, o.body, $8
@@ -138,17 +147,20 @@ pub struct Written {
 /// rows of exactly the sagas updated, and NOTIFYs watched ones; on its way
 /// it deletes the confirmed outbox rows `confirmed` (see
 /// [`super::outbox::Confirmed`]). One statement: without an explicit
-/// transaction it commits on its own.
+/// transaction it commits on its own. `actor` is recorded with every
+/// history row: the principal whose call caused the change, if any.
+#[allow(clippy::too_many_arguments)]
 pub async fn write(
     conn: &mut PgConnection,
     states: &[(&SagaInstance, u64)],
     history: &[(Uuid, HistoryEntry)],
+    actor: Option<&str>,
     outbox: &[OutboxMessage],
     confirmed: &[i64],
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> Result<Written, StoreError> {
-    let h = HistoryColumns::new(history);
+    let h = HistoryColumns::new(history.iter().map(|e| (e, actor)));
     let o = OutboxColumns::new(outbox);
     let ids: Vec<Uuid> = states.iter().map(|(s, _)| s.id).collect();
     let statuses: Vec<&str> = states.iter().map(|(s, _)| s.status.as_str()).collect();
@@ -166,7 +178,7 @@ pub async fn write(
                      AS u(id, status, error, due, state, revision, expected)
                 WHERE s.id = u.id AND s.revision = u.expected
                 RETURNING s.id),
-              hist AS ({INSERT_HISTORY} WHERE h.id IN (SELECT id FROM upd)),
+              hist AS ({insert_history} WHERE h.id IN (SELECT id FROM upd)),
               ob AS ({INSERT_OUTBOX} WHERE o.saga_id IN (SELECT id FROM upd) ORDER BY o.n
                      RETURNING id, message_id),
               watched AS (
@@ -177,7 +189,8 @@ pub async fn write(
          SELECT (SELECT count(*) FROM watched) AS notified,
                 COALESCE((SELECT array_agg(id) FROM upd), '{{}}') AS updated,
                 COALESCE((SELECT array_agg(message_id ORDER BY id) FROM ob), '{{}}') AS message_ids,
-                COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids"
+                COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids",
+        insert_history = insert_history(26),
     );
     let row = bind_history_and_outbox(sqlx::query(&sql), now, &h, lease_until, &o)
         .bind(&ids)
@@ -189,6 +202,7 @@ pub async fn write(
         .bind(&revisions)
         .bind(&expected)
         .bind(confirmed)
+        .bind(&h.principals)
         .fetch_one(conn)
         .await?;
     let message_ids: Vec<Uuid> = row.try_get("message_ids")?;
@@ -225,6 +239,9 @@ pub struct StartRow {
     pub revision: i64,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// The principal starting it, recorded with the saga and its first
+    /// history rows.
+    pub started_by: String,
     /// History rows of the start.
     pub history: Vec<(Uuid, HistoryEntry)>,
     /// Messages of the start (ids are assigned when written).
@@ -251,6 +268,7 @@ impl StartRow {
             due: due_at(state),
             revision: state.seq as i64,
             created_at: new.now,
+            started_by: new.started_by.to_owned(),
             history,
             outbox,
         }
@@ -267,7 +285,10 @@ pub async fn insert_started(
     at: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> Result<Inserted, StoreError> {
-    let h = HistoryColumns::new(rows.iter().flat_map(|r| &r.history));
+    let h = HistoryColumns::new(
+        rows.iter()
+            .flat_map(|r| r.history.iter().map(|e| (e, Some(r.started_by.as_str())))),
+    );
     let o = OutboxColumns::new(rows.iter().flat_map(|r| &r.outbox));
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let types: Vec<&str> = rows.iter().map(|r| r.saga_type.as_str()).collect();
@@ -280,21 +301,23 @@ pub async fn insert_started(
     let dues: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.due).collect();
     let revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
     let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+    let started_by: Vec<&str> = rows.iter().map(|r| r.started_by.as_str()).collect();
     let sql = format!(
         "WITH ins AS (
-                INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, revision, created_at, updated_at)
-                SELECT s.id, s.saga_type, s.version, s.status, s.idempotency_key, s.input, s.state, s.error, s.due, s.revision, s.created_at, s.created_at
+                INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, revision, created_at, updated_at, started_by)
+                SELECT s.id, s.saga_type, s.version, s.status, s.idempotency_key, s.input, s.state, s.error, s.due, s.revision, s.created_at, s.created_at, s.started_by
                 FROM UNNEST($17::uuid[], $18::text[], $19::int4[], $20::text[], $21::text[], $22::text[],
-                            $23::jsonb[], $24::text[], $25::timestamptz[], $26::int8[], $27::timestamptz[])
-                     WITH ORDINALITY AS s(id, saga_type, version, status, idempotency_key, input, state, error, due, revision, created_at, n)
+                            $23::jsonb[], $24::text[], $25::timestamptz[], $26::int8[], $27::timestamptz[], $28::text[])
+                     WITH ORDINALITY AS s(id, saga_type, version, status, idempotency_key, input, state, error, due, revision, created_at, started_by, n)
                 ORDER BY s.n
                 ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id),
-              hist AS ({INSERT_HISTORY} WHERE h.id IN (SELECT id FROM ins)),
+              hist AS ({insert_history} WHERE h.id IN (SELECT id FROM ins)),
               ob AS ({INSERT_OUTBOX} WHERE o.saga_id IN (SELECT id FROM ins) ORDER BY o.n RETURNING id, message_id)
          SELECT COALESCE((SELECT array_agg(id) FROM ins), '{{}}') AS inserted,
                 COALESCE((SELECT array_agg(message_id) FROM ob), '{{}}') AS message_ids,
-                COALESCE((SELECT array_agg(id) FROM ob), '{{}}') AS ids"
+                COALESCE((SELECT array_agg(id) FROM ob), '{{}}') AS ids",
+        insert_history = insert_history(29),
     );
     let row = bind_history_and_outbox(sqlx::query(&sql), at, &h, lease_until, &o)
         .bind(&ids)
@@ -308,6 +331,8 @@ pub async fn insert_started(
         .bind(&dues)
         .bind(&revisions)
         .bind(&created)
+        .bind(&started_by)
+        .bind(&h.principals)
         .fetch_one(conn)
         .await?;
     let message_ids: Vec<Uuid> = row.try_get("message_ids")?;

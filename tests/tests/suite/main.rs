@@ -21,4 +21,5 @@ mod flows;
 mod instances;
 mod outbox;
 mod raw_participant;
+mod security;
 mod support;

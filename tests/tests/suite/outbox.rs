@@ -41,6 +41,7 @@ async fn a_transition_statement_deletes_the_confirmed_rows_it_carries_and_no_oth
         &mut conn,
         &[],
         &[],
+        None,
         &[],
         &confirmed,
         now,

@@ -1,0 +1,171 @@
+//! Securing the API: who may call it ([`access_file`], [`roles`],
+//! [`methods`], enforced by [`layer`]), over which transport ([`tls`]), and
+//! the checks that keep an exposed orchestrator from starting open by
+//! mistake. docs/SECURITY.md has the threat model.
+
+pub mod access_file;
+pub mod layer;
+pub mod methods;
+pub mod roles;
+pub mod size_limit;
+pub mod tls;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use sagas::errors::Chain;
+use tokio_util::sync::CancellationToken;
+
+pub use access_file::{AccessFileError, AccessPolicy};
+pub use layer::{AccessControl, AuthLayer, principal_of};
+pub use roles::{Credential, Denied, Permission, Principal, Role, Visible};
+pub use tls::{ServerTls, TlsError, TlsFiles};
+
+use crate::config::Config;
+
+/// Why the API's security settings were refused at start.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// The access file is wrong.
+    #[error(transparent)]
+    AccessFile(#[from] AccessFileError),
+    /// A TLS file is wrong.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Client certificates would authenticate nobody.
+    #[error(
+        "--tls-client-ca needs --auth-tokens FILE: its [[certificate]] entries give each certificate subject its roles"
+    )]
+    ClientCaWithoutAccessFile,
+    /// An exposed listener without TLS and authentication.
+    #[error(
+        "refusing to serve the API on {addr} without {missing}: anyone who can reach it could start, cancel and retry sagas. Configure --tls-cert/--tls-key and --auth-tokens (docs/SECURITY.md), or pass --insecure to accept the risk"
+    )]
+    Exposed {
+        /// The address.
+        addr: SocketAddr,
+        /// What is missing ("TLS", "authentication", or both).
+        missing: &'static str,
+    },
+}
+
+/// The API's transport and access control, reloadable on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct ApiSecurity {
+    /// Who may call what.
+    pub access: AccessControl,
+    /// The listener's TLS, when on.
+    pub tls: Option<Arc<ServerTls>>,
+    /// The access file, re-read on SIGHUP.
+    access_file: Option<PathBuf>,
+    /// Exposed without TLS or authentication, by `--insecure`.
+    insecure_exposure: bool,
+}
+
+impl ApiSecurity {
+    /// Reads and checks the files `config` names, and refuses an exposed
+    /// listener without TLS and authentication unless `--insecure`.
+    pub fn from_config(config: &Config) -> Result<Self, SecurityError> {
+        let access = match &config.auth_tokens {
+            Some(path) => AccessControl::with_policy(AccessPolicy::load(path)?),
+            None => AccessControl::open(),
+        };
+        if config.tls_client_ca.is_some() && !access.is_on() {
+            return Err(SecurityError::ClientCaWithoutAccessFile);
+        }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(ServerTls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            })?)),
+            _ => None,
+        };
+        let missing = match (tls.is_some(), access.is_on()) {
+            (true, true) => None,
+            (false, true) => Some("TLS"),
+            (true, false) => Some("authentication"),
+            (false, false) => Some("TLS and authentication"),
+        };
+        let exposed = !config.grpc_addr.ip().is_loopback();
+        let insecure_exposure = match missing {
+            Some(missing) if exposed && !config.insecure => {
+                return Err(SecurityError::Exposed {
+                    addr: config.grpc_addr,
+                    missing,
+                });
+            }
+            Some(_) => exposed,
+            None => false,
+        };
+        Ok(Self {
+            access,
+            tls,
+            access_file: config.auth_tokens.clone(),
+            insecure_exposure,
+        })
+    }
+
+    /// Re-reads the access file and the TLS files. What fails to load is
+    /// logged and the previous configuration stays in force.
+    pub fn reload(&self) {
+        if let Some(path) = &self.access_file {
+            match AccessPolicy::load(path) {
+                Ok(policy) => {
+                    let (tokens, certificates) = policy.counts();
+                    self.access.replace(policy);
+                    tracing::info!(file = %path.display(), tokens, certificates, "access file reloaded");
+                }
+                Err(error) => {
+                    tracing::error!(error = %Chain(&error), "access file not reloaded; the previous one stays in force")
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                Err(error) => {
+                    tracing::error!(error = %Chain(&error), "TLS files not reloaded; the previous ones stay in force")
+                }
+            }
+        }
+    }
+
+    /// Reloads on every SIGHUP until `shutdown`; while serving exposed
+    /// under `--insecure`, warns every hour.
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.insecure_exposure {
+            tracing::warn!(
+                "--insecure: the API is reachable from the network without TLS or authentication"
+            );
+        }
+        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+        hourly.tick().await;
+        #[cfg(unix)]
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; certificates and tokens will not be reloaded");
+                None
+            }
+        };
+        loop {
+            #[cfg(unix)]
+            let hup = async {
+                match &mut hangup {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<Option<()>>();
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = hourly.tick() => if self.insecure_exposure {
+                    tracing::warn!("--insecure: the API is reachable from the network without TLS or authentication");
+                },
+                _ = hup => self.reload(),
+            }
+        }
+    }
+}

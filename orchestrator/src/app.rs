@@ -163,6 +163,8 @@ pub struct Application {
     engine: Arc<Engine>,
     /// Dependency health.
     health: Health,
+    /// SIGHUP reloads of the access and TLS files done so far.
+    security_reloads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Application {
@@ -303,6 +305,7 @@ impl Application {
         });
         let tls = security.tls.is_some();
         let auth = security.access.is_on();
+        let security_reloads = security.reloads();
         tasks.spawn(security.run(shutdown.clone()));
         tasks.close();
         tracing::info!(%grpc_addr, tls, auth, namespace = %config.namespace, "orchestrator started");
@@ -312,7 +315,14 @@ impl Application {
             tasks,
             engine,
             health,
+            security_reloads,
         })
+    }
+
+    /// Counts the SIGHUP reloads of the access file and TLS files that
+    /// have finished (a test waits on it after sending one).
+    pub fn security_reloads(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.security_reloads.clone()
     }
 
     /// Where the gRPC API listens.

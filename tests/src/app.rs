@@ -32,6 +32,8 @@ pub struct TestApp {
     shutdown: CancellationToken,
     /// Resolves when it has stopped.
     stopped: tokio::task::JoinHandle<()>,
+    /// SIGHUP reloads finished.
+    reloads: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The orchestrator configuration of a test env.
@@ -69,6 +71,7 @@ impl TestApp {
             .expect("orchestrator starts");
         let addr = app.grpc_addr();
         let health = app.health().clone();
+        let reloads = app.security_reloads();
         let stopped = tokio::spawn(app.run_until_stopped());
         eventually("the orchestrator to serve", WAIT, || {
             let serving = health.is_serving();
@@ -93,7 +96,27 @@ impl TestApp {
             pool,
             shutdown,
             stopped,
+            reloads,
         }
+    }
+
+    /// Sends SIGHUP to this process (the orchestrator's handler is in place
+    /// once it has started) and waits until the orchestrator has reloaded
+    /// its access and TLS files. Other orchestrators of the same test
+    /// process reload too, which changes nothing for them.
+    pub async fn sighup(&self) {
+        use std::sync::atomic::Ordering;
+        let before = self.reloads.load(Ordering::SeqCst);
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+        eventually("the orchestrator to reload", WAIT, || {
+            let done = self.reloads.load(Ordering::SeqCst) > before;
+            async move { done.then_some(()) }
+        })
+        .await;
     }
 
     /// Stops it gracefully and waits until it has.

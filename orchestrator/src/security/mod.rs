@@ -10,7 +10,15 @@ pub mod roles;
 pub mod size_limit;
 pub mod tls;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use sagas::errors::Chain;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +67,8 @@ pub struct ApiSecurity {
     access_file: Option<PathBuf>,
     /// Exposed without TLS or authentication, by `--insecure`.
     insecure_exposure: bool,
+    /// Reloads done (successful or not), for tests and the log.
+    reloads: Arc<AtomicU64>,
 }
 
 impl ApiSecurity {
@@ -102,12 +112,11 @@ impl ApiSecurity {
             tls,
             access_file: config.auth_tokens.clone(),
             insecure_exposure,
+            reloads: Arc::default(),
         })
     }
 
-    /// Re-reads the access file and the TLS files. What fails to load is
-    /// logged and the previous configuration stays in force.
-    pub fn reload(&self) {
+    fn reload_files(&self) {
         if let Some(path) = &self.access_file {
             match AccessPolicy::load(path) {
                 Ok(policy) => {
@@ -130,16 +139,24 @@ impl ApiSecurity {
         }
     }
 
+    /// How many reloads have been done (each counted once finished,
+    /// whether or not a file was refused).
+    pub fn reloads(&self) -> Arc<AtomicU64> {
+        self.reloads.clone()
+    }
+
+    /// Re-reads the access file and the TLS files. What fails to load is
+    /// logged and the previous configuration stays in force.
+    pub fn reload(&self) {
+        self.reload_files();
+        self.reloads.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Reloads on every SIGHUP until `shutdown`; while serving exposed
-    /// under `--insecure`, warns every hour.
-    pub async fn run(self, shutdown: CancellationToken) {
-        if self.insecure_exposure {
-            tracing::warn!(
-                "--insecure: the API is reachable from the network without TLS or authentication"
-            );
-        }
-        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
-        hourly.tick().await;
+    /// under `--insecure`, warns every hour. The SIGHUP handler is in place
+    /// when this returns (a SIGHUP before it would end the process), so it
+    /// is called inside the runtime before the service is announced.
+    pub fn run(self, shutdown: CancellationToken) -> impl Future<Output = ()> + Send {
         #[cfg(unix)]
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
@@ -149,22 +166,31 @@ impl ApiSecurity {
                 None
             }
         };
-        loop {
-            #[cfg(unix)]
-            let hup = async {
-                match &mut hangup {
-                    Some(signal) => signal.recv().await,
-                    None => std::future::pending().await,
+        let warning =
+            "--insecure: the API is reachable from the network without TLS or authentication";
+        async move {
+            if self.insecure_exposure {
+                tracing::warn!("{warning}");
+            }
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            hourly.tick().await;
+            loop {
+                #[cfg(unix)]
+                let hup = async {
+                    match &mut hangup {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hup = std::future::pending::<Option<()>>();
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = hourly.tick() => if self.insecure_exposure {
+                        tracing::warn!("{warning}");
+                    },
+                    _ = hup => self.reload(),
                 }
-            };
-            #[cfg(not(unix))]
-            let hup = std::future::pending::<Option<()>>();
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = hourly.tick() => if self.insecure_exposure {
-                    tracing::warn!("--insecure: the API is reachable from the network without TLS or authentication");
-                },
-                _ = hup => self.reload(),
             }
         }
     }

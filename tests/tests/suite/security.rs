@@ -3,17 +3,16 @@
 //! principal recorded with what it did, and the refusal to start exposed.
 //! Certificates and tokens are made here; none is committed.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use saga_proto::v1::{
     CancelSagaRequest, GetSagaRequest, ListSagaTypesRequest, ListSagasRequest, RetrySagaRequest,
     StartSagaRequest, WatchSagaRequest, saga_service_client::SagaServiceClient,
 };
 use saga_tests::{
-    app::{self, TestApp, WAIT},
+    app::{self, TestApp},
     certs::{CertDir, Issued, TestCa},
     env::TestEnv,
-    eventually,
 };
 use sha2::{Digest, Sha256};
 use tonic::{
@@ -443,5 +442,294 @@ async fn every_rpc_by_every_role_gets_its_exact_code_and_a_refused_call_writes_n
             .all(|(_, p)| p.as_deref() == Some("root") || p.as_deref() == Some("oncall")),
         "{history:?}"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_tls_listener_refuses_plaintext_and_other_cas_and_rotates_its_certificate_on_sighup() {
+    let env = TestEnv::new();
+    let dir = CertDir::new();
+    let ca = TestCa::new("saga test CA");
+    let other_ca = TestCa::new("another CA");
+    let (cert, key) = ca.server().write(&dir, "server");
+    let mut config = app::config(&env);
+    config.tls_cert = Some(cert.clone());
+    config.tls_key = Some(key.clone());
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+
+    // Plaintext gets no answer from a TLS listener.
+    let plain = plain_client(&app, None)
+        .list_sagas(ListSagasRequest::default())
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    // A client trusting another CA refuses the server.
+    let error = tls_channel(app.addr, &other_ca, None).await.unwrap_err();
+    assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
+    // The right CA works.
+    let kept = tls_channel(app.addr, &ca, None).await.unwrap();
+    let mut kept = SagaServiceClient::new(kept);
+    kept.list_sagas(ListSagasRequest::default()).await.unwrap();
+
+    // Rotate to a certificate of the other CA: new connections get it,
+    // the open connection keeps going.
+    let rotated = other_ca.server();
+    std::fs::write(&cert, &rotated.cert_pem).unwrap();
+    std::fs::write(&key, &rotated.key_pem).unwrap();
+    app.sighup().await;
+    assert!(tls_channel(app.addr, &ca, None).await.is_err());
+    let mut fresh = SagaServiceClient::new(tls_channel(app.addr, &other_ca, None).await.unwrap());
+    fresh.list_sagas(ListSagasRequest::default()).await.unwrap();
+    kept.list_sagas(ListSagasRequest::default()).await.unwrap();
+
+    // A broken rotation keeps what is in force.
+    std::fs::write(&key, "not a key").unwrap();
+    app.sighup().await;
+    let mut after = SagaServiceClient::new(tls_channel(app.addr, &other_ca, None).await.unwrap());
+    after.list_sagas(ListSagasRequest::default()).await.unwrap();
+    app.stop().await;
+}
+
+/// Calls ListSagas over a new mTLS connection presenting `identity`; an
+/// error from the handshake or from the call.
+async fn mtls_list(app: &TestApp, ca: &TestCa, identity: Option<&Issued>) -> Result<(), Status> {
+    let channel = tls_channel(app.addr, ca, identity)
+        .await
+        .map_err(|e| Status::unavailable(format!("{e:?}")))?;
+    SagaServiceClient::new(channel)
+        .list_sagas(ListSagasRequest::default())
+        .await
+        .map(drop)
+}
+
+#[tokio::test]
+async fn with_mtls_the_principal_is_the_client_certificate_subject() {
+    let env = TestEnv::new();
+    let dir = CertDir::new();
+    let ca = TestCa::new("saga test CA");
+    let other_ca = TestCa::new("another CA");
+    let (cert, key) = ca.server().write(&dir, "server");
+    let access = dir.write(
+        "access.toml",
+        "[[certificate]]\nsubject = \"console.example.com\"\nroles = [\"starter\"]\n\
+         [[certificate]]\nsubject = \"ops-team\"\nroles = [\"reader\"]\n",
+    );
+    let mut config = app::config(&env);
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    config.tls_client_ca = Some(ca.write(&dir, "clients-ca"));
+    config.auth_tokens = Some(access);
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+
+    // The first DNS name is the subject.
+    let console = ca.client(Some("console.example.com"), "ignored");
+    let mut client =
+        SagaServiceClient::new(tls_channel(app.addr, &ca, Some(&console)).await.unwrap());
+    let saga_id = client
+        .start_saga(StartSagaRequest {
+            saga_type: FOUR_STEPS.into(),
+            input_json: r#"{"order":"o-1"}"#.into(),
+            idempotency_key: String::new(),
+            definition_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga_id;
+    let saga = client
+        .get_saga(GetSagaRequest { saga_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(saga.started_by, "console.example.com");
+
+    // Without a DNS name, the common name; its roles are its own.
+    let ops = ca.client(None, "ops-team");
+    mtls_list(&app, &ca, Some(&ops)).await.unwrap();
+    let mut reader = SagaServiceClient::new(tls_channel(app.addr, &ca, Some(&ops)).await.unwrap());
+    let refused = reader
+        .start_saga(StartSagaRequest {
+            saga_type: FOUR_STEPS.into(),
+            input_json: r#"{"order":"o-2"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // A valid certificate whose subject the access file does not know.
+    let intruder = ca.client(Some("intruder.example.com"), "intruder");
+    let refused = mtls_list(&app, &ca, Some(&intruder)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("intruder.example.com"),
+        "{refused:?}"
+    );
+
+    // No certificate, or one from another CA: the handshake fails.
+    assert!(mtls_list(&app, &ca, None).await.is_err());
+    let foreign = other_ca.client(Some("console.example.com"), "console");
+    let refused = mtls_list(&app, &ca, Some(&foreign)).await.unwrap_err();
+    assert_ne!(refused.code(), Code::Ok);
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sagas")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap(),
+        1,
+        "only the console's start was written"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_access_file_applies_after_sighup_and_a_broken_one_keeps_the_last() {
+    let env = TestEnv::new();
+    let dir = CertDir::new();
+    let old = token("old-client", &["reader"], None);
+    let new = token("new-client", &["reader"], None);
+    let file = dir.write("access.toml", &old.entry);
+    let mut config = app::config(&env);
+    config.auth_tokens = Some(file.clone());
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+    let list = |secret: &str| {
+        let client = plain_client(&app, Some(secret));
+        async move {
+            match client.clone().list_sagas(ListSagasRequest::default()).await {
+                Ok(_) => Code::Ok,
+                Err(status) => status.code(),
+            }
+        }
+    };
+    assert_eq!(list(&old.secret).await, Code::Ok);
+    assert_eq!(list(&new.secret).await, Code::Unauthenticated);
+
+    std::fs::write(&file, &new.entry).unwrap();
+    app.sighup().await;
+    assert_eq!(list(&old.secret).await, Code::Unauthenticated);
+    assert_eq!(list(&new.secret).await, Code::Ok);
+
+    std::fs::write(
+        &file,
+        "[[token]]\nprincipal = \"x\"\nsha256 = \"pasted-token\"\nroles = [\"admin\"]\n",
+    )
+    .unwrap();
+    app.sighup().await;
+    assert_eq!(
+        list(&new.secret).await,
+        Code::Ok,
+        "the last good file stays in force"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_requests_get_resource_exhausted_and_reflection_speaks_v1alpha_to_readers() {
+    let env = TestEnv::new();
+    let dir = CertDir::new();
+    let reader = token("browser", &["reader"], None);
+    let admin = token("root", &["admin"], None);
+    let mut config = app::config(&env);
+    config.auth_tokens =
+        Some(dir.write("access.toml", &format!("{}\n{}", reader.entry, admin.entry)));
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+
+    let huge = StartSagaRequest {
+        saga_type: FOUR_STEPS.into(),
+        input_json: format!(r#"{{"order":"{}"}}"#, "x".repeat(2 * 1024 * 1024)),
+        ..Default::default()
+    };
+    let refused = plain_client(&app, Some(&admin.secret))
+        .start_saga(huge)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("1048576"), "{refused:?}");
+
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let list_services = |secret: Option<String>| {
+        let channel = Endpoint::from_shared(format!("http://{}", app.addr))
+            .unwrap()
+            .connect_lazy();
+        let mut client = ServerReflectionClient::with_interceptor(channel, bearer(secret));
+        async move {
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut responses: tonic::Streaming<_> = client
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await?
+                .into_inner();
+            let response = responses.message().await?.expect("one response");
+            match response.message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    Ok::<_, Status>(list.service.into_iter().map(|s| s.name).collect::<Vec<_>>())
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    let services = list_services(Some(reader.secret.clone())).await.unwrap();
+    assert!(
+        services.contains(&"saga.v1.SagaService".to_owned()),
+        "{services:?}"
+    );
+    let refused: Status = list_services(None).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn serve_on_an_exposed_address_without_tls_and_auth_exits_naming_insecure_and_writes_nothing()
+{
+    let env = TestEnv::new();
+    let database_url = env.database_url("orch");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_saga-orchestrator-proc"))
+        .args(["--grpc-addr", "0.0.0.0:0", "--namespace", &env.namespace])
+        .args(["--database-url", &database_url])
+        .env_remove("AUTH_TOKENS_FILE")
+        .env_remove("TLS_CERT_FILE")
+        .output()
+        .expect("run the orchestrator");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "it started: {stderr}");
+    assert!(stderr.contains("--insecure"), "{stderr}");
+    assert!(stderr.contains("0.0.0.0:0"), "{stderr}");
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", saga_tests::env::POSTGRES))
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(format!("{}_orch", env.namespace))
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert!(!exists, "the database was created before the refusal");
+
+    // TLS without authentication is still refused, naming what is missing;
+    // --insecure lets it start.
+    let dir = CertDir::new();
+    let (cert, key) = TestCa::new("ca").server().write(&dir, "server");
+    let mut config = app::config(&env);
+    config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    let refused = orchestrator::Application::build(
+        config.clone(),
+        catalog(Duration::from_secs(30)),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let message = sagas::errors::Chain(&refused).to_string();
+    assert!(
+        message.contains("without authentication") && message.contains("--insecure"),
+        "{message}"
+    );
+    config.insecure = true;
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
     app.stop().await;
 }

@@ -58,7 +58,7 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     /// PostgreSQL could not be reached or migrated.
-    #[error("cannot prepare the database")]
+    #[error("cannot prepare the PostgreSQL database")]
     Database(#[from] StoreError),
     /// The gRPC address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -80,6 +80,21 @@ pub enum StartupError {
     /// No flow was registered: the orchestrator would refuse every start.
     #[error("no flows registered: add some with OrchestratorBuilder::flows")]
     NoFlows,
+    /// The RabbitMQ settings (URL, TLS files) cannot be used.
+    #[error("cannot use the RabbitMQ settings")]
+    Broker(#[from] saga_proto::connect::broker::BrokerError),
+    /// RabbitMQ refused the TLS handshake or presented a certificate that
+    /// does not verify: retrying cannot cure it.
+    #[error("RabbitMQ at {broker}: the TLS connection failed")]
+    BrokerTls {
+        /// The broker, redacted.
+        broker: String,
+        /// lapin's reason.
+        source: lapin::Error,
+    },
+    /// A secret file cannot be used.
+    #[error(transparent)]
+    SecretFile(#[from] saga_proto::connect::FileError),
     /// The API's TLS or access settings are wrong, or would expose it.
     #[error("cannot secure the gRPC API")]
     Security(#[from] SecurityError),
@@ -178,13 +193,19 @@ impl Application {
         // Checked first: a wrong file or an exposed, open listener stops the
         // start before anything is connected to or written.
         let security = ApiSecurity::from_config(&config)?;
+        let database_url = config.database_url()?;
+        let broker = config.broker.broker()?;
+        let broker_shown = broker.to_string();
+        if broker.is_tls() {
+            check_broker_tls(&broker).await?;
+        }
         if let Some(addr) = config.metrics_addr {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
                 .install()
                 .map_err(|e| StartupError::Metrics(e.to_string()))?;
         }
-        let connect = || Store::connect(&config.database_url, config.db_max_connections);
+        let connect = || Store::connect(&database_url, config.db_max_connections);
         let store = connect
             .retry(
                 ExponentialBuilder::default()
@@ -192,6 +213,13 @@ impl Application {
                     .with_max_delay(Duration::from_secs(5))
                     .with_total_delay(Some(Duration::from_secs(60))),
             )
+            // A wrong URL or a TLS refusal (a certificate of another CA or
+            // for another host) will not cure itself: stop at once.
+            .when(|error: &StoreError| match error {
+                StoreError::Url(_) => false,
+                StoreError::Database(e) => !saga_proto::connect::postgres::is_tls_error(e),
+                _ => true,
+            })
             .notify(|error: &StoreError, delay| tracing::warn!(error = %Chain(error), ?delay, "database not ready; retrying"))
             .await?;
         check_flows(&store, &catalog).await?;
@@ -230,7 +258,7 @@ impl Application {
 
         tasks.spawn(bus::run(
             BusSettings {
-                url: config.amqp_url.clone(),
+                broker,
                 topology,
                 prefetch: config.reply_prefetch,
                 max_batch: usize::from(config.reply_batch),
@@ -308,7 +336,15 @@ impl Application {
         let security_reloads = security.reloads();
         tasks.spawn(security.run(shutdown.clone()));
         tasks.close();
-        tracing::info!(%grpc_addr, tls, auth, namespace = %config.namespace, "orchestrator started");
+        tracing::info!(
+            %grpc_addr,
+            tls,
+            auth,
+            postgres = %saga_proto::connect::redact(&database_url),
+            rabbitmq = %broker_shown,
+            namespace = %config.namespace,
+            "orchestrator started"
+        );
         Ok(Self {
             grpc_addr,
             shutdown,
@@ -352,6 +388,37 @@ impl Application {
         self.tasks.wait().await;
         self.engine.store().close().await;
         tracing::info!("orchestrator stopped");
+    }
+}
+
+/// Connects to an amqps:// broker once before anything is written: a
+/// certificate from another CA or for another host stops the start with
+/// a message naming RabbitMQ. An unreachable broker does not: the bus waits
+/// for it as it always does.
+async fn check_broker_tls(
+    broker: &saga_proto::connect::broker::Broker,
+) -> Result<(), StartupError> {
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        broker.connect(lapin::ConnectionProperties::default()),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(connection)) => {
+            let _ = connection.close(200, "start-up check".into()).await;
+            Ok(())
+        }
+        Ok(Err(error)) if saga_proto::connect::broker::is_tls_error(&error) => {
+            Err(StartupError::BrokerTls {
+                broker: broker.to_string(),
+                source: error,
+            })
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%broker, %error, "RabbitMQ not reachable at start; will keep trying");
+            Ok(())
+        }
+        Err(_) => Ok(()),
     }
 }
 

@@ -1,9 +1,12 @@
 //! Configuration: flags with environment fallbacks, validated once at start.
 //! A bad value fails fast with a message naming the flag and variable.
 
-use std::{net::SocketAddr, path::PathBuf, str::FromStr};
+use std::{net::SocketAddr, path::PathBuf};
 
-use saga_proto::amqp::Topology;
+use saga_proto::{
+    amqp::Topology,
+    connect::{FileError, broker::BrokerFlags, read_secret_file, redact},
+};
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -17,12 +20,18 @@ pub enum LogFormat {
 /// Settings of `orchestrator serve` (and of the orchestrator inside `dev`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// PostgreSQL URL; the database is created if missing.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/sagas", value_parser = parse_database_url)]
+    /// PostgreSQL URL; the database is created if missing. `sslmode` and
+    /// `sslrootcert` are honoured; a remote host without `sslmode` gets
+    /// `verify-full`.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/sagas", value_parser = parse_database_url, hide_env_values = true)]
     pub database_url: String,
-    /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = parse_amqp_url)]
-    pub amqp_url: String,
+    /// File holding the PostgreSQL URL (instead of --database-url, so that
+    /// its password is in no environment or process list).
+    #[arg(long, env = "DATABASE_URL_FILE", conflicts_with = "database_url")]
+    pub database_url_file: Option<PathBuf>,
+    /// RabbitMQ: URL and TLS files.
+    #[command(flatten)]
+    pub broker: BrokerFlags,
     /// Address the gRPC API listens on (port 0 picks a free one).
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
@@ -109,6 +118,23 @@ impl Config {
         flows
     }
 
+    /// The PostgreSQL URL: --database-url, or the content of
+    /// --database-url-file (read now; an error names the file, never its
+    /// content).
+    pub fn database_url(&self) -> Result<String, FileError> {
+        match &self.database_url_file {
+            Some(path) => {
+                let url = read_secret_file("DATABASE_URL_FILE", path)?;
+                parse_database_url(&url).map_err(|problem| FileError {
+                    what: "DATABASE_URL_FILE",
+                    path: path.clone(),
+                    problem: redact(&problem),
+                })
+            }
+            None => Ok(self.database_url.clone()),
+        }
+    }
+
     /// Exchange and queue names for the configured namespace.
     pub fn topology(&self) -> Topology {
         Topology::new(&self.namespace).expect("validated by the parser")
@@ -119,17 +145,9 @@ fn parse_database_url(text: &str) -> Result<String, String> {
     if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
         return Err("not a PostgreSQL URL: use postgres://user@host:port/database".into());
     }
-    sqlx::postgres::PgConnectOptions::from_str(text)
+    saga_proto::connect::postgres::connect_options(text)
         .map(|_| text.to_owned())
-        .map_err(|e| format!("not a PostgreSQL URL: {e}"))
-}
-
-fn parse_amqp_url(text: &str) -> Result<String, String> {
-    let uri = lapin::uri::AMQPUri::from_str(text).map_err(|e| format!("not an AMQP URL: {e}"))?;
-    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
-        return Err("only amqp:// is supported (this build has no TLS)".into());
-    }
-    Ok(text.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_namespace(text: &str) -> Result<String, String> {
@@ -151,7 +169,6 @@ mod tests {
             ("--namespace", "Bad Name"),
             ("--grpc-addr", "nowhere"),
             ("--amqp-url", "http://x"),
-            ("--amqp-url", "amqps://x"),
             ("--database-url", "mysql://x"),
             ("--db-max-connections", "0"),
         ] {

@@ -6,8 +6,12 @@
 //!   reply and lifecycle-event envelopes (JSON bodies), and the AMQP
 //!   properties every message carries. `AMQP.md` documents it field by field
 //!   for participants written in other languages.
+//! - [`connect`]: how every service connects to PostgreSQL (feature `sqlx`)
+//!   and RabbitMQ (feature `lapin`): TLS defaults, certificate and secret
+//!   files, redacted URLs.
 
 pub mod amqp;
+pub mod connect;
 
 /// The generated `saga.v1` gRPC types, client and server.
 #[allow(missing_docs, clippy::all)]

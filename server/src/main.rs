@@ -50,8 +50,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev(config) => {
             telemetry::init(config.log_format);
-            let demo_config =
-                DemoConfig::from_urls(&config.amqp_url, &config.namespace, &config.database_url)?;
+            let mut demo_config = DemoConfig::from_urls(
+                &config.broker.amqp_url,
+                &config.namespace,
+                &config.database_url()?,
+            )?;
+            demo_config.broker = config.broker.broker()?;
             let default_addr = config.grpc_addr.port() == 50051;
             let flows = config.shipped_flows();
             let app = Orchestrator::builder(config)

@@ -42,7 +42,7 @@ pub fn config(env: &TestEnv) -> Config {
     // default `serve` has (TLS and authentication off).
     let mut config = Config::from_args(["--grpc-addr", "127.0.0.1:0"]).expect("defaults parse");
     config.database_url = env.database_url("orch");
-    config.amqp_url = AMQP_URL.to_owned();
+    config.broker = saga_proto::connect::broker::BrokerFlags::plain(AMQP_URL);
     config.namespace = env.namespace.clone();
     config.log_format = LogFormat::Pretty;
     config.db_max_connections = 4;

@@ -11,6 +11,8 @@
 //!   it, speaking the raw AMQP contract (no kit), and records what it saw.
 //! - [`proxy`]: a TCP fault proxy (cut, refuse, black-hole, latency, commit
 //!   cuts) between services and RabbitMQ / PostgreSQL.
+//! - [`tls_proxy`]: a TLS-terminating proxy in front of the shared
+//!   RabbitMQ, for `amqps://` tests.
 //! - [`processes`]: real service processes to kill -9 and restart, with
 //!   their entry points.
 //! - [`cluster`]: the real system as processes behind proxies.
@@ -36,6 +38,7 @@ pub mod orders;
 pub mod processes;
 pub mod proxy;
 pub mod scripted;
+pub mod tls_proxy;
 
 use std::{future::Future, time::Duration};
 

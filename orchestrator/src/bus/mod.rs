@@ -17,7 +17,10 @@ use std::{sync::Arc, time::Duration};
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use lapin::{Connection, ConnectionProperties};
-use saga_proto::amqp::{Topology, declare};
+use saga_proto::{
+    amqp::{Topology, declare},
+    connect::broker::Broker,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{engine::Engine, health::Health, relay::Kick};
@@ -25,8 +28,8 @@ use crate::{engine::Engine, health::Health, relay::Kick};
 /// Settings of the RabbitMQ edge.
 #[derive(Debug, Clone)]
 pub struct BusSettings {
-    /// `amqp://` URL of the broker.
-    pub url: String,
+    /// The broker, with its TLS settings.
+    pub broker: Broker,
     /// Names of exchanges and queues.
     pub topology: Topology,
     /// Unacknowledged replies the broker may push at once.
@@ -60,11 +63,11 @@ enum ConnectError {
 
 /// Connects with exponential backoff (100 ms doubling to
 /// `MAX_RECONNECT_DELAY`, jittered) until it succeeds or `shutdown` fires.
-pub async fn connect(url: &str, shutdown: &CancellationToken) -> Option<Connection> {
+pub async fn connect(broker: &Broker, shutdown: &CancellationToken) -> Option<Connection> {
     let attempt = || async {
         tokio::time::timeout(
             CONNECT_TIMEOUT,
-            Connection::connect(url, ConnectionProperties::default()),
+            broker.connect(ConnectionProperties::default()),
         )
         .await
         .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
@@ -96,7 +99,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        let Some(connection) = connect(&settings.url, &shutdown).await else {
+        let Some(connection) = connect(&settings.broker, &shutdown).await else {
             break;
         };
         match serve_connection(

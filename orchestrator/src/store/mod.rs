@@ -16,13 +16,9 @@ pub mod outbox;
 pub mod sagas;
 pub mod transition;
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
-use sqlx::{
-    ConnectOptions, PgPool, Postgres,
-    migrate::MigrateDatabase,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::{ConnectOptions, PgPool, postgres::PgPoolOptions};
 use uuid::Uuid;
 
 /// A storage failure.
@@ -31,6 +27,9 @@ pub enum StoreError {
     /// The database could not be reached or a statement failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The URL cannot be used.
+    #[error(transparent)]
+    Url(#[from] saga_proto::connect::postgres::PostgresUrlError),
     /// The schema could not be brought up to date.
     #[error("database migration failed")]
     Migration(#[from] sqlx::migrate::MigrateError),
@@ -63,8 +62,9 @@ impl Store {
     /// Connects to `url` with at most `max_connections`, creating the database
     /// if it does not exist, and applies the embedded migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        ensure_database(url).await?;
-        let options = PgConnectOptions::from_str(url)?
+        let options = saga_proto::connect::postgres::connect_options(url)?;
+        saga_proto::connect::postgres::ensure_database(&options).await?;
+        let options = options
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
             // Every query of the orchestrator finds its rows through an
             // index. Without this, a prepared statement planned while
@@ -162,18 +162,5 @@ impl Store {
             .into_iter()
             .map(|(name, version)| (name, version as u32))
             .collect())
-    }
-}
-
-/// Creates the database named in `url` unless it exists. Two processes may
-/// race to create it: losing that race is fine.
-pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
-    if Postgres::database_exists(url).await? {
-        return Ok(());
-    }
-    match Postgres::create_database(url).await {
-        Ok(()) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }

@@ -19,18 +19,8 @@ fn rate(value: &str) -> Result<f64, String> {
     parse_rate("rate", value).map_err(|e| e.message)
 }
 
-fn amqp_url(value: &str) -> Result<String, String> {
-    let uri: lapin::uri::AMQPUri = value.parse()?;
-    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
-        return Err("only amqp:// is supported (this build has no TLS)".into());
-    }
-    Ok(value.to_owned())
-}
-
 fn database_url(value: &str) -> Result<String, String> {
-    value
-        .parse::<sqlx::postgres::PgConnectOptions>()
-        .map_err(|e| e.to_string())?;
+    saga_proto::connect::postgres::connect_options(value).map_err(|e| e.to_string())?;
     Ok(value.to_owned())
 }
 
@@ -54,26 +44,27 @@ struct Args {
     names: Vec<String>,
 
     /// Base PostgreSQL URL; each participant uses the database PREFIX + NAME on that server.
+    /// `sslmode`/`sslrootcert` are honoured; a remote host without `sslmode` gets `verify-full`.
     #[arg(
         long,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        value_parser = database_url
+        value_parser = database_url,
+        hide_env_values = true
     )]
     database_url: String,
+
+    /// File holding the base PostgreSQL URL (instead of --database-url).
+    #[arg(long, env = "DATABASE_URL_FILE", conflicts_with = "database_url")]
+    database_url_file: Option<std::path::PathBuf>,
 
     /// Prefix (PREFIX) of the per-participant database names; default: the namespace and '_'.
     #[arg(long, env = "DATABASE_PREFIX")]
     database_prefix: Option<String>,
 
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        value_parser = amqp_url
-    )]
-    amqp_url: String,
+    /// RabbitMQ: URL and TLS files.
+    #[command(flatten)]
+    broker: saga_proto::connect::broker::BrokerFlags,
 
     /// Namespace prefixed to every exchange and queue name.
     #[arg(long, env = "SAGA_NAMESPACE", default_value = "saga", value_parser = namespace)]
@@ -136,8 +127,12 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn config(args: &Args) -> anyhow::Result<DemoConfig> {
-    // The value parsers already checked each of these.
-    let mut config = DemoConfig::from_urls(&args.amqp_url, &args.namespace, &args.database_url)?;
+    let database_url = match &args.database_url_file {
+        Some(path) => saga_proto::connect::read_secret_file("DATABASE_URL_FILE", path)?,
+        None => args.database_url.clone(),
+    };
+    let mut config = DemoConfig::from_urls(&args.broker.amqp_url, &args.namespace, &database_url)?;
+    config.broker = args.broker.broker()?;
     config.database_prefix = args.database_prefix.clone();
     config.pool = PoolSettings {
         max_connections: args.db_pool_size,

@@ -31,6 +31,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use saga_proto::amqp::{InvalidName, Topology};
+use saga_proto::connect::broker::Broker;
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -121,8 +122,11 @@ pub enum DemoError {
     #[error(transparent)]
     Namespace(#[from] InvalidName),
     /// The database URL could not be parsed.
-    #[error("invalid database URL: {0}")]
-    DatabaseUrl(#[source] sqlx::Error),
+    #[error(transparent)]
+    DatabaseUrl(#[from] saga_proto::connect::postgres::PostgresUrlError),
+    /// The broker settings cannot be used.
+    #[error(transparent)]
+    Broker(#[from] saga_proto::connect::broker::BrokerError),
     /// A derived database name is too long for PostgreSQL.
     #[error(
         "database name {0:?} is longer than {MAX_DATABASE_NAME} bytes; use a shorter namespace or prefix"
@@ -145,8 +149,8 @@ pub enum DemoError {
 /// Configuration shared by the demo services.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
-    /// RabbitMQ URL.
-    pub amqp_url: String,
+    /// RabbitMQ, with its TLS settings.
+    pub broker: Broker,
     /// Namespace of every exchange and queue.
     pub topology: Topology,
     /// Server and credentials; the database name is replaced per service.
@@ -170,9 +174,9 @@ pub struct DemoConfig {
 
 impl DemoConfig {
     /// Defaults for everything but the addresses.
-    pub fn new(amqp_url: &str, topology: Topology, database: PgConnectOptions) -> Self {
+    pub fn new(broker: Broker, topology: Topology, database: PgConnectOptions) -> Self {
         Self {
-            amqp_url: amqp_url.to_owned(),
+            broker,
             topology,
             database,
             database_prefix: None,
@@ -192,10 +196,8 @@ impl DemoConfig {
         database_url: &str,
     ) -> Result<Self, DemoError> {
         let topology = Topology::new(namespace)?;
-        let database = database_url
-            .parse::<PgConnectOptions>()
-            .map_err(DemoError::DatabaseUrl)?;
-        Ok(Self::new(amqp_url, topology, database))
+        let database = saga_proto::connect::postgres::connect_options(database_url)?;
+        Ok(Self::new(Broker::new(amqp_url)?, topology, database))
     }
 
     /// The database name of `service`.
@@ -221,7 +223,7 @@ impl DemoConfig {
         faults: &std::sync::Arc<FaultInjector>,
     ) -> ParticipantConfig {
         ParticipantConfig {
-            amqp_url: self.amqp_url.clone(),
+            broker: self.broker.clone(),
             topology: self.topology.clone(),
             database: self.database_for(service),
             pool: self.pool.clone(),

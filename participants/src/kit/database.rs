@@ -77,40 +77,10 @@ fn is_refusal(error: &sqlx::Error) -> bool {
         .is_some_and(|code| code.starts_with("28") || code == "42501")
 }
 
-fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Creates the database named by `options` when it does not exist, through
-/// the `postgres` maintenance database on the same server. Safe against a
-/// concurrent creator: losing the race is success.
-pub async fn ensure_database(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
-    let name = options
-        .get_database()
-        .ok_or_else(|| sqlx::Error::Configuration("no database name".into()))?
-        .to_owned();
-    let mut admin = PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await?;
-    if !exists {
-        let created = sqlx::query(&format!("CREATE DATABASE {}", quote_identifier(&name)))
-            .execute(&mut admin)
-            .await;
-        match created {
-            Ok(_) => tracing::info!(database = %name, "created database"),
-            // 42P04 duplicate_database; 23505 when both creators reached the
-            // catalog's unique index at once.
-            Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    admin.close().await.ok();
-    Ok(())
-}
+/// Creates the database named by `options` when it does not exist (the
+/// one way every service does it: [`saga_proto::connect::postgres`]).
+pub use saga_proto::connect::postgres::ensure_database;
+use saga_proto::connect::postgres::quote_identifier;
 
 /// Drops the database named by `options` if it exists, disconnecting its
 /// users (for tests and tear-downs).

@@ -89,4 +89,7 @@ pub use handler::{Command, Handler, HandlerError, HandlerWith, Outcome, Tx};
 pub use participant::{
     KitError, Participant, ParticipantBuilder, ParticipantConfig, ParticipantHandle, SetupHook,
 };
+/// How the kit reaches RabbitMQ (URL, TLS files): the one broker connection
+/// of every service.
+pub use saga_proto::connect::broker::{Broker, BrokerError};
 pub use stats::{Stats, StatsSnapshot};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_proto::amqp::{Phase, Topology};
+use saga_proto::connect::broker::Broker;
 use sagas::contract::{Action, Compensation, Contract};
 use sagas::names::ParticipantName;
 use sqlx::PgPool;
@@ -299,8 +300,8 @@ impl ParticipantBuilder {
 /// Where and how a participant runs.
 #[derive(Debug, Clone)]
 pub struct ParticipantConfig {
-    /// RabbitMQ URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
-    pub amqp_url: String,
+    /// RabbitMQ, with its TLS settings.
+    pub broker: Broker,
     /// Namespace of every exchange and queue name.
     pub topology: Topology,
     /// The participant's own database (created if missing).
@@ -325,9 +326,9 @@ pub struct ParticipantConfig {
 impl ParticipantConfig {
     /// Defaults for everything but the addresses: prefetch 16, concurrency
     /// 4, batches of up to 16, pool of 5, relay every second, no faults.
-    pub fn new(amqp_url: &str, topology: Topology, database: PgConnectOptions) -> Self {
+    pub fn new(broker: Broker, topology: Topology, database: PgConnectOptions) -> Self {
         Self {
-            amqp_url: amqp_url.to_owned(),
+            broker,
             topology,
             database,
             pool: PoolSettings::default(),
@@ -410,7 +411,7 @@ impl Participant {
         }
         let stats = Arc::new(Stats::default());
         let settings = ConsumerSettings {
-            amqp_url: config.amqp_url.clone(),
+            broker: config.broker.clone(),
             prefetch: config.prefetch,
             concurrency: config.concurrency,
             max_batch: config.max_batch,

@@ -332,7 +332,11 @@ impl TestApp {
         if !self.extra_queues.contains(&queue) {
             self.extra_queues.push(queue);
         }
-        let mut config = ParticipantConfig::new(&amqp_url(), self.topology.clone(), database);
+        let mut config = ParticipantConfig::new(
+            saga_proto::connect::broker::Broker::new(&amqp_url()).unwrap(),
+            self.topology.clone(),
+            database,
+        );
         config.pool = self.config.pool.clone();
         config.relay_interval = self.config.relay_interval;
         config.faults = FaultInjector::new(faults);

@@ -32,9 +32,23 @@ impl DemoParticipants {
 
     /// Starts `services` only.
     pub async fn start_services(env: &TestEnv, services: &[Service], faults: FaultConfig) -> Self {
+        Self::start_on(env, services, faults, None).await
+    }
+
+    /// Starts `services` reaching RabbitMQ through `broker` (default: the
+    /// shared one, in plaintext).
+    pub async fn start_on(
+        env: &TestEnv,
+        services: &[Service],
+        faults: FaultConfig,
+        broker: Option<participants::kit::Broker>,
+    ) -> Self {
         let mut config =
             DemoConfig::from_urls(AMQP_URL, &env.namespace, &format!("{POSTGRES}/postgres"))
                 .expect("demo config");
+        if let Some(broker) = broker {
+            config.broker = broker;
+        }
         config.database_prefix = Some(format!("{}_", env.namespace));
         // Several tests run at once against one PostgreSQL.
         config.pool.max_connections = 2;

@@ -733,3 +733,163 @@ async fn serve_on_an_exposed_address_without_tls_and_auth_exits_naming_insecure_
     let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
     app.stop().await;
 }
+
+/// Counts the backends of `database` by whether they use TLS.
+async fn backends_by_tls(pool: &sqlx::PgPool, database: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
+    )
+    .bind(database)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn database_exists(name: &str) -> bool {
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", saga_tests::env::POSTGRES))
+        .await
+        .unwrap();
+    let exists = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    exists
+}
+
+#[tokio::test]
+async fn postgres_connections_are_encrypted_and_a_wrong_ca_stops_start_up() {
+    let env = TestEnv::new();
+    let database = format!("{}_orch", env.namespace);
+    let mut config = app::config(&env);
+    config.database_url = format!("{}?sslmode=require", env.database_url("orch"));
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+    app.start(FOUR_STEPS, 1, serde_json::json!({"order": "o-1"}))
+        .await;
+    let (encrypted, plain) = backends_by_tls(&app.pool, &database).await;
+    assert!(
+        encrypted >= 2 && plain == 0,
+        "{encrypted} encrypted, {plain} plaintext"
+    );
+    // The check sees a plaintext connection when there is one.
+    let clear = <sqlx::PgConnection as sqlx::Connection>::connect(&format!(
+        "{}?sslmode=disable",
+        env.database_url("orch")
+    ))
+    .await
+    .unwrap();
+    assert_eq!(backends_by_tls(&app.pool, &database).await.1, 1);
+    sqlx::Connection::close(clear).await.unwrap();
+    app.stop().await;
+
+    // verify-full against a CA that did not sign the server's certificate:
+    // start-up stops at once, naming PostgreSQL, before anything is written.
+    let other = TestEnv::new();
+    let dir = CertDir::new();
+    let wrong_ca = TestCa::new("not the server's CA").write(&dir, "ca");
+    let mut config = app::config(&other);
+    config.database_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        other.database_url("orch"),
+        wrong_ca.display()
+    );
+    let started = std::time::Instant::now();
+    let refused = orchestrator::Application::build(
+        config,
+        catalog(Duration::from_secs(30)),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let message = sagas::errors::Chain(&refused).to_string();
+    assert!(
+        message.contains("PostgreSQL") && message.to_lowercase().contains("certificate"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "it retried a TLS refusal"
+    );
+    assert!(!database_exists(&format!("{}_orch", other.namespace)).await);
+}
+
+#[tokio::test]
+async fn orchestrator_and_participants_work_over_amqps_and_refuse_another_ca() {
+    use participants::{
+        demo::Service,
+        kit::{Broker, FaultConfig},
+    };
+    let env = TestEnv::new();
+    let dir = CertDir::new();
+    let ca = TestCa::new("broker CA");
+    let proxy =
+        saga_tests::tls_proxy::TlsProxy::start(&ca.server(), "127.0.0.1:5672".parse().unwrap())
+            .await;
+    let ca_file = ca.write(&dir, "broker-ca");
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", proxy.addr.port());
+
+    let mut config = app::config(&env);
+    config.broker = saga_proto::connect::broker::BrokerFlags::plain(&url);
+    config.broker.amqp_ca_file = Some(ca_file.clone());
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+    let broker = Broker::new(&url).unwrap().with_ca_file(&ca_file).unwrap();
+    let demo = crate::e2e::DemoParticipants::start_on(
+        &env,
+        &Service::ALL,
+        FaultConfig::default(),
+        Some(broker),
+    )
+    .await;
+    let saga_id = app
+        .start(
+            "order_placement",
+            0,
+            crate::e2e::one_line("o-tls", "alice", "sku-1", 1, 500),
+        )
+        .await;
+    app.wait_for_state(&saga_id, saga_proto::v1::SagaState::Completed)
+        .await;
+    // Orchestrator, four participants (and the start-up check) came through
+    // the TLS proxy: there is no other way to the broker at that address.
+    assert!(proxy.handshakes() >= 5, "{} handshakes", proxy.handshakes());
+    demo.stop().await;
+    app.stop().await;
+
+    // Another CA: the orchestrator refuses to start, naming RabbitMQ, and
+    // writes nothing; the kit's connection (the same Broker) is refused.
+    let other = TestEnv::new();
+    let wrong_ca = TestCa::new("not the broker's CA").write(&dir, "wrong-ca");
+    let mut config = app::config(&other);
+    config.broker = saga_proto::connect::broker::BrokerFlags::plain(&url);
+    config.broker.amqp_ca_file = Some(wrong_ca.clone());
+    let refused_before = proxy.refused();
+    let refused = orchestrator::Application::build(
+        config,
+        catalog(Duration::from_secs(30)),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let message = sagas::errors::Chain(&refused).to_string();
+    assert!(
+        message.contains("RabbitMQ at amqps://guest:***@localhost"),
+        "{message}"
+    );
+    assert!(!message.contains("guest:guest"), "{message}");
+    assert!(!database_exists(&format!("{}_orch", other.namespace)).await);
+    let kit = Broker::new(&url).unwrap().with_ca_file(&wrong_ca).unwrap();
+    let error = kit
+        .connect(lapin::ConnectionProperties::default())
+        .await
+        .unwrap_err();
+    assert!(
+        saga_proto::connect::broker::is_tls_error(&error),
+        "{error:?}"
+    );
+    assert!(
+        proxy.refused() >= refused_before + 2,
+        "the proxy saw the refusals"
+    );
+}

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 /// Where the participants run.
 #[derive(Debug, Clone)]
 pub struct ServicesConfig {
-    /// RabbitMQ URL.
-    pub amqp_url: String,
+    /// RabbitMQ, with its TLS settings.
+    pub broker: participants::kit::Broker,
     /// Namespace shared with the orchestrator.
     pub topology: Topology,
     /// PostgreSQL server and credentials; each participant uses database
@@ -36,6 +36,9 @@ pub enum ServicesError {
     /// The PostgreSQL URL does not parse.
     #[error("invalid PostgreSQL URL")]
     Url(#[source] sqlx::Error),
+    /// The RabbitMQ URL does not parse.
+    #[error(transparent)]
+    Broker(#[from] participants::kit::BrokerError),
     /// The namespace is not a valid name.
     #[error(transparent)]
     Namespace(#[from] saga_proto::amqp::InvalidName),
@@ -56,7 +59,7 @@ impl ServicesConfig {
     /// `<namespace>_itinerary`.
     pub fn new(amqp_url: &str, namespace: &str, postgres_url: &str) -> Result<Self, ServicesError> {
         Ok(Self {
-            amqp_url: amqp_url.to_owned(),
+            broker: participants::kit::Broker::new(amqp_url)?,
             topology: Topology::new(namespace)?,
             postgres: PgConnectOptions::from_str(postgres_url).map_err(ServicesError::Url)?,
             database_prefix: format!("{namespace}_"),
@@ -70,7 +73,8 @@ impl ServicesConfig {
             .postgres
             .clone()
             .database(&format!("{}{name}", self.database_prefix));
-        let mut config = ParticipantConfig::new(&self.amqp_url, self.topology.clone(), database);
+        let mut config =
+            ParticipantConfig::new(self.broker.clone(), self.topology.clone(), database);
         config.pool = PoolSettings {
             max_connections: self.max_connections,
             ..PoolSettings::default()

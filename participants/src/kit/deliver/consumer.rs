@@ -34,6 +34,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Connection, ConnectionProperties};
+use saga_proto::connect::broker::Broker;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,8 +76,8 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
 /// Connection and flow-control settings of a consumer.
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumerSettings {
-    /// Broker URL.
-    pub amqp_url: String,
+    /// The broker.
+    pub broker: Broker,
     /// Most unacknowledged deliveries the broker pushes (`basic.qos`).
     pub prefetch: u16,
     /// Most batches handled at once.
@@ -233,10 +234,9 @@ fn reconnect_backoff() -> ExponentialBuilder {
 /// Connects with backoff, each attempt bounded by [`CONNECT_TIMEOUT`]; the
 /// connection is named after the queue so an operator can tell participants
 /// (and namespaces) apart in the broker.
-async fn connect(url: &str, name: &str, queue: &str) -> Result<Connection, SessionError> {
+async fn connect(broker: &Broker, name: &str, queue: &str) -> Result<Connection, SessionError> {
     let connect = || async {
-        let attempt = Connection::connect(
-            url,
+        let attempt = broker.connect(
             ConnectionProperties::default()
                 .with_connection_name(format!("participant {name} on {queue}").into()),
         );
@@ -264,7 +264,7 @@ pub(crate) async fn serve<H: DeliveryHandler>(
     loop {
         let connection = tokio::select! {
             () = shutdown.cancelled() => return,
-            c = connect(&settings.amqp_url, handler.name(), &queue) => match c {
+            c = connect(&settings.broker, handler.name(), &queue) => match c {
                 Ok(c) => c,
                 // Only reachable if the backoff were bounded.
                 Err(e) => {

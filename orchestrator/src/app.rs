@@ -264,6 +264,11 @@ impl Application {
                 max_batch: usize::from(config.reply_batch),
                 workers: usize::from(config.reply_workers),
                 queue_type: config.queue_type,
+                senders: config.verify_reply_sender.then(|| {
+                    Arc::new(bus::senders::ReplySenders::new(
+                        config.reply_senders.iter().cloned(),
+                    ))
+                }),
             },
             engine.clone(),
             outgoing,

@@ -79,6 +79,14 @@ pub struct Config {
     /// their roles; re-read on SIGHUP). Without it the API is open.
     #[arg(long, env = "AUTH_TOKENS_FILE")]
     pub auth_tokens: Option<PathBuf>,
+    /// Dead-letter and count every reply whose AMQP `user_id` is not the
+    /// broker user of its step's participant (docs/SECURITY.md).
+    #[arg(long, env = "VERIFY_REPLY_SENDER")]
+    pub verify_reply_sender: bool,
+    /// `participant=user`: the broker user of a participant whose user is
+    /// not named like it (repeatable, or comma-separated in the variable).
+    #[arg(long = "reply-sender", env = "REPLY_SENDERS", value_delimiter = ',', value_parser = crate::bus::senders::parse_pair, requires = "verify_reply_sender")]
+    pub reply_senders: Vec<(sagas::names::ParticipantName, String)>,
     /// Allow serving on a non-loopback address without TLS and
     /// authentication (logged as a warning at start and every hour).
     #[arg(long, env = "SAGA_INSECURE")]

@@ -286,6 +286,36 @@ impl Engine {
         self.operator_event(saga_id, Event::OperatorRetry, by).await
     }
 
+    /// The participant of `step` in `saga_id`'s flow, if the saga and the
+    /// step exist (for checking who may answer for it).
+    pub async fn step_participant(
+        &self,
+        saga_id: Uuid,
+        step: &str,
+    ) -> Result<Option<String>, EngineError> {
+        let (cached, _) = self.after_commit.cache().get_many(&[saga_id]);
+        let flow_of = match cached.get(&saga_id) {
+            Some(state) => Some((state.saga_type.clone(), state.version)),
+            None => {
+                let found = saga_rows::flow_of(self.store.pool(), saga_id)
+                    .await
+                    .map_err(EngineError::from);
+                self.observe(found)?
+            }
+        };
+        let Some((saga_type, version)) = flow_of else {
+            return Ok(None);
+        };
+        let Ok(flow) = self.catalog.get(&saga_type, version) else {
+            return Ok(None);
+        };
+        Ok(flow
+            .steps()
+            .iter()
+            .find(|s| s.name.as_str() == step)
+            .map(|s| s.participant.to_string()))
+    }
+
     /// One saga as stored.
     pub async fn get(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
         let found = saga_rows::get(self.store.pool(), saga_id)

@@ -18,7 +18,10 @@ use saga_proto::amqp::ReplyMessage;
 use sagas::errors::Chain;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, EngineError};
+use crate::{
+    bus::senders::{ReplySenders, Sender},
+    engine::{Engine, EngineError},
+};
 
 /// Consumes `queue` until `shutdown` (after finishing and acknowledging the
 /// batches in hand) or until the channel breaks. Up to `workers` batches are
@@ -70,7 +73,7 @@ pub async fn run(
                         _ => break,
                     }
                 }
-                match decode(batch).await {
+                match decode(batch, &engine, settings.senders.as_deref()).await {
                     Ok((replies, tags)) => {
                         acks.outstanding.extend(tags.iter().copied());
                         in_flight.push(apply(engine.clone(), replies, tags, shutdown.clone()));
@@ -123,8 +126,10 @@ impl AckWindow {
 }
 
 /// Consumer tuning.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConsumerSettings {
+    /// With `--verify-reply-sender`: who may answer for which participant.
+    pub senders: Option<Arc<ReplySenders>>,
     /// Unacknowledged replies the broker may push at once.
     pub prefetch: u16,
     /// Most replies in one transaction.
@@ -134,13 +139,24 @@ pub struct ConsumerSettings {
 }
 
 /// Splits a batch into decodable replies (with their delivery tags) and
-/// rejects the rest without requeue, so they are dead-lettered.
-async fn decode(batch: Vec<Delivery>) -> lapin::Result<(Vec<ReplyMessage>, Vec<u64>)> {
+/// rejects the rest without requeue, so they are dead-lettered: the
+/// undecodable, and, with `senders`, replies not published by the user of
+/// their step's participant.
+async fn decode(
+    batch: Vec<Delivery>,
+    engine: &Engine,
+    senders: Option<&ReplySenders>,
+) -> lapin::Result<(Vec<ReplyMessage>, Vec<u64>)> {
     let mut replies = Vec::with_capacity(batch.len());
     let mut accepted = Vec::with_capacity(batch.len());
     for delivery in batch {
         match serde_json::from_slice::<ReplyMessage>(&delivery.data) {
             Ok(reply) => {
+                if let Some(senders) = senders
+                    && !sender_verified(engine, senders, &reply, &delivery).await?
+                {
+                    continue;
+                }
                 replies.push(reply);
                 accepted.push(delivery.delivery_tag);
             }
@@ -154,6 +170,54 @@ async fn decode(batch: Vec<Delivery>) -> lapin::Result<(Vec<ReplyMessage>, Vec<u
         }
     }
     Ok((replies, accepted))
+}
+
+/// Whether `reply` may be applied: published by its step's participant's
+/// user, or for a saga or step this orchestrator does not know (the engine
+/// ignores those). A forged reply is dead-lettered and counted here; a
+/// reply whose step cannot be looked up now (database away) goes back to
+/// the queue. `Ok(false)`: the delivery is settled.
+async fn sender_verified(
+    engine: &Engine,
+    senders: &ReplySenders,
+    reply: &ReplyMessage,
+    delivery: &Delivery,
+) -> lapin::Result<bool> {
+    let participant = match engine.step_participant(reply.saga_id, &reply.step).await {
+        Ok(Some(participant)) => participant,
+        Ok(None) => return Ok(true),
+        Err(error) => {
+            tracing::warn!(error = %Chain(&error), saga_id = %reply.saga_id, "cannot check a reply's sender now; requeued");
+            delivery
+                .reject(BasicRejectOptions { requeue: true })
+                .await?;
+            return Ok(false);
+        }
+    };
+    let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+    match senders.check(&participant, user_id) {
+        Sender::Verified => Ok(true),
+        Sender::Forged {
+            participant,
+            expected,
+            actual,
+        } => {
+            tracing::warn!(
+                saga_id = %reply.saga_id,
+                step = %reply.step,
+                %participant,
+                %expected,
+                actual = actual.as_deref().unwrap_or("(none)"),
+                "reply not published by the step's participant: dead-lettered, step not moved"
+            );
+            metrics::counter!("saga_replies_forged_total", "participant" => participant)
+                .increment(1);
+            delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
+            Ok(false)
+        }
+    }
 }
 
 /// Applies one batch; returns its tags and whether it committed.

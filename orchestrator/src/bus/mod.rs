@@ -11,6 +11,7 @@
 
 pub mod consumer;
 pub mod publisher;
+pub mod senders;
 
 use std::{sync::Arc, time::Duration};
 
@@ -40,6 +41,8 @@ pub struct BusSettings {
     pub workers: usize,
     /// Kind of the reply queue.
     pub queue_type: QueueType,
+    /// With `--verify-reply-sender`: who may answer for which participant.
+    pub senders: Option<Arc<senders::ReplySenders>>,
 }
 
 /// Which kind of queue the reply queue is (quorum unless measuring).
@@ -162,6 +165,7 @@ async fn serve_connection(
         consume_channel,
         settings.topology.reply_queue(),
         consumer::ConsumerSettings {
+            senders: settings.senders.clone(),
             prefetch: settings.prefetch,
             max_batch: settings.max_batch,
             workers: settings.workers,

@@ -123,6 +123,16 @@ pub async fn claim_due(
     rows.iter().map(decode_state).collect()
 }
 
+/// The flow (type and version) of a saga, if it exists.
+pub async fn flow_of(pool: &PgPool, id: Uuid) -> Result<Option<(String, u32)>, StoreError> {
+    let row: Option<(String, i32)> =
+        sqlx::query_as("SELECT saga_type, version FROM sagas WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(t, v)| (t, v as u32)))
+}
+
 /// One saga by id.
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<SagaRecord>, StoreError> {
     let row = sqlx::query(&format!("SELECT id, {COLUMNS} FROM sagas WHERE id = $1"))

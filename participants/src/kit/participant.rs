@@ -432,6 +432,7 @@ impl Participant {
                 config.faults.clone(),
                 stats.clone(),
                 config.relay_interval,
+                Some(config.broker.user().to_owned()).filter(|u| !u.is_empty()),
             );
             consumers.push(spawn_consumer(
                 Arc::new(service),

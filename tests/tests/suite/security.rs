@@ -13,6 +13,7 @@ use saga_tests::{
     app::{self, TestApp},
     certs::{CertDir, Issued, TestCa},
     env::TestEnv,
+    eventually,
 };
 use sha2::{Digest, Sha256};
 use tonic::{
@@ -892,4 +893,190 @@ async fn orchestrator_and_participants_work_over_amqps_and_refuse_another_ca() {
         proxy.refused() >= refused_before + 2,
         "the proxy saw the refusals"
     );
+}
+
+/// Broker users made for one test, deleted when dropped.
+struct BrokerUsers(Vec<String>);
+
+impl BrokerUsers {
+    fn create(names: &[String], password: &str) -> Self {
+        let users = Self(Vec::new());
+        let mut users = users;
+        for name in names {
+            rabbitmqctl(&["add_user", name, password]);
+            users.0.push(name.clone());
+            rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        }
+        users
+    }
+}
+
+impl Drop for BrokerUsers {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_user", name])
+                .output();
+        }
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
+}
+
+#[tokio::test]
+async fn a_reply_published_by_another_participants_user_is_dead_lettered_and_counted() {
+    use lapin::{
+        BasicProperties, ConnectionProperties,
+        options::{BasicPublishOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    use participants::{
+        demo::Service,
+        kit::{Broker, FaultConfig},
+    };
+    use saga_proto::amqp::{
+        CONTENT_TYPE, CommandMessage, Phase, REPLY_TYPE, ReplyMessage, ReplyStatus,
+    };
+    use saga_proto::v1::{SagaState, StepState};
+
+    let env = TestEnv::new();
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let user = |service: &str| format!("{}-{service}", env.namespace);
+    let _users = BrokerUsers::create(
+        &[user("inventory"), user("payment"), user("orders")],
+        &password,
+    );
+    let url_of = |service: &str| format!("amqp://{}:{password}@127.0.0.1:5672/%2f", user(service));
+
+    let mut config = app::config(&env);
+    config.verify_reply_sender = true;
+    config.reply_senders = ["inventory", "payment", "orders"]
+        .map(|s| orchestrator::bus::senders::parse_pair(&format!("{s}={}", user(s))).unwrap())
+        .to_vec();
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+    let mut running = Vec::new();
+    // Each command participant as its own broker user; notification only
+    // listens to events, as guest.
+    for service in [Service::Inventory, Service::Orders, Service::Notification] {
+        let broker = (service != Service::Notification)
+            .then(|| Broker::new(&url_of(service.name())).unwrap());
+        running.push(
+            crate::e2e::DemoParticipants::start_on(
+                &env,
+                &[service],
+                FaultConfig::default(),
+                broker,
+            )
+            .await,
+        );
+    }
+
+    // Payment is not running yet: its step waits with its command in the
+    // outbox (no queue to route to).
+    let saga_id = app
+        .start(
+            "order_placement",
+            0,
+            crate::e2e::one_line("o-forged", "alice", "sku-1", 1, 500),
+        )
+        .await;
+    let command: CommandMessage =
+        eventually("the payment command in the outbox", app::WAIT, || async {
+            let body: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT body FROM outbox WHERE saga_id = $1::uuid AND routing_key = 'payment'",
+            )
+            .bind(&saga_id)
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap();
+            body.map(|b| serde_json::from_slice(&b).unwrap())
+        })
+        .await;
+    assert_eq!(command.participant, "payment");
+
+    // Inventory's user answers for payment's step: "rejected", which would
+    // compensate the order if it were believed.
+    let topology = env.topology();
+    let inventory =
+        lapin::Connection::connect(&url_of("inventory"), ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = inventory.create_channel().await.unwrap();
+    let forged = ReplyMessage {
+        saga_id: command.saga_id,
+        step: command.step.clone(),
+        phase: Phase::Action,
+        attempt: command.attempt,
+        idempotency_key: command.idempotency_key.clone(),
+        status: ReplyStatus::Rejected,
+        data: serde_json::Value::Null,
+        reason: Some("card declined (forged)".into()),
+    };
+    channel
+        .basic_publish(
+            "".into(),
+            topology.reply_queue().as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&forged).unwrap(),
+            BasicProperties::default()
+                .with_content_type(CONTENT_TYPE.into())
+                .with_type(REPLY_TYPE.into())
+                .with_user_id(user("inventory").as_str().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dead_letters = topology.dead_letter_queue();
+    eventually(
+        "the forged reply in the dead-letter queue",
+        app::WAIT,
+        || async {
+            let queue = channel
+                .queue_declare(
+                    dead_letters.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            (queue.message_count() == 1).then_some(())
+        },
+    )
+    .await;
+    let saga = app.get(&saga_id).await;
+    assert_eq!(saga.state(), SagaState::Running, "{saga:#?}");
+    let charge = saga.steps.iter().find(|s| s.name == command.step).unwrap();
+    assert_eq!(
+        charge.state(),
+        StepState::Running,
+        "the step did not move: {saga:#?}"
+    );
+    inventory.close(200, "done".into()).await.unwrap();
+
+    // Payment's own user answers: the order completes, every reply of the
+    // kit having been verified by its user_id.
+    running.push(
+        crate::e2e::DemoParticipants::start_on(
+            &env,
+            &[Service::Payment],
+            FaultConfig::default(),
+            Some(Broker::new(&url_of("payment")).unwrap()),
+        )
+        .await,
+    );
+    app.wait_for_state(&saga_id, SagaState::Completed).await;
+    for participants in running {
+        participants.stop().await;
+    }
+    app.stop().await;
 }

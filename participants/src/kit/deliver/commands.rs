@@ -38,6 +38,10 @@ pub(crate) struct CommandService {
     stats: Arc<Stats>,
     /// Period of the relay.
     relay_interval: Duration,
+    /// The broker user replies are published as (their `user_id`, which
+    /// RabbitMQ checks and the orchestrator can verify); none under
+    /// EXTERNAL authentication without a user in the URL.
+    sender: Option<String>,
 }
 
 impl CommandService {
@@ -48,6 +52,7 @@ impl CommandService {
         faults: Arc<FaultInjector>,
         stats: Arc<Stats>,
         relay_interval: Duration,
+        sender: Option<String>,
     ) -> Self {
         Self {
             name,
@@ -56,6 +61,7 @@ impl CommandService {
             faults,
             stats,
             relay_interval,
+            sender,
         }
     }
 
@@ -91,7 +97,9 @@ impl CommandService {
             self.publish(publisher, &pending).await;
             if self.faults.duplicate_reply() {
                 tracing::warn!(participant = %self.name, saga_id = %received.message.saga_id, "fault injection: duplicating the reply");
-                replies::publish(publisher, &pending).await.ok();
+                replies::publish(publisher, &pending, self.sender.as_deref())
+                    .await
+                    .ok();
             }
         }
         crate::crash_point!("participant::before_ack");
@@ -104,7 +112,7 @@ impl CommandService {
     /// Publishes with a few quick retries (e.g. the reply queue is being
     /// declared right now); on failure the outbox row stays for the relay.
     async fn publish(&self, publisher: &Channel, pending: &PendingReply) {
-        let attempt = || replies::publish(publisher, pending);
+        let attempt = || replies::publish(publisher, pending, self.sender.as_deref());
         let published = attempt
             .retry(
                 ExponentialBuilder::default()
@@ -192,7 +200,7 @@ impl CommandService {
             attempts,
         } in lease.take()
         {
-            match replies::publish(publisher, &reply).await {
+            match replies::publish(publisher, &reply, self.sender.as_deref()).await {
                 Ok(()) => {
                     lease.published(id).await?;
                     published += 1;

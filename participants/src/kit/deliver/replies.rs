@@ -55,17 +55,28 @@ impl PublishError {
 
 /// Publishes one reply through the default exchange and waits for the
 /// broker's confirm, at most [`CONFIRM_TIMEOUT`]. `mandatory` turns "no
-/// such queue" into an error here instead of a silent drop.
-pub(crate) async fn publish(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
+/// such queue" into an error here instead of a silent drop. `sender`, the
+/// connection's broker user, goes in the `user_id` property: RabbitMQ
+/// refuses a `user_id` other than the connection's own, so the
+/// orchestrator can tell which participant's user published a reply.
+pub(crate) async fn publish(
+    channel: &Channel,
+    reply: &PendingReply,
+    sender: Option<&str>,
+) -> Result<(), PublishError> {
     within(
         "a publisher confirm",
         CONFIRM_TIMEOUT,
-        publish_unbounded(channel, reply),
+        publish_unbounded(channel, reply, sender),
     )
     .await?
 }
 
-async fn publish_unbounded(channel: &Channel, reply: &PendingReply) -> Result<(), PublishError> {
+async fn publish_unbounded(
+    channel: &Channel,
+    reply: &PendingReply,
+    sender: Option<&str>,
+) -> Result<(), PublishError> {
     let message_id = Uuid::now_v7();
     let mut headers = FieldTable::default();
     headers.insert(
@@ -79,6 +90,10 @@ async fn publish_unbounded(channel: &Channel, reply: &PendingReply) -> Result<()
         .with_correlation_id(reply.saga_id.to_string().into())
         .with_type(REPLY_TYPE.into())
         .with_headers(headers);
+    let properties = match sender {
+        Some(user) => properties.with_user_id(user.into()),
+        None => properties,
+    };
     let confirmation = channel
         .basic_publish(
             "".into(),

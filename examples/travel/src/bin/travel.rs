@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the orchestrator (same flags as `orchestrator serve`).
-    Orchestrator(Config),
+    Orchestrator(Box<Config>),
     /// Run the participants bookings, cards and itinerary.
     Participants {
         /// PostgreSQL server; databases `<namespace>_<participant>`.
@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Orchestrator(config) => {
             telemetry::init(config.log_format);
-            Orchestrator::builder(config)
+            Orchestrator::builder(*config)
                 .flows(travel_booking::flows())
                 .run(shutdown)
                 .await?;

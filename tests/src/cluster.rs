@@ -242,8 +242,10 @@ impl Cluster {
             );
             process.set_env(
                 "DATABASE_URL",
+                // Plaintext on loopback: the fault proxy reads the
+                // PostgreSQL protocol to find each COMMIT.
                 format!(
-                    "postgres://postgres@127.0.0.1:{}/{db_name}",
+                    "postgres://postgres@127.0.0.1:{}/{db_name}?sslmode=disable",
                     database.port()
                 ),
             );
@@ -282,7 +284,10 @@ impl Cluster {
             process.set_env("PARTICIPANTS", names.join(","));
             process.set_env(
                 "DATABASE_URL",
-                format!("postgres://postgres@127.0.0.1:{}/postgres", database.port()),
+                format!(
+                    "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+                    database.port()
+                ),
             );
             process.set_env("AMQP_URL", amqp_url(&broker));
             process.set_env("SAGA_NAMESPACE", env.namespace.clone());

@@ -119,7 +119,7 @@ async fn bad_requests_get_the_documented_codes_and_persist_nothing() {
     };
     assert_eq!(
         client.start_saga(huge).await.unwrap_err().code(),
-        Code::OutOfRange
+        Code::ResourceExhausted
     );
 
     for bad_id in ["", "not-a-uuid", &"9".repeat(5000)] {

@@ -4,8 +4,8 @@
 //! are unaffected (the invariant checker runs at the end).
 //!
 //! Limits (see docs/RELIABILITY.md): `input_json` at most 64 KiB
-//! (INVALID_ARGUMENT beyond), a gRPC request at most 1 MiB (OUT_OF_RANGE
-//! beyond, refused by the transport before any handler runs),
+//! (INVALID_ARGUMENT beyond), a gRPC request at most 1 MiB (RESOURCE_EXHAUSTED
+//! beyond, refused while decoding, before any handler runs),
 //! idempotency keys at most 256 bytes, ids in an order at most 128 bytes,
 //! at most 100 items, saga ids are UUIDs.
 
@@ -191,7 +191,7 @@ async fn bad_grpc_input_gets_the_documented_code_and_persists_nothing() {
         ),
     );
     let status = client.start_saga(huge).await.expect_err("over 1 MiB");
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
     for bad_id in [
         "",

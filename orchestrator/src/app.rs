@@ -85,13 +85,8 @@ pub enum StartupError {
     Broker(#[from] saga_proto::connect::broker::BrokerError),
     /// RabbitMQ refused the TLS handshake or presented a certificate that
     /// does not verify: retrying cannot cure it.
-    #[error("RabbitMQ at {broker}: the TLS connection failed")]
-    BrokerTls {
-        /// The broker, redacted.
-        broker: String,
-        /// lapin's reason.
-        source: lapin::Error,
-    },
+    #[error(transparent)]
+    BrokerTls(#[from] bus::BrokerTlsError),
     /// A secret file cannot be used.
     #[error(transparent)]
     SecretFile(#[from] saga_proto::connect::FileError),
@@ -197,7 +192,7 @@ impl Application {
         let broker = config.broker.broker()?;
         let broker_shown = broker.to_string();
         if broker.is_tls() {
-            check_broker_tls(&broker).await?;
+            bus::check_tls(&broker).await?;
         }
         if let Some(addr) = config.metrics_addr {
             metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -215,11 +210,7 @@ impl Application {
             )
             // A wrong URL or a TLS refusal (a certificate of another CA or
             // for another host) will not cure itself: stop at once.
-            .when(|error: &StoreError| match error {
-                StoreError::Url(_) => false,
-                StoreError::Database(e) => !saga_proto::connect::postgres::is_tls_error(e),
-                _ => true,
-            })
+            .when(|error: &StoreError| !error.cannot_heal())
             .notify(|error: &StoreError, delay| tracing::warn!(error = %Chain(error), ?delay, "database not ready; retrying"))
             .await?;
         check_flows(&store, &catalog).await?;
@@ -393,37 +384,6 @@ impl Application {
         self.tasks.wait().await;
         self.engine.store().close().await;
         tracing::info!("orchestrator stopped");
-    }
-}
-
-/// Connects to an amqps:// broker once before anything is written: a
-/// certificate from another CA or for another host stops the start with
-/// a message naming RabbitMQ. An unreachable broker does not: the bus waits
-/// for it as it always does.
-async fn check_broker_tls(
-    broker: &saga_proto::connect::broker::Broker,
-) -> Result<(), StartupError> {
-    let attempt = tokio::time::timeout(
-        Duration::from_secs(10),
-        broker.connect(lapin::ConnectionProperties::default()),
-    )
-    .await;
-    match attempt {
-        Ok(Ok(connection)) => {
-            let _ = connection.close(200, "start-up check".into()).await;
-            Ok(())
-        }
-        Ok(Err(error)) if saga_proto::connect::broker::is_tls_error(&error) => {
-            Err(StartupError::BrokerTls {
-                broker: broker.to_string(),
-                source: error,
-            })
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(%broker, %error, "RabbitMQ not reachable at start; will keep trying");
-            Ok(())
-        }
-        Err(_) => Ok(()),
     }
 }
 

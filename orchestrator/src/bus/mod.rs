@@ -91,6 +91,46 @@ pub async fn connect(broker: &Broker, shutdown: &CancellationToken) -> Option<Co
     }
 }
 
+/// RabbitMQ refused the TLS handshake, or showed a certificate that does
+/// not verify.
+#[derive(Debug, thiserror::Error)]
+#[error("RabbitMQ at {broker}: the TLS connection failed")]
+pub struct BrokerTlsError {
+    /// The broker, redacted.
+    broker: String,
+    /// lapin's reason.
+    source: lapin::Error,
+}
+
+/// Connects to an amqps:// broker once, before the orchestrator writes
+/// anything: a certificate from another CA or for another host stops the
+/// start with a message naming RabbitMQ. An unreachable broker does not:
+/// the bus waits for it as it always does.
+pub async fn check_tls(broker: &Broker) -> Result<(), BrokerTlsError> {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        broker.connect(ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(connection)) => {
+            let _ = connection.close(200, "start-up check".into()).await;
+            Ok(())
+        }
+        Ok(Err(source)) if saga_proto::connect::broker::is_tls_error(&source) => {
+            Err(BrokerTlsError {
+                broker: broker.to_string(),
+                source,
+            })
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%broker, %error, "RabbitMQ not reachable at start; will keep trying");
+            Ok(())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
 /// Keeps the broker side running until `shutdown`: publisher and reply
 /// consumer on a live connection, reconnecting whenever it breaks.
 pub async fn run(

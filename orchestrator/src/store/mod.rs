@@ -46,6 +46,18 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether retrying cannot cure it: a URL that does not parse, or a
+    /// TLS refusal (a certificate of another CA or for another host).
+    pub fn cannot_heal(&self) -> bool {
+        match self {
+            StoreError::Url(_) => true,
+            StoreError::Database(e) => saga_proto::connect::postgres::is_tls_error(e),
+            _ => false,
+        }
+    }
+}
+
 /// The orchestrator's database.
 #[derive(Debug, Clone)]
 pub struct Store {

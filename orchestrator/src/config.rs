@@ -71,7 +71,7 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (PEM; mTLS; re-read on
     /// SIGHUP). The certificate's first DNS name, else its CN, is the
-    /// caller; its roles come from the --auth-tokens file's [[certificate]]
+    /// caller; its roles come from the --auth-tokens file's `[[certificate]]`
     /// entries.
     #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,

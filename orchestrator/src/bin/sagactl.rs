@@ -229,21 +229,9 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
         anyhow::anyhow!(
             "cannot reach the orchestrator at {}: {}",
             cli.addr,
-            chain(&e)
+            sagas::errors::Chain(&e)
         )
     })
-}
-
-/// An error with its causes (a TLS refusal is in the causes).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn new_token(principal: &str, roles: &[String], saga_types: &[String]) -> anyhow::Result<()> {

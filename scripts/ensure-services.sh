@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes sure what saga-orchestrator needs locally is installed and running:
 # PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) and RabbitMQ on
-# 127.0.0.1:5672 (guest/guest). Idempotent: does nothing when both answer.
+# 127.0.0.1:5672 (guest/guest), and that promtool (which checks and tests
+# the alert rules in deploy/prometheus) is at hand. Idempotent: does nothing
+# when both answer and promtool is there.
 # protoc is not needed: the build vendors it (protoc-bin-vendored).
 set -euo pipefail
 
@@ -61,3 +63,37 @@ if ! rabbit_up; then
   wait_for "RabbitMQ app" 120 as_root rabbitmqctl await_startup
 fi
 log "PostgreSQL and RabbitMQ are up"
+
+# Where ensure_promtool keeps promtool when it is not on PATH; the alert
+# tests (tests/tests/suite/deploy.rs, fn promtool) look in the same place.
+promtool_cache=${XDG_CACHE_HOME:-$HOME/.cache}/saga-orchestrator/promtool
+
+# promtool, from Debian's `prometheus` package. Only the binary is taken
+# out of the package (apt-get download + dpkg-deb -x): installing it would
+# enable and start a Prometheus server, which nothing here wants.
+ensure_promtool() {
+  local found
+  if found=$(command -v promtool); then
+    log "promtool: $found"; return 0
+  fi
+  if [ -x "$promtool_cache/promtool" ]; then
+    log "promtool: $promtool_cache/promtool"; return 0
+  fi
+  log "fetching promtool (Debian package prometheus, binary only)"
+  local work; work=$(mktemp -d)
+  # apt-get download needs the package lists; a fresh machine may have none.
+  if ! (cd "$work" && apt-get download -qq prometheus >"$work/apt.log" 2>&1); then
+    as_root apt-get update -qq
+    apt_updated=1
+    if ! (cd "$work" && apt-get download -qq prometheus >"$work/apt.log" 2>&1); then
+      cat "$work/apt.log" >&2; rm -rf "$work"
+      log "cannot download the prometheus package"; return 1
+    fi
+  fi
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/pkg"
+  mkdir -p "$promtool_cache"
+  install -m 755 "$work/pkg/usr/bin/promtool" "$promtool_cache/promtool"
+  rm -rf "$work"
+  log "promtool: $promtool_cache/promtool ($("$promtool_cache/promtool" --version 2>&1 | head -n 1))"
+}
+ensure_promtool

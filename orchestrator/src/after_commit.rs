@@ -2,15 +2,19 @@
 //! state is remembered (so the next reply costs one statement), its
 //! messages go to the publisher, this instance's watch streams wake up,
 //! the timer loop learns the saga's earliest armed timer, and terminal
-//! states are counted. A crash before any of it loses nothing: the outbox
+//! transitions are counted and measured. A crash before any of it loses nothing: the outbox
 //! rows are relayed, timers are swept from the database, and the cache is
 //! only a shortcut.
 
-use sagas::{SagaInstance, SagaStatus};
+use sagas::SagaInstance;
 
 use crate::{
-    bus::publisher::Publisher, cache::SagaCache, store::outbox::OutboxMessage,
-    timers::TimerWakeups, watch::WatchHub,
+    bus::publisher::Publisher,
+    cache::SagaCache,
+    store::outbox::OutboxMessage,
+    telemetry::metrics::{self, Measured},
+    timers::TimerWakeups,
+    watch::WatchHub,
 };
 
 /// The after-commit work of one orchestrator instance.
@@ -52,7 +56,7 @@ impl AfterCommit {
         &self,
         state: &SagaInstance,
         published: Vec<OutboxMessage>,
-        finished: &[SagaStatus],
+        measured: &Measured,
     ) {
         crate::crash_point!("orchestrator::after_commit_before_publish");
         self.cache.store(state);
@@ -62,8 +66,6 @@ impl AfterCommit {
             .then(|| state.next_due_at_ms())
             .flatten();
         self.timers.track(state.id, next_due);
-        for status in finished {
-            metrics::counter!("saga_finished_total", "status" => status.as_str()).increment(1);
-        }
+        metrics::committed(state, measured);
     }
 }

@@ -22,6 +22,7 @@ use sagas::{CatalogError, SagaStatus, StepStatus, errors::Chain, names::SagaType
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -254,7 +255,9 @@ impl SagaService for SagaApi {
         request: Request<StartSagaRequest>,
     ) -> Result<Response<StartSagaResponse>, Status> {
         let principal = principal_of(&request)?;
+        let caller = saga_proto::telemetry::TraceContext::from_grpc(request.metadata());
         let request = request.into_inner();
+        let span = crate::telemetry::spans::start_saga(caller, &request.saga_type);
         // Parsed here, at the edge, by the one naming rule.
         SagaType::new(request.saga_type.as_str()).map_err(|e| invalid("saga_type", e))?;
         principal
@@ -280,6 +283,7 @@ impl SagaService for SagaApi {
                     .then_some(request.idempotency_key),
                 started_by: principal.name().to_owned(),
             })
+            .instrument(span)
             .await?;
         Ok(Response::new(StartSagaResponse {
             saga_id: started.saga_id.to_string(),

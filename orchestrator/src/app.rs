@@ -195,10 +195,8 @@ impl Application {
             bus::check_tls(&broker).await?;
         }
         if let Some(addr) = config.metrics_addr {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(addr)
-                .install()
-                .map_err(|e| StartupError::Metrics(e.to_string()))?;
+            saga_proto::telemetry::prometheus::install(addr)
+                .map_err(|e| StartupError::Metrics(Chain(&e).to_string()))?;
         }
         let connect = || Store::connect(&database_url, config.db_max_connections);
         let store = connect
@@ -237,9 +235,10 @@ impl Application {
             hub.clone(),
             wakeups.clone(),
         );
+        let catalog = Arc::new(catalog);
         let engine = Arc::new(Engine::new(
             store.clone(),
-            Arc::new(catalog),
+            catalog.clone(),
             Envelopes::new(topology.clone()),
             after_commit,
             health.clone(),
@@ -282,6 +281,11 @@ impl Application {
             shutdown.clone(),
         ));
         tasks.spawn(hub.clone().run(store.pool().clone(), shutdown.clone()));
+        tasks.spawn(crate::telemetry::gauges::run(
+            store.clone(),
+            catalog,
+            shutdown.clone(),
+        ));
         tasks.spawn(probe_database(
             store.clone(),
             health.clone(),

@@ -17,7 +17,6 @@
 use std::{collections::HashMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
-use saga_proto::amqp::ReplyMessage;
 use sagas::{
     Catalog, CatalogError, Context, Event, HistoryEntry, InputError, Refused, SagaInstance,
 };
@@ -27,7 +26,7 @@ use uuid::Uuid;
 use crate::{
     after_commit::AfterCommit,
     health::Health,
-    messages::{Effects, Envelopes, reply_event},
+    messages::{Effects, Envelopes, Received, reply_event},
     starts::StartWriter,
     store::{
         Store, StoreError,
@@ -35,8 +34,14 @@ use crate::{
         sagas::{self as saga_rows, NewSaga, SagaRecord},
         transition::{self, StartRow},
     },
+    telemetry::spans::{self, Cause},
     timers::TimerSweep,
 };
+
+/// An event for a saga, with the span it was caused by: a reply's
+/// delivery span, or `None` for the saga's own trace (timers, operator
+/// calls).
+type Caused = (Uuid, Event, Option<tracing::Span>);
 
 /// Why an engine operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +173,12 @@ impl Engine {
         let data = flow.parse_input(&request.input)?;
         let now = Utc::now();
         let saga_id = Uuid::now_v7();
-        let (state, transition) = sagas::start(&flow, saga_id, data, context(now));
+        let (mut state, transition) = sagas::start(&flow, saga_id, data, context(now));
+        // The API call's span is the saga's root: its timers and operator
+        // calls hang from it later.
+        tracing::Span::current().record("saga.id", tracing::field::display(saga_id));
+        tracing::Span::current().record("saga.version", state.version);
+        state.trace = spans::root_of_current();
         let mut effects = Effects::default();
         self.envelopes
             .collect(&state, transition, now, &mut effects);
@@ -208,8 +218,8 @@ impl Engine {
         let (saga_id, published) = self.observe(result)?;
         let created = published.is_some();
         if let Some(published) = published {
-            metrics::counter!("saga_started_total", "saga_type" => request.saga_type).increment(1);
-            self.after_commit.act(&state, published, &effects.finished);
+            crate::telemetry::metrics::started(&request.saga_type);
+            self.after_commit.act(&state, published, &effects.measured);
         }
         Ok(Started { saga_id, created })
     }
@@ -217,10 +227,10 @@ impl Engine {
     /// Applies a batch of replies. Sagas whose state is cached are written
     /// in one compare-and-set statement; the others, and any whose cached
     /// copy proved stale, in one transaction under row locks.
-    pub async fn apply_replies(&self, replies: &[ReplyMessage]) -> Result<(), EngineError> {
-        let events: Vec<(Uuid, Event)> = replies
+    pub async fn apply_replies(&self, replies: &[Received]) -> Result<(), EngineError> {
+        let events: Vec<Caused> = replies
             .iter()
-            .map(|r| (r.saga_id, reply_event(r)))
+            .map(|r| (r.reply.saga_id, reply_event(&r.reply), Some(r.span.clone())))
             .collect();
         let result = self.apply_events(&events).await;
         self.observe(result)?;
@@ -239,12 +249,12 @@ impl Engine {
                 tx.rollback().await?;
                 return Ok::<_, EngineError>(Vec::new());
             }
-            let events: Vec<(Uuid, Event)> = states
+            let events: Vec<Caused> = states
                 .iter()
                 .flat_map(|s| {
                     s.due_timers(now.timestamp_millis())
                         .into_iter()
-                        .map(|t| (s.id, Event::TimerFired(t)))
+                        .map(|t| (s.id, Event::TimerFired(t), None))
                 })
                 .collect();
             let changes = self.apply_all(
@@ -263,7 +273,7 @@ impl Engine {
         metrics::counter!("saga_timers_fired_total").increment(count as u64);
         for (change, published) in written {
             self.after_commit
-                .act(&change.state, published, &change.effects.finished);
+                .act(&change.state, published, &change.effects.measured);
         }
         Ok(count)
     }
@@ -337,10 +347,13 @@ impl Engine {
             let mut states = saga_rows::lock(&mut tx, &[saga_id]).await?;
             let state = states.pop().ok_or(EngineError::SagaNotFound(saga_id))?;
             let flow = self.catalog.get(&state.saga_type, state.version)?;
+            let span = spans::transition(&state, &event, Cause::Saga);
+            let entered = span.enter();
             // Refusals are checked before anything is written.
             let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
             let mut effects = Effects::default();
             self.envelopes.collect(&next, transition, now, &mut effects);
+            drop(entered);
             let change = Change {
                 expected: state.seq,
                 state: next,
@@ -355,24 +368,24 @@ impl Engine {
         .await;
         for (change, published) in self.observe(result)? {
             self.after_commit
-                .act(&change.state, published, &change.effects.finished);
+                .act(&change.state, published, &change.effects.measured);
         }
         self.get(saga_id).await
     }
 
     /// Applies events: the cached sagas with one compare-and-set statement,
     /// the rest (and stale ones) in a transaction under row locks.
-    async fn apply_events(&self, events: &[(Uuid, Event)]) -> Result<(), EngineError> {
+    async fn apply_events(&self, events: &[Caused]) -> Result<(), EngineError> {
         let now = Utc::now();
-        let mut ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+        let mut ids: Vec<Uuid> = events.iter().map(|(id, _, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
         let (cached, mut locked_ids) = self.after_commit.cache().get_many(&ids);
         if !cached.is_empty() {
             let mut conn = self.store.pool().acquire().await?;
-            let fast: Vec<(Uuid, Event)> = events
+            let fast: Vec<Caused> = events
                 .iter()
-                .filter(|(id, _)| cached.contains_key(id))
+                .filter(|(id, _, _)| cached.contains_key(id))
                 .cloned()
                 .collect();
             let changes = self.apply_all(cached, &fast, now);
@@ -393,7 +406,7 @@ impl Engine {
             drop(conn);
             for (change, published) in written {
                 self.after_commit
-                    .act(&change.state, published, &change.effects.finished);
+                    .act(&change.state, published, &change.effects.measured);
             }
             for id in &stale {
                 self.after_commit.cache().forget(id);
@@ -405,9 +418,9 @@ impl Engine {
             return Ok(());
         }
         locked_ids.sort_unstable();
-        let slow: Vec<(Uuid, Event)> = events
+        let slow: Vec<Caused> = events
             .iter()
-            .filter(|(id, _)| locked_ids.binary_search(id).is_ok())
+            .filter(|(id, _, _)| locked_ids.binary_search(id).is_ok())
             .cloned()
             .collect();
         let mut tx = self.store.pool().begin().await?;
@@ -417,7 +430,7 @@ impl Engine {
         tx.commit().await?;
         for (change, published) in written {
             self.after_commit
-                .act(&change.state, published, &change.effects.finished);
+                .act(&change.state, published, &change.effects.measured);
         }
         Ok(())
     }
@@ -427,12 +440,12 @@ impl Engine {
     fn apply_all(
         &self,
         mut states: HashMap<Uuid, SagaInstance>,
-        events: &[(Uuid, Event)],
+        events: &[Caused],
         now: DateTime<Utc>,
     ) -> Vec<Change> {
         let mut changes: Vec<Change> = Vec::new();
         let mut index: HashMap<Uuid, usize> = HashMap::new();
-        for (saga_id, event) in events {
+        for (saga_id, event, cause) in events {
             let state = match index.get(saga_id) {
                 Some(&i) => &changes[i].state,
                 None => match states.get(saga_id) {
@@ -451,6 +464,12 @@ impl Engine {
                     continue;
                 }
             };
+            let cause = match cause {
+                Some(span) => Cause::Span(span),
+                None => Cause::Saga,
+            };
+            let span = spans::transition(state, event, cause);
+            let _entered = span.enter();
             match sagas::apply(state, &flow, event, context(now)) {
                 Ok((next, transition)) => match index.get(saga_id) {
                     Some(&i) => {

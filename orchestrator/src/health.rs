@@ -37,6 +37,9 @@ impl Default for Health {
 impl Health {
     /// Everything down until proven up.
     pub fn new() -> Self {
+        metrics::gauge!("saga_serving").set(0.0);
+        metrics::gauge!("saga_dependency_up", "dependency" => "broker").set(0.0);
+        metrics::gauge!("saga_dependency_up", "dependency" => "database").set(0.0);
         Self {
             inner: Arc::new(Inner {
                 broker: AtomicBool::new(false),
@@ -48,13 +51,17 @@ impl Health {
 
     /// Records whether the broker session is up.
     pub fn set_broker(&self, up: bool) {
-        self.inner.broker.store(up, Ordering::SeqCst);
+        if self.inner.broker.swap(up, Ordering::SeqCst) != up {
+            metrics::gauge!("saga_dependency_up", "dependency" => "broker").set(f64::from(up));
+        }
         self.publish();
     }
 
     /// Records whether the database answers.
     pub fn set_database(&self, up: bool) {
-        self.inner.database.store(up, Ordering::SeqCst);
+        if self.inner.database.swap(up, Ordering::SeqCst) != up {
+            metrics::gauge!("saga_dependency_up", "dependency" => "database").set(f64::from(up));
+        }
         self.publish();
     }
 
@@ -77,6 +84,9 @@ impl Health {
         let serving = self.is_serving();
         self.inner.changed.send_if_modified(|old| {
             let changed = *old != serving;
+            if changed {
+                metrics::gauge!("saga_serving").set(f64::from(serving));
+            }
             *old = serving;
             changed
         });

@@ -10,9 +10,13 @@ use saga_proto::amqp::{
     ReplyStatus, SagaLifecycleState, Topology,
 };
 use sagas::{Action, Event, HistoryEntry, Outcome, Phase, Reply, SagaInstance, SagaStatus};
+use tracing::Span;
 use uuid::Uuid;
 
-use crate::store::outbox::OutboxMessage;
+use crate::{
+    store::outbox::OutboxMessage,
+    telemetry::{metrics::Measured, spans},
+};
 
 /// What a saga's transitions produced: to write, then to act on.
 #[derive(Debug, Default)]
@@ -21,8 +25,18 @@ pub struct Effects {
     pub history: Vec<(Uuid, HistoryEntry)>,
     /// Messages to write to the outbox and publish after the commit.
     pub outbox: Vec<OutboxMessage>,
-    /// Terminal states reached (counted after the commit).
-    pub finished: Vec<SagaStatus>,
+    /// What to count and measure once committed.
+    pub measured: Measured,
+}
+
+/// A decoded reply with the span of its delivery (disabled when spans
+/// are not exported), parent of the transition it causes.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The reply.
+    pub reply: ReplyMessage,
+    /// Its `process <queue>` span.
+    pub span: Span,
 }
 
 /// Builds the wire messages of one deployment namespace.
@@ -49,6 +63,11 @@ impl Envelopes {
         now: DateTime<Utc>,
         effects: &mut Effects,
     ) {
+        for entry in &transition.history {
+            effects.measured.note(entry.kind);
+            spans::history_event(entry);
+        }
+        effects.measured.observations.extend(transition.observations);
         effects.history.extend(
             transition
                 .history
@@ -58,6 +77,9 @@ impl Envelopes {
         for action in transition.actions {
             match action {
                 Action::SendCommand(command) => {
+                    let exchange = self.topology.commands_exchange();
+                    let message_id = Uuid::new_v4();
+                    let trace = spans::command(state, &command, &exchange, message_id);
                     let message = CommandMessage {
                         saga_id: state.id,
                         saga_type: state.saga_type.clone(),
@@ -74,14 +96,15 @@ impl Envelopes {
                     effects.outbox.push(OutboxMessage {
                         id: 0,
                         saga_id: state.id,
-                        message_id: Uuid::new_v4(),
+                        message_id,
                         message_type: COMMAND_TYPE.to_owned(),
-                        exchange: self.topology.commands_exchange(),
+                        exchange,
                         routing_key: command.participant,
                         reply_to: Some(self.topology.reply_queue()),
                         mandatory: true,
                         body: serde_json::to_vec(&message).expect("commands always serialise"),
                         attempts: 0,
+                        trace,
                     });
                 }
                 Action::ScheduleTimer { .. } => {}
@@ -96,21 +119,27 @@ impl Envelopes {
                         error: state.error.clone(),
                         at: now.to_rfc3339(),
                     };
+                    let message_id = Uuid::new_v4();
+                    let exchange = self.topology.events_exchange();
+                    let routing_key = amqp::event_routing_key(&state.saga_type, state_name);
+                    let trace = spans::event(state, &exchange, &routing_key, message_id);
                     effects.outbox.push(OutboxMessage {
                         id: 0,
                         saga_id: state.id,
-                        message_id: Uuid::new_v4(),
+                        message_id,
                         message_type: LIFECYCLE_EVENT_TYPE.to_owned(),
-                        exchange: self.topology.events_exchange(),
-                        routing_key: amqp::event_routing_key(&state.saga_type, state_name),
+                        exchange,
+                        routing_key,
                         reply_to: None,
                         // Nobody has to listen to lifecycle events.
                         mandatory: false,
                         body: serde_json::to_vec(&event).expect("events always serialise"),
                         attempts: 0,
+                        trace,
                     });
                 }
-                Action::Finish { status } => effects.finished.push(status),
+                // Counted from the machine's `SagaEnded` observation.
+                Action::Finish { .. } => {}
             }
         }
     }

@@ -47,8 +47,19 @@ pub async fn run(
         }
         loop {
             match store.claim_expired_outbox(Utc::now(), BATCH).await {
-                Ok(rows) => {
+                Ok(mut rows) => {
                     let claimed = rows.len() as i64;
+                    // Each relayed message gets a producer span of its own,
+                    // child of the context stored with its row: it stays in
+                    // its saga's trace whoever wrote it.
+                    for row in &mut rows {
+                        row.trace = row.trace.relayed(
+                            &row.exchange,
+                            &row.routing_key,
+                            row.saga_id,
+                            row.message_id,
+                        );
+                    }
                     if claimed > 0 {
                         tracing::info!(count = claimed, "relaying outbox rows");
                         metrics::counter!("saga_outbox_relayed_total").increment(claimed as u64);

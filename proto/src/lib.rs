@@ -12,6 +12,8 @@
 
 pub mod amqp;
 pub mod connect;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 
 /// The generated `saga.v1` gRPC types, client and server.
 #[allow(missing_docs, clippy::all)]

@@ -165,6 +165,11 @@ pub struct Wait {
     pub kind: TimerKind,
     /// When the timer fires, in milliseconds since the Unix epoch.
     pub due_at_ms: i64,
+    /// When the wait began (for a reply timeout: when the command was
+    /// committed), so the step's latency can be measured when it settles.
+    /// 0 in states written before it was recorded.
+    #[serde(default)]
+    pub since_ms: i64,
 }
 
 /// One step's record within a saga.
@@ -244,6 +249,17 @@ pub struct SagaInstance {
     pub seq: u64,
     /// Whether the `Started` event was applied.
     pub started: bool,
+    /// When `Started` was applied, in milliseconds since the Unix epoch
+    /// (0 in states written before it was recorded): the start of the
+    /// saga's measured duration.
+    #[serde(default)]
+    pub started_at_ms: i64,
+    /// W3C `traceparent` of the span that started the saga, when spans
+    /// are exported: the orchestrator hangs the transitions of timers and
+    /// operator calls from it, so that a saga is one trace. Opaque here;
+    /// the machine never reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl SagaInstance {
@@ -266,6 +282,8 @@ impl SagaInstance {
             compensation_cause: None,
             seq: 0,
             started: false,
+            started_at_ms: 0,
+            trace: None,
         }
     }
 

@@ -36,6 +36,6 @@ pub use instance::{
     Direction, Phase, SagaInstance, SagaStatus, StepRecord, StepStatus, TimerFired, TimerKind, Wait,
 };
 pub use machine::{
-    Action, Command, Context, Event, HistoryEntry, HistoryKind, Outcome, Refused, Reply,
-    Transition, apply, start,
+    Action, Command, Context, Event, HistoryEntry, HistoryKind, Observation, Outcome, Refused,
+    Reply, StepOutcome, Transition, apply, start,
 };

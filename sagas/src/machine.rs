@@ -233,6 +233,63 @@ pub struct Transition {
     pub actions: Vec<Action>,
     /// History rows to append.
     pub history: Vec<HistoryEntry>,
+    /// What the transition measured, for metrics and traces (nothing to
+    /// carry out: dropping them changes no saga).
+    pub observations: Vec<Observation>,
+}
+
+/// How a step's command ended, as measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepOutcome {
+    /// The participant answered success.
+    Success,
+    /// The participant refused.
+    Rejected,
+    /// The participant answered a transient error.
+    TransientError,
+    /// No answer before the reply timeout.
+    TimedOut,
+}
+
+impl StepOutcome {
+    /// Lowercase name (a metric label value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Rejected => "rejected",
+            Self::TransientError => "transient_error",
+            Self::TimedOut => "timeout",
+        }
+    }
+}
+
+/// A measurement a transition made with the clock it was given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// A command was answered, or its reply timeout fired.
+    StepSettled {
+        /// The step.
+        step: String,
+        /// Its participant.
+        participant: String,
+        /// Action or compensation.
+        phase: Phase,
+        /// The attempt settled.
+        attempt: u32,
+        /// How it ended.
+        outcome: StepOutcome,
+        /// Milliseconds from the command's commit to now; `None` when the
+        /// state did not record when it was sent.
+        elapsed_ms: Option<i64>,
+    },
+    /// The saga reached a terminal state.
+    SagaEnded {
+        /// Completed, compensated or failed.
+        status: SagaStatus,
+        /// Milliseconds since it started; `None` when the state did not
+        /// record its start.
+        elapsed_ms: Option<i64>,
+    },
 }
 
 /// An operator request the saga's state does not allow.
@@ -319,6 +376,7 @@ impl Run<'_> {
             return;
         }
         self.saga.started = true;
+        self.saga.started_at_ms = self.ctx.now_ms;
         self.note(
             HistoryKind::SagaStarted,
             None,
@@ -346,7 +404,14 @@ impl Run<'_> {
             self.note_ignored(HistoryKind::ReplyIgnored, &reply.step, detail);
             return;
         };
+        let since = self.saga.steps[index].wait.map(|w| w.since_ms);
         self.saga.steps[index].wait = None;
+        let outcome = match &reply.outcome {
+            Outcome::Success(_) => StepOutcome::Success,
+            Outcome::Rejected(_) => StepOutcome::Rejected,
+            Outcome::TransientError(_) => StepOutcome::TransientError,
+        };
+        self.observe_step(index, reply.phase, reply.attempt, outcome, since);
         let result = match &reply.outcome {
             Outcome::Success(data) => ActionResult::Success(data.clone()),
             Outcome::Rejected(reason) => ActionResult::Rejected(reason.clone()),
@@ -382,7 +447,17 @@ impl Run<'_> {
             );
             return;
         }
+        let since = self.saga.steps[index].wait.map(|w| w.since_ms);
         self.saga.steps[index].wait = None;
+        if timer.kind == TimerKind::ReplyTimeout {
+            self.observe_step(
+                index,
+                timer.phase,
+                timer.attempt,
+                StepOutcome::TimedOut,
+                since,
+            );
+        }
         match (timer.kind, timer.phase) {
             (TimerKind::ReplyTimeout, Phase::Action) => {
                 self.action_settled(index, ActionResult::TimedOut)
@@ -576,6 +651,7 @@ impl Run<'_> {
             attempt,
             kind: TimerKind::ReplyTimeout,
             due_at_ms,
+            since_ms: self.ctx.now_ms,
         });
         let detail = format!(
             "{}.{command} ({} attempt {attempt})",
@@ -621,6 +697,7 @@ impl Run<'_> {
             attempt,
             kind: TimerKind::RetryBackoff,
             due_at_ms,
+            since_ms: self.ctx.now_ms,
         });
         self.out.actions.push(Action::ScheduleTimer {
             step: def.name.to_string(),
@@ -968,6 +1045,34 @@ impl Run<'_> {
     fn finish(&mut self, status: SagaStatus) {
         self.out.actions.push(Action::PublishLifecycle { status });
         self.out.actions.push(Action::Finish { status });
+        let started = self.saga.started_at_ms;
+        self.out.observations.push(Observation::SagaEnded {
+            status,
+            elapsed_ms: (started > 0).then(|| self.ctx.now_ms.saturating_sub(started)),
+        });
+    }
+
+    /// Records how long step `index`'s command of `phase` took, from the
+    /// wait's start (`since`, 0 when not recorded) to now.
+    fn observe_step(
+        &mut self,
+        index: usize,
+        phase: Phase,
+        attempt: u32,
+        outcome: StepOutcome,
+        since: Option<i64>,
+    ) {
+        let def = &self.flow.steps()[index];
+        self.out.observations.push(Observation::StepSettled {
+            step: def.name.to_string(),
+            participant: def.participant.to_string(),
+            phase,
+            attempt,
+            outcome,
+            elapsed_ms: since
+                .filter(|&s| s > 0)
+                .map(|s| self.ctx.now_ms.saturating_sub(s)),
+        });
     }
 }
 

@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     match cli.command {
         Command::Serve(config) => {
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init(config.log_format)?;
             let flows = config.shipped_flows();
             let app = Orchestrator::builder(config)
                 .flows(flows)
@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
             app.run_until_stopped().await;
         }
         Command::Dev(config) => {
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init(config.log_format)?;
             let mut demo_config = DemoConfig::from_urls(
                 &config.broker.amqp_url,
                 &config.namespace,

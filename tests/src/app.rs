@@ -63,7 +63,7 @@ impl TestApp {
 
     /// Starts an orchestrator with an explicit configuration.
     pub async fn spawn_with(config: Config, catalog: Catalog) -> Self {
-        orchestrator::telemetry::init(LogFormat::Pretty);
+        let _ = orchestrator::telemetry::init(LogFormat::Pretty);
         let database_url = config.database_url.clone();
         let shutdown = CancellationToken::new();
         let app = Application::build(config, catalog, shutdown.clone())

@@ -337,6 +337,9 @@ pub mod entry {
         /// A `FAULT_*` variable is out of range.
         #[error(transparent)]
         Faults(#[from] FaultConfigError),
+        /// An `OTEL_*` variable cannot be used.
+        #[error("{0}")]
+        Telemetry(String),
     }
 
     #[derive(Parser)]
@@ -354,7 +357,8 @@ pub mod entry {
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            orchestrator::telemetry::init(cli.config.log_format);
+            let _telemetry = orchestrator::telemetry::init(cli.config.log_format)
+                .map_err(|e| EntryError::Telemetry(sagas::errors::Chain(&e).to_string()))?;
             let flows = cli.config.shipped_flows();
             let shutdown = CancellationToken::new();
             let app = Orchestrator::builder(cli.config)
@@ -424,19 +428,17 @@ pub mod entry {
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_target(false)
-                .try_init();
+            let _telemetry = saga_proto::telemetry::init(&saga_proto::telemetry::Settings {
+                service_name: format!("participant-{}", cli.participants.join("-")),
+                json: false,
+                default_filter: "info".to_owned(),
+            })
+            .map_err(|e| EntryError::Telemetry(sagas::errors::Chain(&e).to_string()))?;
             if let Some(addr) = cli.metrics_addr
-                && let Err(error) = metrics_exporter_prometheus::PrometheusBuilder::new()
-                    .with_http_listener(addr)
-                    .install()
+                && let Err(error) = saga_proto::telemetry::prometheus::install(addr)
             {
                 // Metrics are for the tests' evidence, not worth not serving.
-                tracing::error!(%error, %addr, "cannot start the metrics exporter");
+                tracing::error!(error = %sagas::errors::Chain(&error), "cannot start the metrics exporter");
             }
             let mut config =
                 DemoConfig::from_urls(&cli.amqp_url, &cli.namespace, &cli.database_url)?;

@@ -14,13 +14,15 @@ use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions},
     types::FieldTable,
 };
-use saga_proto::amqp::ReplyMessage;
+use saga_proto::{amqp::ReplyMessage, telemetry::TraceContext};
 use sagas::errors::Chain;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     bus::senders::{ReplySenders, Sender},
     engine::{Engine, EngineError},
+    messages::Received,
+    telemetry::spans,
 };
 
 /// Consumes `queue` until `shutdown` (after finishing and acknowledging the
@@ -73,7 +75,7 @@ pub async fn run(
                         _ => break,
                     }
                 }
-                match decode(batch, &engine, settings.senders.as_deref()).await {
+                match decode(batch, &queue, &engine, settings.senders.as_deref()).await {
                     Ok((replies, tags)) => {
                         acks.outstanding.extend(tags.iter().copied());
                         in_flight.push(apply(engine.clone(), replies, tags, shutdown.clone()));
@@ -144,9 +146,10 @@ pub struct ConsumerSettings {
 /// their step's participant.
 async fn decode(
     batch: Vec<Delivery>,
+    queue: &str,
     engine: &Engine,
     senders: Option<&ReplySenders>,
-) -> lapin::Result<(Vec<ReplyMessage>, Vec<u64>)> {
+) -> lapin::Result<(Vec<Received>, Vec<u64>)> {
     let mut replies = Vec::with_capacity(batch.len());
     let mut accepted = Vec::with_capacity(batch.len());
     for delivery in batch {
@@ -157,7 +160,17 @@ async fn decode(
                 {
                     continue;
                 }
-                replies.push(reply);
+                // The participant's reply span, carried in the headers, is
+                // the parent of this delivery's span.
+                let span = spans::process_reply(
+                    queue,
+                    TraceContext::from_amqp(delivery.properties.headers().as_ref()),
+                    reply.saga_id,
+                    &reply.step,
+                    reply.attempt,
+                    delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+                );
+                replies.push(Received { reply, span });
                 accepted.push(delivery.delivery_tag);
             }
             Err(error) => {
@@ -223,7 +236,7 @@ async fn sender_verified(
 /// Applies one batch; returns its tags and whether it committed.
 async fn apply(
     engine: Arc<Engine>,
-    replies: Vec<ReplyMessage>,
+    replies: Vec<Received>,
     tags: Vec<u64>,
     shutdown: CancellationToken,
 ) -> (Vec<u64>, bool) {
@@ -238,7 +251,7 @@ async fn apply(
 /// attempt starts. Returns whether the batch committed.
 async fn apply_until_committed(
     engine: &Engine,
-    replies: &[ReplyMessage],
+    replies: &[Received],
     shutdown: &CancellationToken,
 ) -> bool {
     if replies.is_empty() {

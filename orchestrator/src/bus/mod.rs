@@ -10,6 +10,7 @@
 //! redelivered by the broker.
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod publisher;
 pub mod senders;
 
@@ -219,7 +220,9 @@ async fn serve_connection(
         engine.store().clone(),
         consumer_done.clone(),
     );
-    tokio::pin!(consumer, publisher, broken);
+    let dead_letter_queue = settings.topology.dead_letter_queue();
+    let depth = dead_letters::watch(&setup, &dead_letter_queue);
+    tokio::pin!(consumer, publisher, broken, depth);
     let mut consumer_result = None;
     loop {
         tokio::select! {
@@ -237,6 +240,8 @@ async fn serve_connection(
                 };
             }
             error = &mut broken => return Err(error),
+            // Never ends; it only sets the gauge while the session lasts.
+            () = &mut depth => {}
         }
     }
 }

@@ -63,10 +63,17 @@ fn unroutable_backoff(attempts: i32) -> Duration {
 
 fn properties(message: &OutboxMessage) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(
-        TRACEPARENT_HEADER.into(),
-        AMQPValue::LongString(traceparent(message.saga_id, message.message_id).into()),
-    );
+    match message.trace.context() {
+        Some(context) => context.to_amqp(&mut headers),
+        // Spans are not exported: the contract's saga-id trace context
+        // still ties the saga's messages together.
+        None => {
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                AMQPValue::LongString(traceparent(message.saga_id, message.message_id).into()),
+            );
+        }
+    }
     let properties = BasicProperties::default()
         .with_content_type(CONTENT_TYPE.into())
         .with_delivery_mode(2)

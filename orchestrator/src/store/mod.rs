@@ -11,6 +11,7 @@
 //! binary; [`Store::connect`] creates the database if it is missing and
 //! applies the migrations.
 
+pub mod activity;
 pub mod history;
 pub mod outbox;
 pub mod sagas;

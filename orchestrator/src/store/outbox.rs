@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::telemetry::spans::MessageTrace;
 
 /// How long the writer of a row owns it before a relay may take it.
 pub const PUBLISH_LEASE: Duration = Duration::from_secs(5);
@@ -89,6 +90,8 @@ pub struct OutboxMessage {
     pub body: Vec<u8>,
     /// Publish attempts that came back unroutable.
     pub attempts: i32,
+    /// Its place in its saga's trace (stored with the row).
+    pub trace: MessageTrace,
 }
 
 /// Claims up to `limit` rows whose lease ran out, leasing them to the caller
@@ -103,7 +106,7 @@ pub async fn claim_expired(
         "UPDATE outbox SET available_at = $2
          WHERE id IN (SELECT id FROM outbox WHERE available_at <= $1
                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
-         RETURNING id, saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, attempts",
+         RETURNING id, saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, attempts, traceparent, tracestate",
     )
     .bind(now)
     .bind(lease_until)
@@ -124,6 +127,10 @@ pub async fn claim_expired(
                 mandatory: row.try_get("mandatory")?,
                 body: row.try_get("body")?,
                 attempts: row.try_get("attempts")?,
+                trace: MessageTrace::stored(
+                    row.try_get("traceparent")?,
+                    row.try_get("tracestate")?,
+                ),
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;

@@ -60,6 +60,8 @@ struct OutboxColumns<'a> {
     reply_tos: Vec<Option<&'a str>>,
     mandatory: Vec<bool>,
     bodies: Vec<&'a [u8]>,
+    traceparents: Vec<Option<&'a str>>,
+    tracestates: Vec<Option<&'a str>>,
 }
 
 impl<'a> OutboxColumns<'a> {
@@ -73,6 +75,8 @@ impl<'a> OutboxColumns<'a> {
             reply_tos: Vec::new(),
             mandatory: Vec::new(),
             bodies: Vec::new(),
+            traceparents: Vec::new(),
+            tracestates: Vec::new(),
         };
         for m in messages {
             columns.saga_ids.push(m.saga_id);
@@ -83,6 +87,13 @@ impl<'a> OutboxColumns<'a> {
             columns.reply_tos.push(m.reply_to.as_deref());
             columns.mandatory.push(m.mandatory);
             columns.bodies.push(m.body.as_slice());
+            let trace = m.trace.context();
+            columns
+                .traceparents
+                .push(trace.map(|t| t.traceparent.as_str()));
+            columns
+                .tracestates
+                .push(trace.map(|t| t.tracestate.as_str()).filter(|s| !s.is_empty()));
         }
         columns
     }
@@ -99,10 +110,18 @@ fn insert_history(principals: usize) -> String {
     )
 }
 
-const INSERT_OUTBOX: &str = "INSERT INTO outbox (saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, available_at)
-         SELECT o.saga_id, o.message_id, o.message_type, o.exchange, o.routing_key, o.reply_to, o.mandatory, o.body, $8
-         FROM UNNEST($9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bool[], $16::bytea[])
-              WITH ORDINALITY AS o(saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, n)";
+/// The outbox insert of both statements; the trace contexts are bound
+/// last (as parameters `$traces` and `$traces + 1`), after each
+/// statement's own parameters.
+fn insert_outbox(traces: usize) -> String {
+    let states = traces + 1;
+    format!(
+        "INSERT INTO outbox (saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, available_at, traceparent, tracestate)
+         SELECT o.saga_id, o.message_id, o.message_type, o.exchange, o.routing_key, o.reply_to, o.mandatory, o.body, $8, o.traceparent, o.tracestate
+         FROM UNNEST($9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::bool[], $16::bytea[], ${traces}::text[], ${states}::text[])
+              WITH ORDINALITY AS o(saga_id, message_id, message_type, exchange, routing_key, reply_to, mandatory, body, traceparent, tracestate, n)"
+    )
+}
 
 /// Binds $1..=$16: the time, the history columns, the lease and the outbox
 /// columns, shared by both statements below.
@@ -179,7 +198,7 @@ pub async fn write(
                 WHERE s.id = u.id AND s.revision = u.expected
                 RETURNING s.id),
               hist AS ({insert_history} WHERE h.id IN (SELECT id FROM upd)),
-              ob AS ({INSERT_OUTBOX} WHERE o.saga_id IN (SELECT id FROM upd) ORDER BY o.n
+              ob AS ({insert_outbox} WHERE o.saga_id IN (SELECT id FROM upd) ORDER BY o.n
                      RETURNING id, message_id),
               watched AS (
                 SELECT pg_notify($22, w.saga_id::text)
@@ -191,6 +210,7 @@ pub async fn write(
                 COALESCE((SELECT array_agg(message_id ORDER BY id) FROM ob), '{{}}') AS message_ids,
                 COALESCE((SELECT array_agg(id ORDER BY id) FROM ob), '{{}}') AS ids",
         insert_history = insert_history(26),
+        insert_outbox = insert_outbox(27),
     );
     let row = bind_history_and_outbox(sqlx::query(&sql), now, &h, lease_until, &o)
         .bind(&ids)
@@ -203,6 +223,8 @@ pub async fn write(
         .bind(&expected)
         .bind(confirmed)
         .bind(&h.principals)
+        .bind(&o.traceparents)
+        .bind(&o.tracestates)
         .fetch_one(conn)
         .await?;
     let message_ids: Vec<Uuid> = row.try_get("message_ids")?;
@@ -313,11 +335,12 @@ pub async fn insert_started(
                 ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id),
               hist AS ({insert_history} WHERE h.id IN (SELECT id FROM ins)),
-              ob AS ({INSERT_OUTBOX} WHERE o.saga_id IN (SELECT id FROM ins) ORDER BY o.n RETURNING id, message_id)
+              ob AS ({insert_outbox} WHERE o.saga_id IN (SELECT id FROM ins) ORDER BY o.n RETURNING id, message_id)
          SELECT COALESCE((SELECT array_agg(id) FROM ins), '{{}}') AS inserted,
                 COALESCE((SELECT array_agg(message_id) FROM ob), '{{}}') AS message_ids,
                 COALESCE((SELECT array_agg(id) FROM ob), '{{}}') AS ids",
         insert_history = insert_history(29),
+        insert_outbox = insert_outbox(30),
     );
     let row = bind_history_and_outbox(sqlx::query(&sql), at, &h, lease_until, &o)
         .bind(&ids)
@@ -333,6 +356,8 @@ pub async fn insert_started(
         .bind(&created)
         .bind(&started_by)
         .bind(&h.principals)
+        .bind(&o.traceparents)
+        .bind(&o.tracestates)
         .fetch_one(conn)
         .await?;
     let message_ids: Vec<Uuid> = row.try_get("message_ids")?;

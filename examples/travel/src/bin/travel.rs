@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     match Cli::parse().command {
         Command::Orchestrator(config) => {
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init(config.log_format)?;
             Orchestrator::builder(*config)
                 .flows(travel_booking::flows())
                 .run(shutdown)
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
             amqp_url,
             namespace,
         } => {
-            telemetry::init(orchestrator::config::LogFormat::Pretty);
+            let _telemetry = telemetry::init(orchestrator::config::LogFormat::Pretty)?;
             let config = ServicesConfig::new(&amqp_url, &namespace, &database_url)?;
             let handles = services::start(&config, shutdown.clone()).await?;
             tracing::info!("bookings, cards and itinerary are running");

@@ -1,0 +1,256 @@
+//! Logs, traces and metrics, set up the same way by every service (the
+//! orchestrator, each participant built on the kit, the tools), so that
+//! one saga's spans from every process join into one trace and every log
+//! line can be found from it.
+//!
+//! - [`init`]: the global `tracing` subscriber. Log lines go to stdout,
+//!   pretty or JSON; JSON lines carry `trace_id`, `span_id` and `saga_id`
+//!   of the span they were written in. Spans are exported over OTLP/gRPC
+//!   only when the standard variables ask for it
+//!   (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`;
+//!   `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`
+//!   and `OTEL_TRACES_SAMPLER_ARG` as the specification says). Without
+//!   them nothing is exported and no exporter exists.
+//! - [`propagation`]: the W3C trace context of a span, as text that can
+//!   be stored with a message (the outbox) and carried in AMQP headers or
+//!   gRPC metadata, and back.
+//! - [`prometheus`]: the Prometheus exporter, with the one list of
+//!   histogram buckets.
+
+mod logs;
+pub mod prometheus;
+pub mod propagation;
+
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+pub use propagation::TraceContext;
+
+/// How a service wants its telemetry.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `service.name` when `OTEL_SERVICE_NAME` does not say
+    /// (`saga-orchestrator`, `participant-inventory`).
+    pub service_name: String,
+    /// JSON log lines instead of human-readable ones.
+    pub json: bool,
+    /// The log filter when `RUST_LOG` is not set.
+    pub default_filter: String,
+}
+
+/// A telemetry variable that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// A variable holds a value the specification does not allow.
+    #[error("{variable}={value:?}: {expected}")]
+    Invalid {
+        /// The variable.
+        variable: &'static str,
+        /// What it holds.
+        value: String,
+        /// What it may hold.
+        expected: &'static str,
+    },
+    /// The OTLP exporter could not be built from the variables.
+    #[error("cannot build the OTLP span exporter")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// The installed telemetry; dropping it (at the end of `main`) exports
+/// the spans still buffered.
+#[derive(Debug)]
+#[must_use = "dropping it stops the span export"]
+pub struct Telemetry {
+    /// Present when spans are exported.
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (an OTLP endpoint is configured).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is buffered and stops the exporter, waiting at most
+    /// a few seconds for the collector.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.force_flush();
+            if let Err(error) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("span export did not finish: {error}");
+            }
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where spans go, from the environment: `None` when no OTLP endpoint is
+/// configured (an empty value counts as none, as compose files pass
+/// `${OTEL_EXPORTER_OTLP_ENDPOINT:-}`), or when `OTEL_SDK_DISABLED=true`
+/// or `OTEL_TRACES_EXPORTER=none`.
+pub fn otlp_endpoint() -> Result<Option<String>, TelemetryError> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    match var("OTEL_TRACES_EXPORTER").as_deref() {
+        None | Some("otlp") => {}
+        Some("none") => return Ok(None),
+        Some(other) => {
+            return Err(TelemetryError::Invalid {
+                variable: "OTEL_TRACES_EXPORTER",
+                value: other.to_owned(),
+                expected: "expected otlp or none",
+            });
+        }
+    }
+    let (variable, value) = match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Some(v) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v),
+        None => match var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Some(v) => ("OTEL_EXPORTER_OTLP_ENDPOINT", v),
+            None => return Ok(None),
+        },
+    };
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return Err(TelemetryError::Invalid {
+            variable,
+            value,
+            expected: "expected an http:// or https:// URL of an OTLP/gRPC collector, e.g. http://127.0.0.1:4317",
+        });
+    };
+    if !matches!(scheme, "http" | "https") || rest.is_empty() {
+        return Err(TelemetryError::Invalid {
+            variable,
+            value,
+            expected: "expected an http:// or https:// URL of an OTLP/gRPC collector, e.g. http://127.0.0.1:4317",
+        });
+    }
+    if let Some(protocol) = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        && protocol != "grpc"
+    {
+        return Err(TelemetryError::Invalid {
+            variable: "OTEL_EXPORTER_OTLP_PROTOCOL",
+            value: protocol,
+            expected: "only grpc is supported (port 4317 of a collector or Jaeger)",
+        });
+    }
+    Ok(Some(value))
+}
+
+/// Checks `OTEL_TRACES_SAMPLER` and its argument: the SDK falls back to
+/// sampling everything on a typo, which at a saga per millisecond is a
+/// surprise nobody wants, so a wrong value stops the start instead.
+fn check_sampler() -> Result<(), TelemetryError> {
+    let Ok(sampler) = std::env::var("OTEL_TRACES_SAMPLER") else {
+        return Ok(());
+    };
+    let ratio = match sampler.as_str() {
+        "always_on" | "always_off" | "parentbased_always_on" | "parentbased_always_off" => false,
+        "traceidratio" | "parentbased_traceidratio" => true,
+        _ => {
+            return Err(TelemetryError::Invalid {
+                variable: "OTEL_TRACES_SAMPLER",
+                value: sampler,
+                expected: "expected always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio",
+            });
+        }
+    };
+    if ratio {
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").unwrap_or_default();
+        match arg.parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => {}
+            _ => {
+                return Err(TelemetryError::Invalid {
+                    variable: "OTEL_TRACES_SAMPLER_ARG",
+                    value: arg,
+                    expected: "expected the sampled fraction, a number from 0 to 1 (0.1 samples one trace in ten)",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Installs the global subscriber: the log filter (`RUST_LOG`, else
+/// `settings.default_filter`), stdout logs and, when configured, the span
+/// exporter. A second call in one process (tests start several services
+/// in one) keeps the first subscriber and exports nothing more. Must run
+/// inside a Tokio runtime when an endpoint is configured (the gRPC
+/// exporter is a Tonic client).
+pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
+    let endpoint = otlp_endpoint()?;
+    check_sampler()?;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.default_filter));
+    let provider = match endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?;
+            // `Resource::builder` reads OTEL_SERVICE_NAME and
+            // OTEL_RESOURCE_ATTRIBUTES; the service's own name only fills
+            // a gap. The sampler comes from OTEL_TRACES_SAMPLER(_ARG).
+            let resource = if std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty()) {
+                Resource::builder().build()
+            } else {
+                Resource::builder()
+                    .with_service_name(settings.service_name.clone())
+                    .build()
+            };
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
+        None => None,
+    };
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("saga-orchestrator"))
+            // Log events stay log lines; span events are added where they
+            // matter (retries, timeouts) with `propagation::add_event`.
+            .with_tracked_inactivity(false)
+    });
+    let logs = if settings.json {
+        logs::json().boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_target(false).boxed()
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs::SagaIds)
+        .with(otel)
+        .with(logs)
+        .try_init();
+    match installed {
+        Ok(()) => {
+            if provider.is_some() {
+                propagation::EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(Telemetry { provider })
+        }
+        // Another service of this process installed its subscriber first.
+        Err(_) => {
+            if let Some(provider) = provider {
+                let _ = provider.shutdown();
+            }
+            Ok(Telemetry { provider: None })
+        }
+    }
+}

@@ -7,7 +7,6 @@ use clap::{Parser, ValueEnum};
 use participants::demo::{self, DemoConfig, Service};
 use participants::kit::{FaultConfig, PoolSettings, faults::parse_rate};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -53,6 +52,10 @@ struct Args {
         hide_env_values = true
     )]
     database_url: String,
+
+    /// Serve Prometheus metrics (`/metrics`) on this address, e.g. 0.0.0.0:9001.
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 
     /// File holding the base PostgreSQL URL (instead of --database-url).
     #[arg(long, env = "DATABASE_URL_FILE", conflicts_with = "database_url")]
@@ -116,14 +119,18 @@ struct Args {
     fault_crash_after: Option<u64>,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Logs, and spans when the `OTEL_*` variables ask for them; the service
+/// is named after the participants it runs (`participant-inventory`).
+fn init_telemetry(
+    format: LogFormat,
+    services: &[Service],
+) -> anyhow::Result<saga_proto::telemetry::Telemetry> {
+    let names: Vec<&str> = services.iter().map(|s| s.name()).collect();
+    Ok(saga_proto::telemetry::init(&saga_proto::telemetry::Settings {
+        service_name: format!("participant-{}", names.join("-")),
+        json: matches!(format, LogFormat::Json),
+        default_filter: "info,sqlx::postgres::notice=warn".to_owned(),
+    })?)
 }
 
 fn config(args: &Args) -> anyhow::Result<DemoConfig> {
@@ -185,7 +192,10 @@ async fn main() -> anyhow::Result<()> {
     let _failpoints = fail::FailScenario::setup();
     let services = Service::parse_list(&args.names).context("NAME argument")?;
     let config = config(&args)?;
-    init_tracing(args.log_format);
+    let _telemetry = init_telemetry(args.log_format, &services)?;
+    if let Some(addr) = args.metrics_addr {
+        saga_proto::telemetry::prometheus::install(addr)?;
+    }
     if config.faults.is_active() {
         tracing::warn!(faults = ?config.faults, "fault injection is on");
     }

@@ -77,6 +77,7 @@ mod deliver;
 pub mod faults;
 pub mod handler;
 mod participant;
+mod spans;
 pub mod stats;
 pub mod topology;
 

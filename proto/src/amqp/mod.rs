@@ -114,6 +114,16 @@ pub enum Phase {
     Compensation,
 }
 
+impl Phase {
+    /// The wire name (`action`, `compensation`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Action => "action",
+            Self::Compensation => "compensation",
+        }
+    }
+}
+
 /// A command sent to a participant (AMQP `type` = `saga.command`).
 ///
 /// Unknown fields are ignored when decoding, so that a newer orchestrator

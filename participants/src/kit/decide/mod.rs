@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use saga_proto::amqp::{CommandMessage, Phase};
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use self::barrier::Barrier;
 use self::cleaner::OutboxCleaner;
@@ -36,6 +37,8 @@ pub(crate) struct Received {
     pub message: Arc<CommandMessage>,
     /// Where its reply goes.
     pub reply_to: String,
+    /// Its delivery's span (parent of the handler's).
+    pub span: tracing::Span,
 }
 
 /// What the transaction decided for one command.
@@ -224,7 +227,10 @@ impl Decider {
     async fn decide_alone(&self, incoming: &Received) -> Decision {
         let mut retries = 0;
         loop {
-            match self.decide(&incoming.message, &incoming.reply_to).await {
+            match self
+                .decide(&incoming.message, &incoming.reply_to, &incoming.span)
+                .await
+            {
                 Ok(decision) => return decision,
                 Err(e) if lost_a_race(&e) && retries < RACE_RETRIES => {
                     retries += 1;
@@ -268,7 +274,8 @@ impl Decider {
             let message = &batch[i].message;
             let key = message.idempotency_key.as_str();
             outcomes.push(if claimed.contains(key) {
-                match self.execute(&mut tx, message).await? {
+                let span = crate::kit::spans::handle(&batch[i].span, message);
+                match self.execute(&mut tx, message).instrument(span).await? {
                     Executed::Clean(outcome) => (outcome, true),
                     Executed::RejectedAfterWriting(_) => {
                         return Err(BatchError::RejectedAfterWriting);
@@ -282,7 +289,9 @@ impl Decider {
         let mut replies = Vec::with_capacity(which.len());
         let mut positions = Vec::with_capacity(which.len());
         for (position, (&i, (outcome, fresh))) in which.iter().zip(&outcomes).enumerate() {
-            let Received { message, reply_to } = &batch[i];
+            let Received {
+                message, reply_to, ..
+            } = &batch[i];
             let key = message.idempotency_key.as_str();
             if self.faults.drop_reply() {
                 tracing::warn!(participant = %self.name, saga_id = %message.saga_id, key, "fault injection: dropping the reply");
@@ -346,16 +355,23 @@ impl Decider {
             .collect())
     }
 
+    /// Whether a handler is registered for `command`.
+    pub(crate) fn handles(&self, command: &str) -> bool {
+        self.routes.contains_key(command)
+    }
+
     async fn decide(
         &self,
         message: &Arc<CommandMessage>,
         reply_to: &str,
+        delivery: &tracing::Span,
     ) -> Result<Decision, sqlx::Error> {
         let mut tx = Tx::new(self.pool.begin().await?);
         if !inbox::claim(tx.conn(), message).await? {
             return self.replay(tx, message, reply_to).await;
         }
-        let outcome = match self.execute(&mut tx, message).await {
+        let span = crate::kit::spans::handle(delivery, message);
+        let outcome = match self.execute(&mut tx, message).instrument(span).await {
             Ok(Executed::Clean(outcome)) => outcome,
             Ok(Executed::RejectedAfterWriting(reason)) => {
                 // Actions run without a savepoint (two round trips fewer on
@@ -490,7 +506,8 @@ impl Decider {
         let Some(action_key) = message.compensates.as_deref() else {
             return clean("a compensation must name the action it undoes in `compensates`".into());
         };
-        let noop = |why: &str| {
+        let noop = |why: &'static str| {
+            barrier_outcome(&self.name, why);
             bump(
                 &self.stats.compensation_noops,
                 &self.name,
@@ -509,6 +526,7 @@ impl Decider {
                     noop("action_rejected")
                 }
                 Barrier::Undo(action_data) => {
+                    barrier_outcome(&self.name, "undo");
                     let outcome = self
                         .call_in_savepoint(tx, route, message, action_data)
                         .await?;
@@ -590,4 +608,16 @@ impl Decider {
         }
         Ok(Some(pending))
     }
+}
+
+/// Counts what the compensation barrier found
+/// (`participant_barrier_outcomes_total`): `undo`, or why there was nothing
+/// to undo.
+fn barrier_outcome(participant: &str, outcome: &'static str) {
+    metrics::counter!(
+        "participant_barrier_outcomes_total",
+        "participant" => participant.to_owned(),
+        "outcome" => outcome,
+    )
+    .increment(1);
 }

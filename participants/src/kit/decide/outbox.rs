@@ -33,6 +33,9 @@ pub(crate) struct PendingReply {
     pub saga_id: Uuid,
     /// Serialized [`ReplyMessage`].
     pub body: String,
+    /// What it answers (for the command latency's `outcome` label);
+    /// `None` for a row read back by the relay.
+    pub status: Option<saga_proto::amqp::ReplyStatus>,
 }
 
 impl PendingReply {
@@ -42,6 +45,7 @@ impl PendingReply {
             reply_to: reply_to.to_owned(),
             saga_id: reply.saga_id,
             body: serde_json::to_string(reply).expect("a ReplyMessage always serializes"),
+            status: Some(reply.status),
         }
     }
 }
@@ -259,6 +263,7 @@ pub(crate) async fn lease(pool: &PgPool, sweep: Sweep, batch: i64) -> Result<Lea
                 reply_to,
                 saga_id,
                 body,
+                status: None,
             };
             Leased {
                 id,

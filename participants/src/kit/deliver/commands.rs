@@ -16,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, DeliveryHandler, Settle};
 use super::replies;
+use crate::kit::spans;
+use saga_proto::telemetry::TraceContext;
+use std::time::Instant;
+use tracing::Instrument;
 use crate::kit::decide::{Decider, Decision, Leased, PendingReply, Received, Sweep};
 use crate::kit::faults::FaultInjector;
 use crate::kit::stats::{Stats, bump};
@@ -69,6 +73,11 @@ impl CommandService {
     async fn accept(&self, delivery: Delivery) -> Option<(Acker, Received)> {
         let message: CommandMessage =
             consumer::decode_or_dead_letter(&delivery, &self.name, &self.stats, "command").await?;
+        let span = spans::process(
+            &self.topology.participant_queue(&self.name),
+            TraceContext::from_amqp(delivery.properties.headers().as_ref()),
+            &message,
+        );
         let reply_to = delivery
             .properties
             .reply_to()
@@ -81,6 +90,7 @@ impl CommandService {
             Received {
                 message: Arc::new(message),
                 reply_to,
+                span,
             },
         ))
     }
@@ -94,10 +104,13 @@ impl CommandService {
         pending: Option<PendingReply>,
     ) {
         if let Some(pending) = pending {
-            self.publish(publisher, &pending).await;
+            let (span, trace) = spans::reply(&received.span, &pending.reply_to);
+            self.publish(publisher, &pending, trace.as_ref())
+                .instrument(span)
+                .await;
             if self.faults.duplicate_reply() {
                 tracing::warn!(participant = %self.name, saga_id = %received.message.saga_id, "fault injection: duplicating the reply");
-                replies::publish(publisher, &pending, self.sender.as_deref())
+                replies::publish(publisher, &pending, self.sender.as_deref(), trace.as_ref())
                     .await
                     .ok();
             }
@@ -111,8 +124,13 @@ impl CommandService {
 
     /// Publishes with a few quick retries (e.g. the reply queue is being
     /// declared right now); on failure the outbox row stays for the relay.
-    async fn publish(&self, publisher: &Channel, pending: &PendingReply) {
-        let attempt = || replies::publish(publisher, pending, self.sender.as_deref());
+    async fn publish(
+        &self,
+        publisher: &Channel,
+        pending: &PendingReply,
+        trace: Option<&TraceContext>,
+    ) {
+        let attempt = || replies::publish(publisher, pending, self.sender.as_deref(), trace);
         let published = attempt
             .retry(
                 ExponentialBuilder::default()
@@ -200,7 +218,9 @@ impl CommandService {
             attempts,
         } in lease.take()
         {
-            match replies::publish(publisher, &reply, self.sender.as_deref()).await {
+            // The command's span is gone (a crash, or the broker was
+            // away): the reply carries the saga-id trace context.
+            match replies::publish(publisher, &reply, self.sender.as_deref(), None).await {
                 Ok(()) => {
                     lease.published(id).await?;
                     published += 1;
@@ -241,6 +261,7 @@ impl DeliveryHandler for CommandService {
         publisher: Channel,
         slot: OwnedSemaphorePermit,
     ) {
+        let started = Instant::now();
         self.faults.delay().await;
         let mut answered = Vec::with_capacity(deliveries.len());
         let mut ackers = Vec::with_capacity(deliveries.len());
@@ -272,8 +293,18 @@ impl DeliveryHandler for CommandService {
                 .zip(decisions)
                 .map(|((acker, received), decision)| (acker, received, decision)),
         );
+        let elapsed = started.elapsed().as_secs_f64();
         let mut committed = false;
         for (_, received, decision) in &answered {
+            // A command name this participant does not handle is the
+            // sender's text: it is not made a label.
+            let command = &received.message.command;
+            let command = if self.decider.handles(command) {
+                command.as_str()
+            } else {
+                "unknown"
+            };
+            command_duration(&self.name, command, decision, elapsed);
             if let Decision::Answered { replay, .. } = decision {
                 tracing::debug!(participant = %self.name, saga_id = %received.message.saga_id, key = %received.message.idempotency_key, replay, "answered");
                 self.faults.committed();
@@ -320,4 +351,33 @@ impl DeliveryHandler for CommandService {
             tracing::warn!(participant = %self.name, "replies remain in the outbox at shutdown; the relay sends them on the next start");
         }
     }
+}
+
+/// Records how long deciding a command took, from its batch's start to its
+/// decision (`participant_command_duration_seconds`). The labels are the
+/// participant, the command name (from the participant's own routes or
+/// the sender; a name it does not know is bounded by the queue's
+/// senders) and the outcome.
+fn command_duration(participant: &str, command: &str, decision: &Decision, seconds: f64) {
+    use saga_proto::amqp::ReplyStatus;
+    let outcome = match decision {
+        Decision::Answered { replay: true, .. } => "replayed",
+        Decision::Answered {
+            pending: Some(pending),
+            ..
+        } => match pending.status {
+            Some(ReplyStatus::Success) | None => "success",
+            Some(ReplyStatus::Rejected) => "rejected",
+            Some(ReplyStatus::TransientError) => "transient_error",
+        },
+        Decision::Answered { pending: None, .. } => "success",
+        Decision::Transient { .. } => "transient_error",
+    };
+    metrics::histogram!(
+        "participant_command_duration_seconds",
+        "participant" => participant.to_owned(),
+        "command" => command.to_owned(),
+        "outcome" => outcome,
+    )
+    .record(seconds);
 }

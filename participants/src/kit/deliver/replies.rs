@@ -7,6 +7,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use saga_proto::amqp::{CONTENT_TYPE, REPLY_TYPE, TRACEPARENT_HEADER, traceparent};
+use saga_proto::telemetry::TraceContext;
 use uuid::Uuid;
 
 use super::consumer::{CONFIRM_TIMEOUT, TimedOut, within};
@@ -59,15 +60,18 @@ impl PublishError {
 /// connection's broker user, goes in the `user_id` property: RabbitMQ
 /// refuses a `user_id` other than the connection's own, so the
 /// orchestrator can tell which participant's user published a reply.
+/// `trace` is the reply span's context when spans are exported; without
+/// it the contract's saga-id `traceparent` is sent.
 pub(crate) async fn publish(
     channel: &Channel,
     reply: &PendingReply,
     sender: Option<&str>,
+    trace: Option<&TraceContext>,
 ) -> Result<(), PublishError> {
     within(
         "a publisher confirm",
         CONFIRM_TIMEOUT,
-        publish_unbounded(channel, reply, sender),
+        publish_unbounded(channel, reply, sender, trace),
     )
     .await?
 }
@@ -76,13 +80,19 @@ async fn publish_unbounded(
     channel: &Channel,
     reply: &PendingReply,
     sender: Option<&str>,
+    trace: Option<&TraceContext>,
 ) -> Result<(), PublishError> {
     let message_id = Uuid::now_v7();
     let mut headers = FieldTable::default();
-    headers.insert(
-        TRACEPARENT_HEADER.into(),
-        AMQPValue::LongString(LongString::from(traceparent(reply.saga_id, message_id))),
-    );
+    match trace {
+        Some(trace) => trace.to_amqp(&mut headers),
+        None => {
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                AMQPValue::LongString(LongString::from(traceparent(reply.saga_id, message_id))),
+            );
+        }
+    }
     let properties = BasicProperties::default()
         .with_content_type(CONTENT_TYPE.into())
         .with_delivery_mode(2)

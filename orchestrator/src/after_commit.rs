@@ -52,12 +52,7 @@ impl AfterCommit {
     }
 
     /// Carries out what a committed transition of `state` left to do.
-    pub fn act(
-        &self,
-        state: &SagaInstance,
-        published: Vec<OutboxMessage>,
-        measured: &Measured,
-    ) {
+    pub fn act(&self, state: &SagaInstance, published: Vec<OutboxMessage>, measured: &Measured) {
         crate::crash_point!("orchestrator::after_commit_before_publish");
         self.cache.store(state);
         self.publisher.publish(published);

@@ -236,6 +236,7 @@ impl Application {
             wakeups.clone(),
         );
         let catalog = Arc::new(catalog);
+        crate::telemetry::metrics::register(&catalog);
         let engine = Arc::new(Engine::new(
             store.clone(),
             catalog.clone(),

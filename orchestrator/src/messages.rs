@@ -67,7 +67,10 @@ impl Envelopes {
             effects.measured.note(entry.kind);
             spans::history_event(entry);
         }
-        effects.measured.observations.extend(transition.observations);
+        effects
+            .measured
+            .observations
+            .extend(transition.observations);
         effects.history.extend(
             transition
                 .history

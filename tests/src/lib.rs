@@ -35,6 +35,7 @@ pub mod inject;
 pub mod invariants;
 pub mod ledgers;
 pub mod orders;
+pub mod otlp;
 pub mod processes;
 pub mod proxy;
 pub mod scripted;

@@ -168,7 +168,11 @@ async fn decode(
                     reply.saga_id,
                     &reply.step,
                     reply.attempt,
-                    delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|id| id.as_str()),
                 );
                 replies.push(Received { reply, span });
                 accepted.push(delivery.delivery_tag);

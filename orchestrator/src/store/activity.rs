@@ -61,11 +61,11 @@ pub async fn read(pool: &PgPool) -> Result<Activity, StoreError> {
         let version: i32 = row.try_get("version")?;
         let value: f64 = row.try_get("value")?;
         match kind.as_str() {
-            "active" => activity.active.push((
-                a.unwrap_or_default(),
-                b.unwrap_or_default(),
-                value as i64,
-            )),
+            "active" => {
+                activity
+                    .active
+                    .push((a.unwrap_or_default(), b.unwrap_or_default(), value as i64))
+            }
             "oldest" => activity
                 .oldest_active
                 .push((a.unwrap_or_default(), value.max(0.0))),

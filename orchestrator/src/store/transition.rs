@@ -91,9 +91,11 @@ impl<'a> OutboxColumns<'a> {
             columns
                 .traceparents
                 .push(trace.map(|t| t.traceparent.as_str()));
-            columns
-                .tracestates
-                .push(trace.map(|t| t.tracestate.as_str()).filter(|s| !s.is_empty()));
+            columns.tracestates.push(
+                trace
+                    .map(|t| t.tracestate.as_str())
+                    .filter(|s| !s.is_empty()),
+            );
         }
         columns
     }

@@ -44,7 +44,9 @@ pub async fn run(store: Store, catalog: Arc<Catalog>, shutdown: CancellationToke
             Ok(activity) => publish(&activity, &catalog, &mut reported),
             // The database probe reports the outage; the gauges keep their
             // last values (an alert on them should not flap with it).
-            Err(error) => tracing::debug!(error = %Chain(&error), "cannot read the activity gauges"),
+            Err(error) => {
+                tracing::debug!(error = %Chain(&error), "cannot read the activity gauges")
+            }
         }
     }
 }

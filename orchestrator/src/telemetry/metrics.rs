@@ -40,6 +40,55 @@ fn counter_of(kind: HistoryKind) -> Option<&'static str> {
     })
 }
 
+/// Every counter, exported at 0 from the start for each flow of
+/// `catalog` (a series that does not exist yet is not a zero to
+/// Prometheus: rates and alerts would see nothing until the first event).
+pub fn register(catalog: &sagas::Catalog) {
+    for name in [
+        "saga_replies_applied_total",
+        "saga_timers_fired_total",
+        "saga_messages_unroutable_total",
+        "saga_messages_nacked_total",
+        "saga_outbox_relayed_total",
+        "saga_outbox_deferred_to_relay_total",
+        "saga_replies_dead_lettered_total",
+        "saga_stale_cache_writes_total",
+        "saga_messages_for_unknown_sagas_total",
+        "saga_tls_handshakes_refused_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    // The codes the API's access control refuses with (`{:?}` of the code).
+    for code in ["Unauthenticated", "PermissionDenied"] {
+        metrics::counter!("saga_api_refused_total", "code" => code).increment(0);
+    }
+    let mut participants = std::collections::BTreeSet::new();
+    for (flow, _) in catalog.list() {
+        let saga_type = flow.name().to_owned();
+        metrics::counter!("saga_started_total", "saga_type" => saga_type.clone()).increment(0);
+        for outcome in ["completed", "compensated", "failed"] {
+            metrics::counter!("saga_finished_total", "saga_type" => saga_type.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+        for kind in [
+            HistoryKind::RetryScheduled,
+            HistoryKind::StepTimedOut,
+            HistoryKind::CompensationStarted,
+            HistoryKind::CancelRequested,
+            HistoryKind::OperatorRetry,
+            HistoryKind::ReplyIgnored,
+        ] {
+            if let Some(name) = counter_of(kind) {
+                metrics::counter!(name, "saga_type" => saga_type.clone()).increment(0);
+            }
+        }
+        participants.extend(flow.steps().iter().map(|s| s.participant.to_string()));
+    }
+    for participant in participants {
+        metrics::counter!("saga_replies_forged_total", "participant" => participant).increment(0);
+    }
+}
+
 /// A saga was created (not a start answered from its idempotency key).
 pub fn started(saga_type: &str) {
     metrics::counter!("saga_started_total", "saga_type" => saga_type.to_owned()).increment(1);

@@ -29,7 +29,6 @@ pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
         // lapin logs every returned (unroutable) message at WARN with its
         // whole body; the publisher logs its own one-line warning instead.
         default_filter:
-            "info,sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn"
-                .to_owned(),
+            "info,sqlx=warn,lapin=warn,lapin::returned_messages=error,amq_protocol=warn".to_owned(),
     })
 }

@@ -59,7 +59,13 @@ impl MessageTrace {
     /// that did not (it crashed, or the broker was away): a child of the
     /// context stored with the row, so the message stays in its saga's
     /// trace.
-    pub fn relayed(&self, exchange: &str, routing_key: &str, saga_id: Uuid, message_id: Uuid) -> Self {
+    pub fn relayed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        saga_id: Uuid,
+        message_id: Uuid,
+    ) -> Self {
         let Some(stored) = &self.context else {
             return Self::default();
         };
@@ -156,7 +162,11 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
                 saga.step = step,
                 saga.attempt = attempt,
             );
-            if let Some(root) = state.trace.as_deref().and_then(|tp| TraceContext::parse(tp, None)) {
+            if let Some(root) = state
+                .trace
+                .as_deref()
+                .and_then(|tp| TraceContext::parse(tp, None))
+            {
                 root.adopt(&span);
             }
             span
@@ -167,7 +177,12 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
 
 /// The producer span of a command about to be written to the outbox,
 /// child of the current (transition) span.
-pub fn command(state: &SagaInstance, command: &Command, exchange: &str, message_id: Uuid) -> MessageTrace {
+pub fn command(
+    state: &SagaInstance,
+    command: &Command,
+    exchange: &str,
+    message_id: Uuid,
+) -> MessageTrace {
     if !propagation::exporting() {
         return MessageTrace::default();
     }
@@ -194,7 +209,12 @@ pub fn command(state: &SagaInstance, command: &Command, exchange: &str, message_
 }
 
 /// The producer span of a lifecycle event, child of the current span.
-pub fn event(state: &SagaInstance, exchange: &str, routing_key: &str, message_id: Uuid) -> MessageTrace {
+pub fn event(
+    state: &SagaInstance,
+    exchange: &str,
+    routing_key: &str,
+    message_id: Uuid,
+) -> MessageTrace {
     if !propagation::exporting() {
         return MessageTrace::default();
     }

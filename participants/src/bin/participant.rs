@@ -126,11 +126,13 @@ fn init_telemetry(
     services: &[Service],
 ) -> anyhow::Result<saga_proto::telemetry::Telemetry> {
     let names: Vec<&str> = services.iter().map(|s| s.name()).collect();
-    Ok(saga_proto::telemetry::init(&saga_proto::telemetry::Settings {
-        service_name: format!("participant-{}", names.join("-")),
-        json: matches!(format, LogFormat::Json),
-        default_filter: "info,sqlx::postgres::notice=warn".to_owned(),
-    })?)
+    Ok(saga_proto::telemetry::init(
+        &saga_proto::telemetry::Settings {
+            service_name: format!("participant-{}", names.join("-")),
+            json: matches!(format, LogFormat::Json),
+            default_filter: "info,sqlx::postgres::notice=warn".to_owned(),
+        },
+    )?)
 }
 
 fn config(args: &Args) -> anyhow::Result<DemoConfig> {

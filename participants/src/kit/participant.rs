@@ -409,6 +409,7 @@ impl Participant {
                     source,
                 })?;
         }
+        crate::kit::stats::register(&self.name);
         let stats = Arc::new(Stats::default());
         let settings = ConsumerSettings {
             broker: config.broker.clone(),

@@ -96,3 +96,37 @@ pub(crate) fn bump(counter: &AtomicU64, participant: &str, metric: &'static str,
     counter.fetch_add(by, Ordering::Relaxed);
     metrics::counter!(metric, "participant" => participant.to_owned()).increment(by);
 }
+
+/// Every counter of a participant, exported at 0 from the start, so rates
+/// and alerts work before the first event (a series that does not exist
+/// yet is not a zero to Prometheus).
+pub(crate) fn register(participant: &str) {
+    for metric in [
+        "participant_commands_applied_total",
+        "participant_commands_rejected_total",
+        "participant_commands_replayed_total",
+        "participant_commands_transient_total",
+        "participant_compensation_noops_total",
+        "participant_poison_messages_total",
+        "participant_replies_published_total",
+        "participant_replies_deferred_total",
+        "participant_replies_relayed_total",
+        "participant_events_recorded_total",
+        "participant_batches_split_total",
+    ] {
+        metrics::counter!(metric, "participant" => participant.to_owned()).increment(0);
+    }
+    for outcome in [
+        "undo",
+        "action_never_arrived",
+        "action_rejected",
+        "already_compensated",
+    ] {
+        metrics::counter!(
+            "participant_barrier_outcomes_total",
+            "participant" => participant.to_owned(),
+            "outcome" => outcome,
+        )
+        .increment(0);
+    }
+}

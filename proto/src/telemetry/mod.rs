@@ -138,7 +138,8 @@ pub fn otlp_endpoint() -> Result<Option<String>, TelemetryError> {
             expected: "expected an http:// or https:// URL of an OTLP/gRPC collector, e.g. http://127.0.0.1:4317",
         });
     }
-    if let Some(protocol) = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    if let Some(protocol) =
+        var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
         && protocol != "grpc"
     {
         return Err(TelemetryError::Invalid {
@@ -193,8 +194,8 @@ fn check_sampler() -> Result<(), TelemetryError> {
 pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
     let endpoint = otlp_endpoint()?;
     check_sampler()?;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.default_filter));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&settings.default_filter));
     let provider = match endpoint {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()

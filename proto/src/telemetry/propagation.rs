@@ -152,7 +152,11 @@ impl TraceContext {
 
 /// Records a span event (exported with the span, not logged): what a
 /// trace shows of a retry, a timeout or a compensation.
-pub fn add_event(span: &tracing::Span, name: &'static str, attributes: Vec<(&'static str, String)>) {
+pub fn add_event(
+    span: &tracing::Span,
+    name: &'static str,
+    attributes: Vec<(&'static str, String)>,
+) {
     if !exporting() || span.is_disabled() {
         return;
     }

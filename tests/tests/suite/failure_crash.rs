@@ -2,6 +2,7 @@
 //! and at random moments. After a restart every saga finishes, and the
 //! invariant checker finds the ledgers, outboxes and queues consistent.
 
+use crate::failure_support::expect_orchestrator_crash;
 use std::time::Duration;
 
 use participants::demo::Service;
@@ -19,28 +20,6 @@ use crate::failure_support::{
 
 /// How long a process may take to reach its crash point under load.
 const CRASH_WITHIN: Duration = Duration::from_secs(60);
-
-/// Waits until orchestrator `i` aborted at `point` (not killed, not exited
-/// otherwise), with a clear message if it did not.
-async fn expect_orchestrator_crash(cluster: &mut Cluster, i: usize, point: &str) {
-    let node = &mut cluster.orchestrators[i];
-    let status = node
-        .process
-        .wait_exit(CRASH_WITHIN)
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "{} never reached {point}; log:\n{}",
-                node.process.name(),
-                node.process.log_tail(20)
-            )
-        });
-    assert!(aborted(&status), "{point}: ended with {status}");
-    assert!(
-        node.process.log_tail(50).contains("crash point reached"),
-        "{point}: the log does not show the crash point"
-    );
-}
 
 async fn expect_participant_crash(cluster: &mut Cluster, i: usize, point: &str) {
     let node = &mut cluster.participants[i];

@@ -99,3 +99,28 @@ pub async fn history_entries(cluster: &Cluster, kind: &str) -> i64 {
         .await
         .expect("read history")
 }
+
+/// Waits until orchestrator `i` aborted at `point` (not killed, not exited
+/// otherwise), with a clear message if it did not.
+pub async fn expect_orchestrator_crash(cluster: &mut Cluster, i: usize, point: &str) {
+    let node = &mut cluster.orchestrators[i];
+    let status = node
+        .process
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "{} never reached {point}; log:\n{}",
+                node.process.name(),
+                node.process.log_tail(20)
+            )
+        });
+    assert!(
+        saga_tests::processes::aborted(&status),
+        "{point}: ended with {status}"
+    );
+    assert!(
+        node.process.log_tail(50).contains("crash point reached"),
+        "{point}: the log does not show the crash point"
+    );
+}

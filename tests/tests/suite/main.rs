@@ -6,6 +6,7 @@
 //! rest; alone: `cargo test -p saga-tests --test suite failure_`.
 
 mod api;
+mod deploy;
 mod e2e;
 mod failure_api;
 mod failure_checker;
@@ -19,6 +20,7 @@ mod failure_poison;
 mod failure_support;
 mod flows;
 mod instances;
+mod observability;
 mod outbox;
 mod raw_participant;
 mod security;

@@ -16,14 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, DeliveryHandler, Settle};
 use super::replies;
+use crate::kit::decide::{Decider, Decision, Leased, PendingReply, Received, Sweep};
+use crate::kit::faults::FaultInjector;
 use crate::kit::spans;
+use crate::kit::stats::{Stats, bump};
+use crate::kit::topology;
 use saga_proto::telemetry::TraceContext;
 use std::time::Instant;
 use tracing::Instrument;
-use crate::kit::decide::{Decider, Decision, Leased, PendingReply, Received, Sweep};
-use crate::kit::faults::FaultInjector;
-use crate::kit::stats::{Stats, bump};
-use crate::kit::topology;
 
 /// Most outbox rows one relay pass leases.
 const RELAY_BATCH: i64 = 100;

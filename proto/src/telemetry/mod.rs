@@ -102,7 +102,14 @@ impl Drop for Telemetry {
 /// `${OTEL_EXPORTER_OTLP_ENDPOINT:-}`), or when `OTEL_SDK_DISABLED=true`
 /// or `OTEL_TRACES_EXPORTER=none`.
 pub fn otlp_endpoint() -> Result<Option<String>, TelemetryError> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    endpoint_from(|name| std::env::var(name).ok())
+}
+
+/// [`otlp_endpoint`] over any source of variables.
+fn endpoint_from(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, TelemetryError> {
+    let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
     if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return Ok(None);
     }
@@ -154,8 +161,8 @@ pub fn otlp_endpoint() -> Result<Option<String>, TelemetryError> {
 /// Checks `OTEL_TRACES_SAMPLER` and its argument: the SDK falls back to
 /// sampling everything on a typo, which at a saga per millisecond is a
 /// surprise nobody wants, so a wrong value stops the start instead.
-fn check_sampler() -> Result<(), TelemetryError> {
-    let Ok(sampler) = std::env::var("OTEL_TRACES_SAMPLER") else {
+fn check_sampler(lookup: impl Fn(&str) -> Option<String>) -> Result<(), TelemetryError> {
+    let Some(sampler) = lookup("OTEL_TRACES_SAMPLER") else {
         return Ok(());
     };
     let ratio = match sampler.as_str() {
@@ -170,7 +177,7 @@ fn check_sampler() -> Result<(), TelemetryError> {
         }
     };
     if ratio {
-        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").unwrap_or_default();
+        let arg = lookup("OTEL_TRACES_SAMPLER_ARG").unwrap_or_default();
         match arg.parse::<f64>() {
             Ok(r) if (0.0..=1.0).contains(&r) => {}
             _ => {
@@ -193,7 +200,7 @@ fn check_sampler() -> Result<(), TelemetryError> {
 /// exporter is a Tonic client).
 pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
     let endpoint = otlp_endpoint()?;
-    check_sampler()?;
+    check_sampler(|name| std::env::var(name).ok())?;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&settings.default_filter));
     let provider = match endpoint {
@@ -228,14 +235,15 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
             // matter (retries, timeouts) with `propagation::add_event`.
             .with_tracked_inactivity(false)
     });
+    let ids = logs::SagaIds::default();
     let logs = if settings.json {
-        logs::json().boxed()
+        logs::json(&ids).boxed()
     } else {
         tracing_subscriber::fmt::layer().with_target(false).boxed()
     };
     let installed = tracing_subscriber::registry()
         .with(filter)
-        .with(logs::SagaIds)
+        .with(ids)
         .with(otel)
         .with(logs)
         .try_init();
@@ -252,6 +260,110 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
                 let _ = provider.shutdown();
             }
             Ok(Telemetry { provider: None })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn spans_are_exported_only_when_an_endpoint_is_set() {
+        assert_eq!(endpoint_from(vars(&[])).unwrap(), None);
+        // Compose passes `${OTEL_EXPORTER_OTLP_ENDPOINT:-}`.
+        assert_eq!(
+            endpoint_from(vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")])).unwrap(),
+            None
+        );
+        assert_eq!(
+            endpoint_from(vars(&[(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://jaeger:4317"
+            )]))
+            .unwrap(),
+            Some("http://jaeger:4317".to_owned())
+        );
+        // The signal's own variable wins.
+        assert_eq!(
+            endpoint_from(vars(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://b:4317"),
+            ]))
+            .unwrap(),
+            Some("https://b:4317".to_owned())
+        );
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            assert_eq!(
+                endpoint_from(vars(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+                    off
+                ]))
+                .unwrap(),
+                None,
+                "{off:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_wrong_variable_is_refused_naming_it() {
+        let message = |pairs: &[(&str, &str)]| endpoint_from(vars(pairs)).unwrap_err().to_string();
+        let bad = message(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4317")]);
+        assert!(
+            bad.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT=\"jaeger:4317\""),
+            "{bad}"
+        );
+        assert!(bad.contains("http://"), "{bad}");
+        let bad = message(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ]);
+        assert!(bad.contains("only grpc"), "{bad}");
+        let bad = message(&[("OTEL_TRACES_EXPORTER", "zipkin")]);
+        assert!(bad.starts_with("OTEL_TRACES_EXPORTER"), "{bad}");
+
+        let sampler = |pairs: &[(&str, &str)]| check_sampler(vars(pairs));
+        assert!(sampler(&[]).is_ok());
+        assert!(sampler(&[("OTEL_TRACES_SAMPLER", "parentbased_always_on")]).is_ok());
+        assert!(
+            sampler(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+            ])
+            .is_ok()
+        );
+        let typo = sampler(&[("OTEL_TRACES_SAMPLER", "traceid_ratio")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            typo.starts_with("OTEL_TRACES_SAMPLER=\"traceid_ratio\""),
+            "{typo}"
+        );
+        for arg in ["", "10", "-0.5", "ten percent"] {
+            let refused = sampler(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", arg),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                refused.starts_with("OTEL_TRACES_SAMPLER_ARG"),
+                "{arg:?}: {refused}"
+            );
         }
     }
 }

@@ -1418,3 +1418,73 @@ fn step_kinds_of_the_shipped_flows() {
         ]
     );
 }
+
+/// The machine measures with the clock it is given: each settled command
+/// from its send to its answer (or timeout), and the saga from its start
+/// to its terminal state; nothing else reports latency.
+#[test]
+fn transitions_measure_step_latency_and_saga_duration() {
+    use sagas::{Observation, StepOutcome};
+    let (mut h, start) = Harness::order_v1();
+    assert!(start.observations.is_empty(), "{:?}", start.observations);
+    let started = h.now;
+
+    h.now += 40;
+    let t = h.ok("reserve_inventory");
+    assert_eq!(
+        t.observations,
+        vec![Observation::StepSettled {
+            step: "reserve_inventory".into(),
+            participant: "inventory".into(),
+            phase: Phase::Action,
+            attempt: 1,
+            outcome: StepOutcome::Success,
+            elapsed_ms: Some(40),
+        }]
+    );
+
+    // A timeout is measured from the send to the timer.
+    let timeout = h.time_out("charge_payment");
+    let Observation::StepSettled {
+        outcome,
+        elapsed_ms,
+        ..
+    } = &timeout.observations[0]
+    else {
+        panic!("{:?}", timeout.observations)
+    };
+    assert_eq!(*outcome, StepOutcome::TimedOut);
+    assert_eq!(*elapsed_ms, Some(5_000), "the flow's 5 s reply timeout");
+
+    // The next attempt is measured from its own send.
+    h.fire("charge_payment");
+    let attempt = h.wait("charge_payment").attempt;
+    h.now += 7;
+    let t = h.reject("charge_payment", "insufficient funds");
+    assert!(
+        t.observations.contains(&Observation::StepSettled {
+            step: "charge_payment".into(),
+            participant: "payment".into(),
+            phase: Phase::Action,
+            attempt,
+            outcome: StepOutcome::Rejected,
+            elapsed_ms: Some(7),
+        }),
+        "{:?}",
+        t.observations
+    );
+    h.now += 3;
+    let t = h.ok("reserve_inventory");
+    let ended: Vec<_> = t
+        .observations
+        .iter()
+        .filter(|o| matches!(o, Observation::SagaEnded { .. }))
+        .collect();
+    assert_eq!(
+        ended,
+        vec![&Observation::SagaEnded {
+            status: SagaStatus::Compensated,
+            elapsed_ms: Some(h.now - started),
+        }]
+    );
+}

@@ -60,6 +60,9 @@ pub mod kind {
 #[derive(Debug, Default, Clone)]
 struct Sink {
     spans: Arc<Mutex<Vec<CollectedSpan>>>,
+    /// Only count (a benchmark's sink must not grow without bound).
+    count_only: bool,
+    counted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn text(value: &Option<AnyValue>) -> String {
@@ -79,8 +82,22 @@ impl TraceService for Sink {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let request = request.into_inner();
+        if self.count_only {
+            let spans: usize = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.counted
+                .fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         let mut received = Vec::new();
-        for resource in request.into_inner().resource_spans {
+        for resource in request.resource_spans {
             let service = resource
                 .resource
                 .iter()
@@ -125,9 +142,18 @@ pub struct Collector {
 impl Collector {
     /// Listens on a free loopback port.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::listen("127.0.0.1:0".parse().expect("address"), false).await
+    }
+
+    /// Listens on `addr`; with `count_only` spans are counted
+    /// ([`Self::counted`]) and dropped.
+    pub async fn listen(addr: SocketAddr, count_only: bool) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let sink = Sink::default();
+        let sink = Sink {
+            count_only,
+            ..Sink::default()
+        };
         let stop = CancellationToken::new();
         let server = tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(sink.clone()))
@@ -146,6 +172,11 @@ impl Collector {
     /// The `OTEL_EXPORTER_OTLP_ENDPOINT` value for services.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Spans counted by a `count_only` collector.
+    pub fn counted(&self) -> u64 {
+        self.sink.counted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every span received so far.

@@ -140,7 +140,7 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
         Event::CancelRequested { .. } => ("cancel", None, None),
         Event::OperatorRetry => ("operator_retry", None, None),
     };
-    let span = match cause {
+    match cause {
         Cause::Span(parent) => tracing::info_span!(
             parent: parent,
             "saga.transition",
@@ -171,8 +171,7 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
             }
             span
         }
-    };
-    span
+    }
 }
 
 /// The producer span of a command about to be written to the outbox,

@@ -228,21 +228,45 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
         }
         None => None,
     };
+    // Each output has its own filter: `RUST_LOG=warn` quiets the logs but
+    // must not switch tracing off (with one global filter, the info-level
+    // spans of a saga's path would not exist at all).
     let otel = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("saga-orchestrator"))
-            // Log events stay log lines; span events are added where they
-            // matter (retries, timeouts) with `propagation::add_event`.
             .with_tracked_inactivity(false)
+            .with_filter(
+                // The exporter's own gRPC client must not trace itself.
+                [
+                    "h2",
+                    "hyper",
+                    "hyper_util",
+                    "tonic",
+                    "tower",
+                    "opentelemetry",
+                    "opentelemetry_sdk",
+                    "opentelemetry_otlp",
+                ]
+                .into_iter()
+                .fold(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_default(tracing::level_filters::LevelFilter::INFO),
+                    |targets, noisy| {
+                        targets.with_target(noisy, tracing::level_filters::LevelFilter::OFF)
+                    },
+                ),
+            )
     });
     let ids = logs::SagaIds::default();
     let logs = if settings.json {
-        logs::json(&ids).boxed()
+        logs::json(&ids).with_filter(filter).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_target(false).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_filter(filter)
+            .boxed()
     };
     let installed = tracing_subscriber::registry()
-        .with(filter)
         .with(ids)
         .with(otel)
         .with(logs)

@@ -31,6 +31,8 @@ fn traced(collector: &Collector) -> ClusterOptions {
         ),
         // Export promptly: the test waits for the spans.
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+        // Quiet logs must not switch tracing off.
+        ("RUST_LOG".to_owned(), "warn".to_owned()),
     ];
     ClusterOptions {
         orchestrator_env: env.clone(),

@@ -12,7 +12,10 @@
 //! `saga.attempt`, `saga.phase`.
 //!
 //! When spans are not exported every constructor here returns a disabled
-//! span without formatting a field: tracing costs nothing then.
+//! span without formatting a field: tracing costs nothing then. In a trace
+//! the sampler did not keep, no span below the root is built either: the
+//! messages carry the saga's root context (flagged unsampled) so the
+//! participants follow the decision, and that is all it costs.
 
 use saga_proto::telemetry::{TraceContext, propagation};
 use sagas::{Command, Event, HistoryEntry, HistoryKind, SagaInstance};
@@ -69,6 +72,9 @@ impl MessageTrace {
         let Some(stored) = &self.context else {
             return Self::default();
         };
+        if !propagation::exporting() || !stored.sampled() {
+            return self.clone();
+        }
         let span = tracing::info_span!(
             "publish",
             otel.name = %format!("publish {exchange}"),
@@ -133,6 +139,18 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
     if !propagation::exporting() {
         return Span::none();
     }
+    let root = match cause {
+        Cause::Span(parent) if !TraceContext::span_sampled(parent) => return Span::none(),
+        Cause::Span(_) => None,
+        Cause::Saga => match state
+            .trace
+            .as_deref()
+            .and_then(|tp| TraceContext::parse(tp, None))
+        {
+            Some(root) if root.sampled() => Some(root),
+            _ => return Span::none(),
+        },
+    };
     let (kind, step, attempt) = match event {
         Event::Started => ("started", None, None),
         Event::Reply(reply) => ("reply", Some(reply.step.as_str()), Some(reply.attempt)),
@@ -162,11 +180,7 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
                 saga.step = step,
                 saga.attempt = attempt,
             );
-            if let Some(root) = state
-                .trace
-                .as_deref()
-                .and_then(|tp| TraceContext::parse(tp, None))
-            {
+            if let Some(root) = root {
                 root.adopt(&span);
             }
             span
@@ -184,6 +198,9 @@ pub fn command(
 ) -> MessageTrace {
     if !propagation::exporting() {
         return MessageTrace::default();
+    }
+    if !TraceContext::span_sampled(&Span::current()) {
+        return unsampled(state);
     }
     let span = tracing::info_span!(
         "publish",
@@ -217,6 +234,9 @@ pub fn event(
     if !propagation::exporting() {
         return MessageTrace::default();
     }
+    if !TraceContext::span_sampled(&Span::current()) {
+        return unsampled(state);
+    }
     let span = tracing::info_span!(
         "publish",
         otel.name = %format!("publish {exchange}"),
@@ -235,6 +255,18 @@ pub fn event(
     }
 }
 
+/// A message of a trace the sampler did not keep: no span, the saga's
+/// root context (flagged unsampled) in the headers.
+fn unsampled(state: &SagaInstance) -> MessageTrace {
+    MessageTrace {
+        context: state
+            .trace
+            .as_deref()
+            .and_then(|tp| TraceContext::parse(tp, None)),
+        span: None,
+    }
+}
+
 /// The consumer span of one reply delivery, continuing the participant's
 /// trace from the message headers.
 pub fn process_reply(
@@ -245,7 +277,8 @@ pub fn process_reply(
     attempt: u32,
     message_id: Option<&str>,
 ) -> Span {
-    if !propagation::exporting() {
+    // A trace the sampler did not keep builds no span here.
+    if !propagation::exporting() || from.as_ref().is_some_and(|f| !f.sampled()) {
         return Span::none();
     }
     let span = tracing::info_span!(

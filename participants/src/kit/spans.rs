@@ -14,7 +14,9 @@ use tracing::Span;
 
 /// The consumer span of one command delivery.
 pub(crate) fn process(queue: &str, from: Option<TraceContext>, message: &CommandMessage) -> Span {
-    if !propagation::exporting() {
+    // A trace the sampler did not keep: no span, the context is passed on
+    // as it came ([`reply`]).
+    if !propagation::exporting() || from.as_ref().is_some_and(|f| !f.sampled()) {
         return Span::none();
     }
     let span = tracing::info_span!(
@@ -41,7 +43,7 @@ pub(crate) fn process(queue: &str, from: Option<TraceContext>, message: &Command
 
 /// The span of the handler deciding `message`, child of its delivery's.
 pub(crate) fn handle(parent: &Span, message: &CommandMessage) -> Span {
-    if !propagation::exporting() {
+    if !propagation::exporting() || parent.is_disabled() {
         return Span::none();
     }
     tracing::info_span!(
@@ -56,9 +58,18 @@ pub(crate) fn handle(parent: &Span, message: &CommandMessage) -> Span {
 }
 
 /// The producer span of a reply and the context its headers carry.
-pub(crate) fn reply(parent: &Span, reply_to: &str) -> (Span, Option<TraceContext>) {
+/// In a trace that is not sampled: no span, and the command's own context
+/// (`received`), so the orchestrator follows the same decision.
+pub(crate) fn reply(
+    parent: &Span,
+    reply_to: &str,
+    received: Option<&TraceContext>,
+) -> (Span, Option<TraceContext>) {
     if !propagation::exporting() {
         return (Span::none(), None);
+    }
+    if parent.is_disabled() {
+        return (Span::none(), received.cloned());
     }
     let span = tracing::info_span!(
         parent: parent,

@@ -101,6 +101,23 @@ impl TraceContext {
             .then_some(candidate)
     }
 
+    /// Whether the trace is sampled (the `01` flag): an unsampled trace's
+    /// spans are not built at all, only its context is passed on, so that
+    /// the next process follows the same decision.
+    pub fn sampled(&self) -> bool {
+        self.traceparent
+            .rsplit('-')
+            .next()
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 1)
+    }
+
+    /// Whether `span` exists and is sampled (its children are worth
+    /// building).
+    pub fn span_sampled(span: &tracing::Span) -> bool {
+        !span.is_disabled() && span.context().span().span_context().is_sampled()
+    }
+
     /// The trace id, 32 hex digits.
     pub fn trace_id(&self) -> &str {
         self.traceparent.split('-').nth(1).unwrap_or_default()
@@ -189,6 +206,9 @@ mod tests {
         let parsed = TraceContext::parse(good, Some("vendor=1")).expect("valid");
         assert_eq!(parsed.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(parsed.tracestate, "vendor=1");
+        assert!(parsed.sampled());
+        let unsampled = TraceContext::parse(&good.replace("-01", "-00"), None).expect("valid");
+        assert!(!unsampled.sampled());
         for bad in [
             "",
             "garbage",

@@ -94,6 +94,18 @@ async fn wait_state(cluster: &Cluster, saga_id: &str, state: SagaState, within: 
     panic!("saga {saga_id} is in state {last:?}, expected {state:?}");
 }
 
+/// Whether every span's parent has arrived (spans are exported as they
+/// end, a parent after its children, and each process on its own
+/// schedule): all but the root's parent are in `spans`.
+fn complete(spans: &[CollectedSpan]) -> bool {
+    let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let outside = spans
+        .iter()
+        .filter(|s| !ids.contains(s.parent_span_id.as_str()))
+        .count();
+    outside == 1
+}
+
 fn by_id(spans: &[CollectedSpan]) -> HashMap<&str, &CollectedSpan> {
     spans.iter().map(|s| (s.span_id.as_str(), s)).collect()
 }
@@ -268,7 +280,7 @@ async fn each_saga_is_one_trace_across_every_process() {
                 .iter()
                 .filter(|s| s.name.ends_with(".replies"))
                 .count();
-            commands >= 3 && applied >= commands
+            complete(spans) && commands >= 3 && applied >= commands
         })
         .await;
     let commands = assert_linked(&spans, &namespace, &caller_span, true);
@@ -287,6 +299,55 @@ async fn each_saga_is_one_trace_across_every_process() {
         elsewhere.is_empty(),
         "spans of the saga outside its trace:\n{}",
         describe(&elsewhere)
+    );
+
+    // A caller's unsampled trace: the saga runs, and no process records a
+    // span of it (each follows the decision carried in the headers).
+    let (traceparent, unsampled_trace, _) = caller_context();
+    let traceparent = traceparent.replace("-01", "-00");
+    let (_, input) = order(Fate::Completes);
+    let quiet = start_traced(&cluster, input, "", &traceparent)
+        .await
+        .expect("starts");
+    wait_state(
+        &cluster,
+        &quiet,
+        SagaState::Completed,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The completed saga above was exported in full; this one, run after
+    // it, would have been exported by now as well.
+    let (_, marker) = order(Fate::Completes);
+    let (marker_tp, marker_trace, _) = caller_context();
+    let marker = start_traced(&cluster, marker, "", &marker_tp)
+        .await
+        .expect("starts");
+    wait_state(
+        &cluster,
+        &marker,
+        SagaState::Completed,
+        Duration::from_secs(60),
+    )
+    .await;
+    collector
+        .trace_when(&marker_trace, Duration::from_secs(30), |spans| {
+            spans
+                .iter()
+                .filter(|s| s.name.ends_with(".replies"))
+                .count()
+                >= 3
+        })
+        .await;
+    let leaked: Vec<_> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id == unsampled_trace || s.attr("saga.id") == Some(quiet.as_str()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "spans of an unsampled saga:\n{}",
+        describe(&leaked)
     );
 
     // 2. Retries and a compensation: payment answers every command with a
@@ -312,9 +373,10 @@ async fn each_saga_is_one_trace_across_every_process() {
     .await;
     let spans = collector
         .trace_when(&trace_id, Duration::from_secs(30), |spans| {
-            spans
-                .iter()
-                .any(|s| s.attr("saga.phase") == Some("compensation") && s.kind == kind::PRODUCER)
+            complete(spans)
+                && spans.iter().any(|s| {
+                    s.attr("saga.phase") == Some("compensation") && s.kind == kind::PRODUCER
+                })
                 && spans
                     .iter()
                     .any(|s| s.events.iter().any(|e| e == "saga_failed"))
@@ -411,9 +473,22 @@ async fn each_saga_is_one_trace_across_every_process() {
         Duration::from_secs(60),
     )
     .await;
+    let commands_exchange = format!("publish {namespace}.commands");
+    let relayed_and_continued = |spans: &[CollectedSpan]| {
+        let relayed: Vec<_> = spans
+            .iter()
+            .filter(|s| s.attr("saga.relayed") == Some("true") && s.name == commands_exchange)
+            .collect();
+        !relayed.is_empty()
+            && relayed.iter().all(|command| {
+                spans
+                    .iter()
+                    .any(|s| s.kind == kind::CONSUMER && s.parent_span_id == command.span_id)
+            })
+    };
     let spans = collector
         .trace_when(&trace_id, Duration::from_secs(30), |spans| {
-            spans.iter().any(|s| s.attr("saga.relayed") == Some("true"))
+            relayed_and_continued(spans)
                 && spans
                     .iter()
                     .filter(|s| s.name.ends_with(".replies"))
@@ -422,7 +497,6 @@ async fn each_saga_is_one_trace_across_every_process() {
         })
         .await;
     let all = describe(&spans);
-    let commands_exchange = format!("publish {namespace}.commands");
     let relayed: Vec<_> = spans
         .iter()
         .filter(|s| s.attr("saga.relayed") == Some("true") && s.name == commands_exchange)

@@ -39,6 +39,8 @@ pub(crate) struct Received {
     pub reply_to: String,
     /// Its delivery's span (parent of the handler's).
     pub span: tracing::Span,
+    /// The trace context it came with (passed on when no span is built).
+    pub trace: Option<saga_proto::telemetry::TraceContext>,
 }
 
 /// What the transaction decided for one command.

@@ -73,9 +73,10 @@ impl CommandService {
     async fn accept(&self, delivery: Delivery) -> Option<(Acker, Received)> {
         let message: CommandMessage =
             consumer::decode_or_dead_letter(&delivery, &self.name, &self.stats, "command").await?;
+        let trace = TraceContext::from_amqp(delivery.properties.headers().as_ref());
         let span = spans::process(
             &self.topology.participant_queue(&self.name),
-            TraceContext::from_amqp(delivery.properties.headers().as_ref()),
+            trace.clone(),
             &message,
         );
         let reply_to = delivery
@@ -91,6 +92,7 @@ impl CommandService {
                 message: Arc::new(message),
                 reply_to,
                 span,
+                trace,
             },
         ))
     }
@@ -104,7 +106,8 @@ impl CommandService {
         pending: Option<PendingReply>,
     ) {
         if let Some(pending) = pending {
-            let (span, trace) = spans::reply(&received.span, &pending.reply_to);
+            let (span, trace) =
+                spans::reply(&received.span, &pending.reply_to, received.trace.as_ref());
             self.publish(publisher, &pending, trace.as_ref())
                 .instrument(span)
                 .await;

@@ -73,6 +73,17 @@ where
     }
 }
 
+/// What [`SagaIds`] looks at: spans at info level and above, never an
+/// event. Decided once per callsite, so the many debug and trace events
+/// of the libraries below stay switched off (a layer without a filter
+/// would turn every callsite on, at a cost on every one of them).
+pub(super) fn saga_span_filter()
+-> tracing_subscriber::filter::FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::FilterFn::new(|meta| {
+        meta.is_span() && *meta.level() <= tracing::Level::INFO
+    })
+}
+
 /// One JSON object per line: time, level, the event's fields at the top
 /// level, the fields of the spans it is in, and the correlation ids.
 pub(super) fn json<S>(ids: &SagaIds) -> JsonLayer<S>
@@ -122,7 +133,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use opentelemetry::trace::TracerProvider as _;
-    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt};
 
     use super::*;
 
@@ -161,7 +172,7 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
         let ids = SagaIds::default();
         let subscriber = tracing_subscriber::registry()
-            .with(ids.clone())
+            .with(ids.clone().with_filter(saga_span_filter()))
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
             .with(json_to(buffer.clone(), &ids));
         tracing::subscriber::with_default(subscriber, || {
@@ -190,7 +201,7 @@ mod tests {
         let buffer = Buffer::default();
         let ids = SagaIds::default();
         let subscriber = tracing_subscriber::registry()
-            .with(ids.clone())
+            .with(ids.clone().with_filter(saga_span_filter()))
             .with(json_to(buffer.clone(), &ids));
         tracing::subscriber::with_default(subscriber, || {
             let saga = tracing::info_span!("saga.transition", saga.id = "0190-saga");

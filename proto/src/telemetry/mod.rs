@@ -267,7 +267,7 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
             .boxed()
     };
     let installed = tracing_subscriber::registry()
-        .with(ids)
+        .with(ids.with_filter(logs::saga_span_filter()))
         .with(otel)
         .with(logs)
         .try_init();

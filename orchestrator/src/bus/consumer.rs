@@ -164,7 +164,9 @@ async fn decode(
                 // the parent of this delivery's span.
                 let span = spans::process_reply(
                     queue,
-                    TraceContext::from_amqp(delivery.properties.headers().as_ref()),
+                    saga_proto::telemetry::propagation::exporting()
+                        .then(|| TraceContext::from_amqp(delivery.properties.headers().as_ref()))
+                        .flatten(),
                     reply.saga_id,
                     &reply.step,
                     reply.attempt,

@@ -73,7 +73,10 @@ impl CommandService {
     async fn accept(&self, delivery: Delivery) -> Option<(Acker, Received)> {
         let message: CommandMessage =
             consumer::decode_or_dead_letter(&delivery, &self.name, &self.stats, "command").await?;
-        let trace = TraceContext::from_amqp(delivery.properties.headers().as_ref());
+        // Read only when spans are exported (it is only passed on then).
+        let trace = saga_proto::telemetry::propagation::exporting()
+            .then(|| TraceContext::from_amqp(delivery.properties.headers().as_ref()))
+            .flatten();
         let span = spans::process(
             &self.topology.participant_queue(&self.name),
             trace.clone(),

@@ -196,32 +196,13 @@ pub fn command(
     exchange: &str,
     message_id: Uuid,
 ) -> MessageTrace {
-    if !propagation::exporting() {
-        return MessageTrace::default();
-    }
-    if !TraceContext::span_sampled(&Span::current()) {
-        return unsampled(state);
-    }
-    let span = tracing::info_span!(
-        "publish",
-        otel.name = %format!("publish {exchange}"),
-        otel.kind = "producer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "publish",
-        messaging.destination.name = %exchange,
-        messaging.rabbitmq.destination.routing_key = %command.participant,
-        messaging.message.id = %message_id,
-        saga.id = %state.id,
-        "saga.type" = %state.saga_type,
-        saga.version = state.version,
-        saga.step = %command.step,
-        saga.attempt = command.attempt,
-        saga.phase = command.phase.as_str(),
-    );
-    MessageTrace {
-        context: TraceContext::of(&span),
-        span: Some(span),
-    }
+    producer(
+        state,
+        exchange,
+        &command.participant,
+        message_id,
+        Some(command),
+    )
 }
 
 /// The producer span of a lifecycle event, child of the current span.
@@ -230,6 +211,18 @@ pub fn event(
     exchange: &str,
     routing_key: &str,
     message_id: Uuid,
+) -> MessageTrace {
+    producer(state, exchange, routing_key, message_id, None)
+}
+
+/// A `publish <exchange>` span and the context its message carries; the
+/// step attributes when the message is a command.
+fn producer(
+    state: &SagaInstance,
+    exchange: &str,
+    routing_key: &str,
+    message_id: Uuid,
+    command: Option<&Command>,
 ) -> MessageTrace {
     if !propagation::exporting() {
         return MessageTrace::default();
@@ -248,6 +241,10 @@ pub fn event(
         messaging.message.id = %message_id,
         saga.id = %state.id,
         "saga.type" = %state.saga_type,
+        saga.version = state.version,
+        saga.step = command.map(|c| c.step.as_str()),
+        saga.attempt = command.map(|c| c.attempt),
+        saga.phase = command.map(|c| c.phase.as_str()),
     );
     MessageTrace {
         context: TraceContext::of(&span),

@@ -24,15 +24,33 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 /// The states `saga_active` reports (always all three per flow).
 const ACTIVE_STATES: [&str; 3] = ["running", "compensating", "failed"];
 
-/// The last reading's label sets, to zero what disappeared.
-#[derive(Debug, Default)]
-struct Reported {
+/// The label values reported on every reading, whatever is active: the
+/// catalog's flows and participants (it does not change while running).
+#[derive(Debug)]
+struct Labels {
+    flows: BTreeSet<String>,
     participants: BTreeSet<String>,
+}
+
+impl Labels {
+    fn of(catalog: &Catalog) -> Self {
+        let flows = catalog.list();
+        Self {
+            participants: flows
+                .iter()
+                .flat_map(|(flow, _)| flow.steps().iter().map(|s| s.participant.to_string()))
+                .collect(),
+            flows: flows
+                .into_iter()
+                .map(|(flow, _)| flow.name().to_owned())
+                .collect(),
+        }
+    }
 }
 
 /// Reads and sets the gauges every [`INTERVAL`] until `shutdown`.
 pub async fn run(store: Store, catalog: Arc<Catalog>, shutdown: CancellationToken) {
-    let mut reported = Reported::default();
+    let labels = Labels::of(&catalog);
     let mut ticks = tokio::time::interval(INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -41,7 +59,7 @@ pub async fn run(store: Store, catalog: Arc<Catalog>, shutdown: CancellationToke
             _ = ticks.tick() => {}
         }
         match crate::store::activity::read(store.pool()).await {
-            Ok(activity) => publish(&activity, &catalog, &mut reported),
+            Ok(activity) => publish(&activity, &catalog, &labels),
             // The database probe reports the outage; the gauges keep their
             // last values (an alert on them should not flap with it).
             Err(error) => {
@@ -51,14 +69,10 @@ pub async fn run(store: Store, catalog: Arc<Catalog>, shutdown: CancellationToke
     }
 }
 
-fn publish(activity: &Activity, catalog: &Catalog, reported: &mut Reported) {
+fn publish(activity: &Activity, catalog: &Catalog, labels: &Labels) {
     // Every flow of the catalog, so the series exist (at 0) before the
     // first saga and after the last.
-    let mut flows: BTreeSet<String> = catalog
-        .list()
-        .into_iter()
-        .map(|(flow, _)| flow.name().to_owned())
-        .collect();
+    let mut flows = labels.flows.clone();
     flows.extend(activity.active.iter().map(|(t, _, _)| t.clone()));
     let mut active: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for flow in &flows {
@@ -94,12 +108,7 @@ fn publish(activity: &Activity, catalog: &Catalog, reported: &mut Reported) {
             *entry = entry.max(*age);
         }
     }
-    for (flow, _) in catalog.list() {
-        for step in flow.steps() {
-            reported.participants.insert(step.participant.to_string());
-        }
-    }
-    for participant in &reported.participants {
+    for participant in &labels.participants {
         let age = waiting.get(participant).copied().unwrap_or(0.0);
         metrics::gauge!("saga_step_oldest_waiting_seconds", "participant" => participant.clone())
             .set(age);

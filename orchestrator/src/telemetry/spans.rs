@@ -75,17 +75,16 @@ impl MessageTrace {
         if !propagation::exporting() || !stored.sampled() {
             return self.clone();
         }
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = %format!("publish {exchange}"),
-            otel.kind = "producer",
-            messaging.system = "rabbitmq",
-            messaging.operation.type = "publish",
-            messaging.destination.name = %exchange,
-            messaging.rabbitmq.destination.routing_key = %routing_key,
-            messaging.message.id = %message_id,
-            saga.id = %saga_id,
-            saga.relayed = true,
+        let span = publish_span(
+            Published {
+                exchange,
+                routing_key,
+                message_id,
+                saga_id,
+                relayed: true,
+            },
+            None,
+            None,
         );
         stored.adopt(&span);
         Self {
@@ -158,34 +157,24 @@ pub fn transition(state: &SagaInstance, event: &Event, cause: Cause<'_>) -> Span
         Event::CancelRequested { .. } => ("cancel", None, None),
         Event::OperatorRetry => ("operator_retry", None, None),
     };
-    match cause {
-        Cause::Span(parent) => tracing::info_span!(
-            parent: parent,
-            "saga.transition",
-            saga.id = %state.id,
-            "saga.type" = %state.saga_type,
-            saga.version = state.version,
-            saga.event = kind,
-            saga.step = step,
-            saga.attempt = attempt,
-        ),
-        Cause::Saga => {
-            let span = tracing::info_span!(
-                parent: None,
-                "saga.transition",
-                saga.id = %state.id,
-                "saga.type" = %state.saga_type,
-                saga.version = state.version,
-                saga.event = kind,
-                saga.step = step,
-                saga.attempt = attempt,
-            );
-            if let Some(root) = root {
-                root.adopt(&span);
-            }
-            span
-        }
+    let parent = match cause {
+        Cause::Span(parent) => parent.id(),
+        Cause::Saga => None,
+    };
+    let span = tracing::info_span!(
+        parent: parent,
+        "saga.transition",
+        saga.id = %state.id,
+        "saga.type" = %state.saga_type,
+        saga.version = state.version,
+        saga.event = kind,
+        saga.step = step,
+        saga.attempt = attempt,
+    );
+    if let Some(root) = root {
+        root.adopt(&span);
     }
+    span
 }
 
 /// The producer span of a command about to be written to the outbox,
@@ -230,26 +219,58 @@ fn producer(
     if !TraceContext::span_sampled(&Span::current()) {
         return unsampled(state);
     }
-    let span = tracing::info_span!(
-        "publish",
-        otel.name = %format!("publish {exchange}"),
-        otel.kind = "producer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "publish",
-        messaging.destination.name = %exchange,
-        messaging.rabbitmq.destination.routing_key = %routing_key,
-        messaging.message.id = %message_id,
-        saga.id = %state.id,
-        "saga.type" = %state.saga_type,
-        saga.version = state.version,
-        saga.step = command.map(|c| c.step.as_str()),
-        saga.attempt = command.map(|c| c.attempt),
-        saga.phase = command.map(|c| c.phase.as_str()),
+    let span = publish_span(
+        Published {
+            exchange,
+            routing_key,
+            message_id,
+            saga_id: state.id,
+            relayed: false,
+        },
+        Some(state),
+        command,
     );
     MessageTrace {
         context: TraceContext::of(&span),
         span: Some(span),
     }
+}
+
+/// What every `publish` span names.
+struct Published<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    message_id: Uuid,
+    saga_id: Uuid,
+    /// Published by the relay for a writer that did not.
+    relayed: bool,
+}
+
+/// The one shape of a `publish <exchange>` producer span, child of the
+/// current span: the flow's attributes when the saga's state is at hand
+/// (not in the relay), the step's when the message is a command.
+fn publish_span(
+    message: Published<'_>,
+    state: Option<&SagaInstance>,
+    command: Option<&Command>,
+) -> Span {
+    tracing::info_span!(
+        "publish",
+        otel.name = %format!("publish {}", message.exchange),
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "publish",
+        messaging.destination.name = %message.exchange,
+        messaging.rabbitmq.destination.routing_key = %message.routing_key,
+        messaging.message.id = %message.message_id,
+        saga.id = %message.saga_id,
+        "saga.type" = state.map(|s| s.saga_type.as_str()),
+        saga.version = state.map(|s| s.version),
+        saga.step = command.map(|c| c.step.as_str()),
+        saga.attempt = command.map(|c| c.attempt),
+        saga.phase = command.map(|c| c.phase.as_str()),
+        saga.relayed = message.relayed.then_some(true),
+    )
 }
 
 /// A message of a trace the sampler did not keep: no span, the saga's
@@ -265,7 +286,7 @@ fn unsampled(state: &SagaInstance) -> MessageTrace {
 }
 
 /// The consumer span of one reply delivery, continuing the participant's
-/// trace from the message headers.
+/// trace from the message headers (none when that trace is not sampled).
 pub fn process_reply(
     queue: &str,
     from: Option<TraceContext>,
@@ -274,27 +295,21 @@ pub fn process_reply(
     attempt: u32,
     message_id: Option<&str>,
 ) -> Span {
-    // A trace the sampler did not keep builds no span here.
-    if !propagation::exporting() || from.as_ref().is_some_and(|f| !f.sampled()) {
-        return Span::none();
-    }
-    let span = tracing::info_span!(
-        parent: None,
-        "process",
-        otel.name = %format!("process {queue}"),
-        otel.kind = "consumer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "process",
-        messaging.destination.name = %queue,
-        messaging.message.id = message_id,
-        saga.id = %saga_id,
-        saga.step = %step,
-        saga.attempt = attempt,
-    );
-    if let Some(from) = from {
-        from.adopt(&span);
-    }
-    span
+    propagation::continue_from(from.as_ref(), || {
+        tracing::info_span!(
+            parent: None,
+            "process",
+            otel.name = %format!("process {queue}"),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            messaging.message.id = message_id,
+            saga.id = %saga_id,
+            saga.step = %step,
+            saga.attempt = attempt,
+        )
+    })
 }
 
 /// Adds what a trace reader wants to see of `entry` to the current span:

@@ -13,32 +13,27 @@ use saga_proto::{
 use tracing::Span;
 
 /// The consumer span of one command delivery.
-pub(crate) fn process(queue: &str, from: Option<TraceContext>, message: &CommandMessage) -> Span {
+pub(crate) fn process(queue: &str, from: Option<&TraceContext>, message: &CommandMessage) -> Span {
     // A trace the sampler did not keep: no span, the context is passed on
     // as it came ([`reply`]).
-    if !propagation::exporting() || from.as_ref().is_some_and(|f| !f.sampled()) {
-        return Span::none();
-    }
-    let span = tracing::info_span!(
-        parent: None,
-        "process",
-        otel.name = %format!("process {queue}"),
-        otel.kind = "consumer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "process",
-        messaging.destination.name = %queue,
-        saga.id = %message.saga_id,
-        "saga.type" = %message.saga_type,
-        saga.version = message.saga_version,
-        saga.step = %message.step,
-        saga.attempt = message.attempt,
-        saga.phase = message.phase.as_str(),
-        saga.idempotency_key = %message.idempotency_key,
-    );
-    if let Some(from) = from {
-        from.adopt(&span);
-    }
-    span
+    propagation::continue_from(from, || {
+        tracing::info_span!(
+            parent: None,
+            "process",
+            otel.name = %format!("process {queue}"),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            saga.id = %message.saga_id,
+            "saga.type" = %message.saga_type,
+            saga.version = message.saga_version,
+            saga.step = %message.step,
+            saga.attempt = message.attempt,
+            saga.phase = message.phase.as_str(),
+            saga.idempotency_key = %message.idempotency_key,
+        )
+    })
 }
 
 /// The span of the handler deciding `message`, child of its delivery's.

@@ -167,6 +167,25 @@ impl TraceContext {
     }
 }
 
+/// The span of a message received with the context `from`, built by
+/// `make` (whose span must have no parent) and made a child of `from`;
+/// none at all when spans are not exported or the sender's trace is not
+/// sampled (the context is then passed on as it came, so the next process
+/// follows the same decision). Every consumer span is built this way.
+pub fn continue_from(
+    from: Option<&TraceContext>,
+    make: impl FnOnce() -> tracing::Span,
+) -> tracing::Span {
+    if !exporting() || from.is_some_and(|f| !f.sampled()) {
+        return tracing::Span::none();
+    }
+    let span = make();
+    if let Some(from) = from {
+        from.adopt(&span);
+    }
+    span
+}
+
 /// Records a span event (exported with the span, not logged): what a
 /// trace shows of a retry, a timeout or a compensation.
 pub fn add_event(

@@ -79,7 +79,7 @@ impl CommandService {
             .flatten();
         let span = spans::process(
             &self.topology.participant_queue(&self.name),
-            trace.clone(),
+            trace.as_ref(),
             &message,
         );
         let reply_to = delivery

@@ -338,8 +338,8 @@ pub mod entry {
         #[error(transparent)]
         Faults(#[from] FaultConfigError),
         /// An `OTEL_*` variable cannot be used.
-        #[error("{0}")]
-        Telemetry(String),
+        #[error(transparent)]
+        Telemetry(#[from] saga_proto::telemetry::TelemetryError),
     }
 
     #[derive(Parser)]
@@ -357,8 +357,7 @@ pub mod entry {
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let _telemetry = orchestrator::telemetry::init(cli.config.log_format)
-                .map_err(|e| EntryError::Telemetry(sagas::errors::Chain(&e).to_string()))?;
+            let _telemetry = orchestrator::telemetry::init(cli.config.log_format)?;
             let flows = cli.config.shipped_flows();
             let shutdown = CancellationToken::new();
             let app = Orchestrator::builder(cli.config)
@@ -433,7 +432,7 @@ pub mod entry {
                 json: false,
                 default_filter: "info".to_owned(),
             })
-            .map_err(|e| EntryError::Telemetry(sagas::errors::Chain(&e).to_string()))?;
+?;
             if let Some(addr) = cli.metrics_addr
                 && let Err(error) = saga_proto::telemetry::prometheus::install(addr)
             {

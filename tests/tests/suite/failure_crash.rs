@@ -2,7 +2,6 @@
 //! and at random moments. After a restart every saga finishes, and the
 //! invariant checker finds the ledgers, outboxes and queues consistent.
 
-use crate::failure_support::expect_orchestrator_crash;
 use std::time::Duration;
 
 use participants::demo::Service;
@@ -11,30 +10,15 @@ use saga_tests::{
     cluster::{Cluster, ClusterOptions},
     invariants::Expectations,
     orders::Fate,
-    processes::aborted,
 };
 
 use crate::failure_support::{
-    SETTLE, cluster, expect_metric, history_entries, load, seed, start_orders,
+    SETTLE, cluster, expect_aborted, expect_metric, expect_orchestrator_crash, history_entries,
+    load, seed, start_orders,
 };
 
-/// How long a process may take to reach its crash point under load.
-const CRASH_WITHIN: Duration = Duration::from_secs(60);
-
 async fn expect_participant_crash(cluster: &mut Cluster, i: usize, point: &str) {
-    let node = &mut cluster.participants[i];
-    let status = node
-        .process
-        .wait_exit(CRASH_WITHIN)
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "{} never reached {point}; log:\n{}",
-                node.process.name(),
-                node.process.log_tail(20)
-            )
-        });
-    assert!(aborted(&status), "{point}: ended with {status}");
+    expect_aborted(&mut cluster.participants[i], point).await;
 }
 
 /// Crashes orchestrator 0 at `point` twice under load (each time after

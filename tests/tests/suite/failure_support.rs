@@ -100,13 +100,15 @@ pub async fn history_entries(cluster: &Cluster, kind: &str) -> i64 {
         .expect("read history")
 }
 
-/// Waits until orchestrator `i` aborted at `point` (not killed, not exited
-/// otherwise), with a clear message if it did not.
-pub async fn expect_orchestrator_crash(cluster: &mut Cluster, i: usize, point: &str) {
-    let node = &mut cluster.orchestrators[i];
+/// How long a process may take to reach its crash point under load.
+pub const CRASH_WITHIN: Duration = Duration::from_secs(60);
+
+/// Waits until `node`'s process aborted (not killed, not exited otherwise),
+/// with its log's tail if it never did.
+pub async fn expect_aborted(node: &mut Node, point: &str) {
     let status = node
         .process
-        .wait_exit(Duration::from_secs(60))
+        .wait_exit(CRASH_WITHIN)
         .await
         .unwrap_or_else(|| {
             panic!(
@@ -119,6 +121,12 @@ pub async fn expect_orchestrator_crash(cluster: &mut Cluster, i: usize, point: &
         saga_tests::processes::aborted(&status),
         "{point}: ended with {status}"
     );
+}
+
+/// Waits until orchestrator `i` aborted at `point` (and says so in its log).
+pub async fn expect_orchestrator_crash(cluster: &mut Cluster, i: usize, point: &str) {
+    let node = &mut cluster.orchestrators[i];
+    expect_aborted(node, point).await;
     assert!(
         node.process.log_tail(50).contains("crash point reached"),
         "{point}: the log does not show the crash point"

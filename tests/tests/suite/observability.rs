@@ -72,6 +72,22 @@ async fn start_traced(
         .saga_id)
 }
 
+/// Places an order that completes unless faults intervene, under
+/// `traceparent`, and waits until its saga is in `state`; its id.
+async fn run_traced(
+    cluster: &Cluster,
+    traceparent: &str,
+    state: SagaState,
+    within: Duration,
+) -> String {
+    let (_, input) = order(Fate::Completes);
+    let saga_id = start_traced(cluster, input, "", traceparent)
+        .await
+        .expect("starts");
+    wait_state(cluster, &saga_id, state, within).await;
+    saga_id
+}
+
 async fn wait_state(cluster: &Cluster, saga_id: &str, state: SagaState, within: Duration) {
     let deadline = std::time::Instant::now() + within;
     let mut last = None;
@@ -259,13 +275,9 @@ async fn each_saga_is_one_trace_across_every_process() {
 
     // 1. A completed order: the whole chain, hop by hop.
     let (traceparent, trace_id, caller_span) = caller_context();
-    let (_, input) = order(Fate::Completes);
-    let saga_id = start_traced(&cluster, input, "", &traceparent)
-        .await
-        .expect("starts");
-    wait_state(
+    let saga_id = run_traced(
         &cluster,
-        &saga_id,
+        &traceparent,
         SagaState::Completed,
         Duration::from_secs(60),
     )
@@ -305,27 +317,19 @@ async fn each_saga_is_one_trace_across_every_process() {
     // span of it (each follows the decision carried in the headers).
     let (traceparent, unsampled_trace, _) = caller_context();
     let traceparent = traceparent.replace("-01", "-00");
-    let (_, input) = order(Fate::Completes);
-    let quiet = start_traced(&cluster, input, "", &traceparent)
-        .await
-        .expect("starts");
-    wait_state(
+    let quiet = run_traced(
         &cluster,
-        &quiet,
+        &traceparent,
         SagaState::Completed,
         Duration::from_secs(60),
     )
     .await;
-    // The completed saga above was exported in full; this one, run after
-    // it, would have been exported by now as well.
-    let (_, marker) = order(Fate::Completes);
+    // A saga run after it: once its spans have all arrived, the quiet
+    // saga's would have too.
     let (marker_tp, marker_trace, _) = caller_context();
-    let marker = start_traced(&cluster, marker, "", &marker_tp)
-        .await
-        .expect("starts");
-    wait_state(
+    run_traced(
         &cluster,
-        &marker,
+        &marker_tp,
         SagaState::Completed,
         Duration::from_secs(60),
     )
@@ -360,13 +364,9 @@ async fn each_saga_is_one_trace_across_every_process() {
         .await
         .expect("payment restarts with faults");
     let (traceparent, trace_id, caller_span) = caller_context();
-    let (_, input) = order(Fate::Completes);
-    let saga_id = start_traced(&cluster, input, "", &traceparent)
-        .await
-        .expect("starts");
-    wait_state(
+    run_traced(
         &cluster,
-        &saga_id,
+        &traceparent,
         SagaState::Failed,
         Duration::from_secs(120),
     )

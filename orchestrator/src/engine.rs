@@ -14,11 +14,15 @@
 //! write (the event is redelivered or re-fired) or leaves committed outbox
 //! rows that the relay publishes.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
 use sagas::{
-    Catalog, CatalogError, Context, Event, HistoryEntry, InputError, Refused, SagaInstance,
+    Catalog, CatalogError, Context, Delivery, Event, HistoryEntry, InputError, Phase, Refused,
+    SagaInstance, TimerFired, TimerKind,
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -26,7 +30,7 @@ use uuid::Uuid;
 use crate::{
     after_commit::AfterCommit,
     health::Health,
-    messages::{Effects, Envelopes, Received, reply_event},
+    messages::{self, Effects, Envelopes, Received, reply_event},
     starts::StartWriter,
     store::{
         Store, StoreError,
@@ -68,6 +72,15 @@ pub enum EngineError {
     /// The engine is stopping; nothing was written.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
+}
+
+impl EngineError {
+    /// The database could not be reached: nothing was written, or (a lost
+    /// commit) whether it was is unknown. Waiting for the database is the
+    /// only cure; retrying at once is not.
+    pub fn is_database_away(&self) -> bool {
+        matches!(self, Self::Store(StoreError::Database(error)) if is_connection_error(error))
+    }
 }
 
 impl From<sqlx::Error> for EngineError {
@@ -249,13 +262,19 @@ impl Engine {
                 tx.rollback().await?;
                 return Ok::<_, EngineError>(Vec::new());
             }
-            let events: Vec<Caused> = states
+            let due: Vec<(Uuid, TimerFired)> = states
                 .iter()
                 .flat_map(|s| {
                     s.due_timers(now.timestamp_millis())
                         .into_iter()
-                        .map(|t| (s.id, Event::TimerFired(t), None))
+                        .map(|t| (s.id, t))
                 })
+                .collect();
+            let events: Vec<Caused> = self
+                .with_delivery(&mut tx, due)
+                .await?
+                .into_iter()
+                .map(|(id, t)| (id, Event::TimerFired(t), None))
                 .collect();
             let changes = self.apply_all(
                 states.into_iter().map(|s| (s.id, s)).collect(),
@@ -276,6 +295,52 @@ impl Engine {
                 .act(&change.state, published, &change.effects.measured);
         }
         Ok(count)
+    }
+
+    /// Tells each due timer what stands between its step and the
+    /// participant, so that the machine holds those that came due during an
+    /// outage instead of counting them: with no broker connection every
+    /// timer is held; otherwise a reply timeout whose command is still in
+    /// the outbox is (the broker never confirmed it: the participant cannot
+    /// have it, whichever instance wrote it).
+    async fn with_delivery(
+        &self,
+        conn: &mut PgConnection,
+        mut due: Vec<(Uuid, TimerFired)>,
+    ) -> Result<Vec<(Uuid, TimerFired)>, EngineError> {
+        if !self.health.broker_up() {
+            for (_, timer) in &mut due {
+                timer.delivery = Delivery::BrokerAway;
+            }
+            return Ok(due);
+        }
+        let mut waiting: Vec<Uuid> = due
+            .iter()
+            .filter(|(_, t)| t.kind == TimerKind::ReplyTimeout)
+            .map(|(id, _)| *id)
+            .collect();
+        waiting.dedup();
+        if waiting.is_empty() {
+            return Ok(due);
+        }
+        let confirmed = self.store.confirmed().not_deleted();
+        let unsent: HashSet<(Uuid, String, Phase, u32)> =
+            outbox::unsent_commands(conn, &waiting, &confirmed)
+                .await?
+                .into_iter()
+                .filter_map(|(saga, body)| {
+                    let (step, phase, attempt) = messages::command_attempt(&body)?;
+                    Some((saga, step, phase, attempt))
+                })
+                .collect();
+        for (id, timer) in &mut due {
+            if timer.kind == TimerKind::ReplyTimeout
+                && unsent.contains(&(*id, timer.step.clone(), timer.phase, timer.attempt))
+            {
+                timer.delivery = Delivery::Unsent;
+            }
+        }
+        Ok(due)
     }
 
     /// Asks a running saga to compensate what it did; `by` is recorded
@@ -558,9 +623,7 @@ impl Engine {
     /// Mirrors database reachability into health.
     fn observe<T>(&self, result: Result<T, EngineError>) -> Result<T, EngineError> {
         match &result {
-            Err(EngineError::Store(StoreError::Database(error))) if is_connection_error(error) => {
-                self.health.set_database(false)
-            }
+            Err(error) if error.is_database_away() => self.health.set_database(false),
             Ok(_) => self.health.set_database(true),
             Err(_) => {}
         }

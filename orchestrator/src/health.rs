@@ -75,6 +75,11 @@ impl Health {
         self.inner.broker.load(Ordering::SeqCst)
     }
 
+    /// Whether the database answered last.
+    pub fn database_up(&self) -> bool {
+        self.inner.database.load(Ordering::SeqCst)
+    }
+
     /// Follows [`Self::is_serving`].
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.inner.changed.subscribe()

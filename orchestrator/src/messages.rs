@@ -165,6 +165,24 @@ fn wire_phase(phase: Phase) -> amqp::Phase {
     }
 }
 
+/// The attempt a command body in the outbox carries: (step, phase,
+/// attempt), or `None` for a body this version cannot read.
+pub fn command_attempt(body: &[u8]) -> Option<(String, Phase, u32)> {
+    /// The fields of a [`CommandMessage`] that name its attempt.
+    #[derive(serde::Deserialize)]
+    struct Attempt {
+        step: String,
+        phase: amqp::Phase,
+        attempt: u32,
+    }
+    let command: Attempt = serde_json::from_slice(body).ok()?;
+    let phase = match command.phase {
+        amqp::Phase::Action => Phase::Action,
+        amqp::Phase::Compensation => Phase::Compensation,
+    };
+    Some((command.step, phase, command.attempt))
+}
+
 /// The machine's view of a reply.
 pub fn reply_event(reply: &ReplyMessage) -> Event {
     let outcome = match reply.status {

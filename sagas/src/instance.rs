@@ -18,6 +18,32 @@ pub struct TimerFired {
     pub attempt: u32,
     /// Reply timeout or retry backoff.
     pub kind: TimerKind,
+    /// What stood between the step and its participant when the timer came
+    /// due, as the instance firing it saw (the machine cannot look).
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// Whether a step's command could be on its way when its timer came due.
+///
+/// A reply timeout is meant to measure the participant: how long it takes
+/// to answer a command it has. While the command still waits in the
+/// outbox, or the broker is out of reach, the participant has nothing to
+/// answer (or cannot be heard), and a timeout would spend the step's retry
+/// budget on an outage. Such a timer is held instead: re-armed, no attempt
+/// counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Nothing known to be in the way: the timer counts.
+    #[default]
+    Clear,
+    /// The attempt's command is still in the outbox: the broker has not
+    /// confirmed it yet.
+    Unsent,
+    /// The instance firing the timer has no broker connection: a command
+    /// sent now would wait in the outbox, and replies cannot arrive.
+    BrokerAway,
 }
 
 /// Whether a command performs a step's action or undoes it.
@@ -170,6 +196,14 @@ pub struct Wait {
     /// 0 in states written before it was recorded.
     #[serde(default)]
     pub since_ms: i64,
+    /// The reply timeout was held at least once (see [`Delivery`]): the
+    /// command went out, or the broker came back, at some moment since the
+    /// last hold, unknown to the machine. When the timer next fires with a
+    /// clear path the participant is given a whole timeout again instead of
+    /// being timed out: its time is counted from after the hold, never
+    /// from before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 /// One step's record within a saga.
@@ -310,6 +344,7 @@ impl SagaInstance {
                             phase: w.phase,
                             attempt: w.attempt,
                             kind: w.kind,
+                            delivery: Delivery::Clear,
                         },
                     )
                 })

@@ -33,9 +33,10 @@ pub use definition::{
     StepKind,
 };
 pub use instance::{
-    Direction, Phase, SagaInstance, SagaStatus, StepRecord, StepStatus, TimerFired, TimerKind, Wait,
+    Delivery, Direction, Phase, SagaInstance, SagaStatus, StepRecord, StepStatus, TimerFired,
+    TimerKind, Wait,
 };
 pub use machine::{
-    Action, Command, Context, Event, HistoryEntry, HistoryKind, Observation, Outcome, Refused,
-    Reply, StepOutcome, Transition, apply, start,
+    Action, Command, Context, Event, HOLD_MIN_MS, HistoryEntry, HistoryKind, Observation, Outcome,
+    Refused, Reply, StepOutcome, Transition, apply, start,
 };

@@ -16,7 +16,15 @@
 //!   retried with backoff. It does not prove the action never applies: a
 //!   duplicate of the same command may still be delivered, so only a
 //!   rejection (which participants remember per key) clears the suspicion
-//!   that an issued action took effect.
+//!   that an issued action took effect. A pivot answered with transient
+//!   errors is retried past its budget (at the longest backoff): it can be
+//!   neither undone nor assumed done, and nothing applied yet.
+//! - A step's timer counts only while its command can be on its way: one
+//!   that comes due while the command still waits in the outbox, or while
+//!   the broker is out of reach ([`Delivery`]), is held (re-armed, no
+//!   attempt counted); the first clear firing after a hold gives the
+//!   participant a whole reply timeout again. An outage spends no retry
+//!   budget.
 //! - Replies and timers that do not match what a step waits for (older
 //!   attempts, duplicates, anything after the saga ended) change nothing but
 //!   a history entry.
@@ -31,9 +39,14 @@ use uuid::Uuid;
 use crate::{
     definition::{Flow, StepKind},
     instance::{
-        Direction, Phase, SagaInstance, SagaStatus, StepStatus, TimerFired, TimerKind, Wait,
+        Delivery, Direction, Phase, SagaInstance, SagaStatus, StepStatus, TimerFired, TimerKind,
+        Wait,
     },
 };
+
+/// The shortest delay a held timer is re-armed for: an outage costs each
+/// waiting saga at most one transition a second.
+pub const HOLD_MIN_MS: i64 = 1_000;
 
 /// The outside world's contribution to a transition.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -179,6 +192,12 @@ pub enum HistoryKind {
     ReplyIgnored,
     /// A timer that matched nothing the saga waits for.
     TimerIgnored,
+    /// A timer came due while its command could not be on its way (see
+    /// [`Delivery`]): re-armed, no attempt counted.
+    TimerHeld,
+    /// A held reply timeout came due with a clear path: the participant
+    /// gets a whole timeout from now.
+    TimerReleased,
     /// A second `Started`.
     StartIgnored,
 }
@@ -206,6 +225,8 @@ impl HistoryKind {
             Self::OperatorRetry => "operator_retry",
             Self::ReplyIgnored => "reply_ignored",
             Self::TimerIgnored => "timer_ignored",
+            Self::TimerHeld => "timer_held",
+            Self::TimerReleased => "timer_released",
             Self::StartIgnored => "start_ignored",
         }
     }
@@ -447,7 +468,16 @@ impl Run<'_> {
             );
             return;
         }
-        let since = self.saga.steps[index].wait.map(|w| w.since_ms);
+        let wait = self.saga.steps[index]
+            .wait
+            .expect("a waiting step has a wait");
+        if timer.delivery != Delivery::Clear {
+            return self.hold(index, wait, timer.delivery);
+        }
+        if wait.held && wait.kind == TimerKind::ReplyTimeout {
+            return self.release(index, wait);
+        }
+        let since = Some(wait.since_ms);
         self.saga.steps[index].wait = None;
         if timer.kind == TimerKind::ReplyTimeout {
             self.observe_step(
@@ -652,6 +682,7 @@ impl Run<'_> {
             kind: TimerKind::ReplyTimeout,
             due_at_ms,
             since_ms: self.ctx.now_ms,
+            held: false,
         });
         let detail = format!(
             "{}.{command} ({} attempt {attempt})",
@@ -678,6 +709,83 @@ impl Run<'_> {
         self.note(HistoryKind::CommandSent, Some(index), detail);
     }
 
+    /// Re-arms a timer that came due while its command could not be on its
+    /// way: a reply timeout for a whole timeout, a backoff for its delay
+    /// again (at least [`HOLD_MIN_MS`]). No attempt is counted, so an outage
+    /// spends no retry budget however long it lasts.
+    fn hold(&mut self, index: usize, wait: Wait, delivery: Delivery) {
+        let def = &self.flow.steps()[index];
+        let delay_ms = match wait.kind {
+            TimerKind::ReplyTimeout => def.timeout.as_millis() as i64,
+            TimerKind::RetryBackoff => {
+                let policy = match wait.phase {
+                    Phase::Action => def.retry,
+                    Phase::Compensation => def.compensation_retry,
+                };
+                let round = self.saga.steps[index].round_attempts;
+                policy.backoff_ms(round, self.ctx.jitter) as i64
+            }
+        };
+        let due_at_ms = self.ctx.now_ms.saturating_add(delay_ms.max(HOLD_MIN_MS));
+        self.rearm(
+            index,
+            Wait {
+                due_at_ms,
+                held: true,
+                ..wait
+            },
+        );
+        let what = match wait.kind {
+            TimerKind::ReplyTimeout => "reply timeout",
+            TimerKind::RetryBackoff => "next attempt",
+        };
+        let why = match delivery {
+            Delivery::Unsent => "the command still waits for the broker",
+            Delivery::BrokerAway | Delivery::Clear => "the broker is out of reach",
+        };
+        let detail = format!(
+            "{} attempt {}: {why}; {what} held for {} ms",
+            wait.phase.as_str(),
+            wait.attempt,
+            due_at_ms - self.ctx.now_ms
+        );
+        self.note(HistoryKind::TimerHeld, Some(index), detail);
+    }
+
+    /// A held reply timeout came due with a clear path: the command went
+    /// out (or the broker came back) at some moment since the last hold, so
+    /// the participant's time starts now.
+    fn release(&mut self, index: usize, wait: Wait) {
+        let timeout = self.flow.steps()[index].timeout.as_millis() as i64;
+        let due_at_ms = self.ctx.now_ms.saturating_add(timeout);
+        self.rearm(
+            index,
+            Wait {
+                due_at_ms,
+                held: false,
+                ..wait
+            },
+        );
+        let detail = format!(
+            "{} attempt {}: on its way; reply timeout in {timeout} ms",
+            wait.phase.as_str(),
+            wait.attempt
+        );
+        self.note(HistoryKind::TimerReleased, Some(index), detail);
+    }
+
+    /// Replaces a step's wait and schedules its wake-up.
+    fn rearm(&mut self, index: usize, wait: Wait) {
+        self.saga.steps[index].wait = Some(wait);
+        self.out.actions.push(Action::ScheduleTimer {
+            step: self.flow.steps()[index].name.to_string(),
+            phase: wait.phase,
+            attempt: wait.attempt,
+            kind: wait.kind,
+            due_at_ms: wait.due_at_ms,
+        });
+    }
+
     /// Arms a backoff timer before the next attempt.
     fn schedule_retry(&mut self, index: usize, phase: Phase) {
         let def = &self.flow.steps()[index];
@@ -698,6 +806,7 @@ impl Run<'_> {
             kind: TimerKind::RetryBackoff,
             due_at_ms,
             since_ms: self.ctx.now_ms,
+            held: false,
         });
         self.out.actions.push(Action::ScheduleTimer {
             step: def.name.to_string(),
@@ -758,7 +867,13 @@ impl Run<'_> {
             ActionResult::Transient(reason) => {
                 self.saga.steps[index].error = Some(reason.clone());
                 self.note(HistoryKind::TransientError, Some(index), reason.clone());
-                if self.retry_allowed(index, Phase::Action) {
+                // A transient error applied nothing, and the participant
+                // answers a later duplicate of the key from its inbox. A
+                // pivot can be neither undone nor assumed done, so it is
+                // retried (at the longest backoff once its budget is spent)
+                // until it succeeds or is refused, instead of stopping the
+                // saga for an operator who could do nothing better.
+                if self.retry_allowed(index, Phase::Action) || kind == StepKind::Pivot {
                     self.schedule_retry(index, Phase::Action);
                 } else {
                     self.action_exhausted(index, kind, reason);

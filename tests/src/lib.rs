@@ -19,6 +19,8 @@
 //! - [`invariants`]: the checker every failure-injection run ends with.
 //! - [`orders`]: orders with a known fate and a steady load of them that
 //!   survives orchestrator crashes.
+//! - [`outage`]: what an outage cost: sagas ended as meant, operator
+//!   retries, the longest pause.
 //! - [`chaos`]: the chaos soak behind `saga-chaos`.
 //! - [`inject`]: duplicates, stale replies, early compensations and poison
 //!   put on the broker behind the services' backs.
@@ -36,6 +38,7 @@ pub mod invariants;
 pub mod ledgers;
 pub mod orders;
 pub mod otlp;
+pub mod outage;
 pub mod processes;
 pub mod proxy;
 pub mod scripted;

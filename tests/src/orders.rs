@@ -77,6 +77,8 @@ impl Default for LoadSettings {
 pub struct LoadStats {
     /// Saga ids of the orders the API confirmed.
     pub started: Vec<String>,
+    /// How each of them is meant to end, by saga id.
+    pub fates: std::collections::HashMap<String, Fate>,
     /// StartSaga calls that failed and were retried.
     pub failed_calls: u64,
     /// Orders given up on (their saga may still exist: the checker counts
@@ -152,6 +154,7 @@ impl OrderLoad {
                         stats.failed_calls += outcome.failed_calls;
                         match outcome.saga_id {
                             Some(id) => {
+                                stats.fates.insert(id.clone(), fate);
                                 stats.started.push(id);
                                 stats.by_version[(version - 1) as usize] += 1;
                             }

@@ -3,6 +3,14 @@
 //! transaction, and each delivery is acknowledged only after that
 //! transaction committed. An undecodable reply is rejected without requeue,
 //! so the queue dead-letters it, and counted; it never blocks the queue.
+//!
+//! When the database goes away the consumer stops rather than hold its
+//! replies: a batch that cannot commit ends the run with
+//! [`Ended::DatabaseAway`], after the batches in hand settled (for at most
+//! [`HAND_BACK_WITHIN`]) and what committed was acknowledged. The caller
+//! closes the channel, which gives every unacknowledged reply back to the
+//! queue at once, so another instance (one that has its database) applies
+//! them before their steps time out.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -25,17 +33,46 @@ use crate::{
     telemetry::spans,
 };
 
+/// Longest wait, once the database went away, for the batches in hand to
+/// settle before their replies are given back (a batch stuck in a silent
+/// connection must not hold them: if it commits after all, the redelivered
+/// replies are ignored as duplicates).
+pub const HAND_BACK_WITHIN: Duration = Duration::from_secs(3);
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `shutdown` fired; everything in hand was applied and acknowledged.
+    Shutdown,
+    /// A batch could not commit for want of the database. What committed is
+    /// acknowledged; the rest is unacknowledged, for the caller to give
+    /// back by closing the channel.
+    DatabaseAway,
+}
+
+/// How one batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Committed: its deliveries may be acknowledged.
+    Committed,
+    /// Not committed: the database is unreachable.
+    DatabaseAway,
+    /// Not committed: stopping.
+    Stopped,
+}
+
 /// Consumes `queue` until `shutdown` (after finishing and acknowledging the
-/// batches in hand) or until the channel breaks. Up to `workers` batches are
-/// applied at once; replies of one saga in two batches serialise on the
-/// saga's row lock, and the machine accepts them in either order.
+/// batches in hand), until the database goes away, or until the channel
+/// breaks. Up to `workers` batches are applied at once; replies of one saga
+/// in two batches serialise on the saga's row lock, and the machine accepts
+/// them in either order.
 pub async fn run(
     channel: Channel,
     queue: String,
     settings: ConsumerSettings,
     engine: Arc<Engine>,
     shutdown: CancellationToken,
-) -> lapin::Result<()> {
+) -> lapin::Result<Ended> {
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;
@@ -54,14 +91,18 @@ pub async fn run(
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let (tags, committed): (Vec<u64>, bool) = done;
-                if committed
-                    && let Err(error) = acks.settle(&channel, &tags).await
-                {
-                    break Err(error);
+                let (tags, batch): (Vec<u64>, Batch) = done;
+                match batch {
+                    Batch::Committed => {
+                        if let Err(error) = acks.settle(&channel, &tags).await {
+                            break Err(error);
+                        }
+                    }
+                    Batch::DatabaseAway => break Ok(Ended::DatabaseAway),
+                    Batch::Stopped => {}
                 }
             }
-            () = shutdown.cancelled() => break Ok(()),
+            () = shutdown.cancelled() => break Ok(Ended::Shutdown),
             next = consumer.next(), if in_flight.len() < settings.workers => {
                 let first = match next {
                     Some(Ok(delivery)) => delivery,
@@ -85,9 +126,23 @@ pub async fn run(
             }
         }
     };
+    if matches!(result, Ok(Ended::DatabaseAway)) {
+        // Settle what can be settled, briefly, then hand the rest back.
+        let _ = tokio::time::timeout(HAND_BACK_WITHIN, async {
+            while let Some((tags, batch)) = in_flight.next().await {
+                if batch == Batch::Committed {
+                    acks.settle(&channel, &tags).await?;
+                }
+            }
+            lapin::Result::Ok(())
+        })
+        .await;
+        acks.settle_every_committed(&channel).await?;
+        return result;
+    }
     // Finish what is in hand, even when stopping.
-    while let Some((tags, committed)) = in_flight.next().await {
-        if committed {
+    while let Some((tags, batch)) = in_flight.next().await {
+        if batch == Batch::Committed {
             acks.settle(&channel, &tags).await?;
         }
     }
@@ -122,6 +177,18 @@ impl AckWindow {
                 .basic_ack(upto, BasicAckOptions { multiple: true })
                 .await?;
             self.committed = self.committed.split_off(&(upto + 1));
+        }
+        Ok(())
+    }
+
+    /// Acknowledges every committed delivery one by one, including those a
+    /// batch still in hand holds back: the channel is about to close and
+    /// give the uncommitted back, so no window is needed.
+    async fn settle_every_committed(&mut self, channel: &Channel) -> lapin::Result<()> {
+        for tag in std::mem::take(&mut self.committed) {
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await?;
         }
         Ok(())
     }
@@ -239,40 +306,48 @@ async fn sender_verified(
     }
 }
 
-/// Applies one batch; returns its tags and whether it committed.
+/// Applies one batch; returns its tags and how it ended.
 async fn apply(
     engine: Arc<Engine>,
     replies: Vec<Received>,
     tags: Vec<u64>,
     shutdown: CancellationToken,
-) -> (Vec<u64>, bool) {
-    // Stopping while the database is away leaves the batch unacknowledged,
-    // so the broker hands it to another instance.
-    let committed = apply_until_committed(&engine, &replies, &shutdown).await;
-    (tags, committed)
+) -> (Vec<u64>, Batch) {
+    // A batch that does not commit stays unacknowledged, so the broker
+    // hands it to another instance once this one lets go of it.
+    let batch = apply_until_committed(&engine, &replies, &shutdown).await;
+    (tags, batch)
 }
 
-/// Applies the batch, retrying with backoff while the database is away.
-/// An attempt in progress always finishes; once `shutdown` fires no new
-/// attempt starts. Returns whether the batch committed.
+/// Applies the batch, retrying other failures (a conflict, a deadlock)
+/// with backoff; an unreachable database ends it at once, for the consumer
+/// to let go of its replies. An attempt in progress always finishes; once
+/// `shutdown` fires no new attempt starts.
 async fn apply_until_committed(
     engine: &Engine,
     replies: &[Received],
     shutdown: &CancellationToken,
-) -> bool {
+) -> Batch {
     if replies.is_empty() {
-        return true;
+        return Batch::Committed;
     }
     let attempt = || engine.apply_replies(replies);
-    attempt
+    let result = attempt
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(50))
                 .with_max_delay(Duration::from_secs(5))
                 .without_max_times(),
         )
-        .when(|_| !shutdown.is_cancelled())
+        .when(|error: &EngineError| !shutdown.is_cancelled() && !error.is_database_away())
         .notify(|error: &EngineError, delay| tracing::warn!(error = %Chain(error), retry_in = ?delay, "could not apply replies; retrying"))
-        .await
-        .is_ok()
+        .await;
+    match result {
+        Ok(_) => Batch::Committed,
+        Err(error) if error.is_database_away() => {
+            tracing::warn!(error = %Chain(&error), "could not apply replies: the database is unreachable");
+            Batch::DatabaseAway
+        }
+        Err(_) => Batch::Stopped,
+    }
 }

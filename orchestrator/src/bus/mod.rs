@@ -166,6 +166,60 @@ pub async fn run(
     }
 }
 
+/// How often a paused consumer looks whether the database is back (the
+/// database probe refreshes health every second).
+const DATABASE_RECHECK: Duration = Duration::from_millis(200);
+
+/// The reply consumer over the connection's life: it runs on a channel of
+/// its own; when the database goes away it closes that channel, which
+/// gives every reply it held back to the queue (for an instance that has
+/// its database), waits until health sees the database again, and consumes
+/// on a new channel. Returns on shutdown or when the connection breaks.
+async fn consume_replies(
+    connection: &Connection,
+    settings: &BusSettings,
+    engine: &Arc<Engine>,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> lapin::Result<()> {
+    loop {
+        let channel = connection.create_channel().await?;
+        let ended = consumer::run(
+            channel.clone(),
+            settings.topology.reply_queue(),
+            consumer::ConsumerSettings {
+                senders: settings.senders.clone(),
+                prefetch: settings.prefetch,
+                max_batch: settings.max_batch,
+                workers: settings.workers,
+            },
+            engine.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        if ended == consumer::Ended::Shutdown {
+            return Ok(());
+        }
+        tracing::warn!(
+            "database unreachable: reply consumer paused, held replies given back to the queue"
+        );
+        metrics::counter!("saga_reply_consumer_pauses_total").increment(1);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            channel.close(200, "database unreachable".into()),
+        )
+        .await;
+        health.set_database(false);
+        while !health.database_up() {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(DATABASE_RECHECK) => {}
+            }
+        }
+        tracing::info!("database reachable again: consuming replies");
+    }
+}
+
 /// One connection's life: returns when it breaks or on shutdown (after the
 /// consumer finished its batch and the publisher flushed what it holds).
 async fn serve_connection(
@@ -180,7 +234,6 @@ async fn serve_connection(
     let setup = connection.create_channel().await?;
     declare::orchestrator(&setup, &settings.topology, settings.queue_type).await?;
     let publish_channel = connection.create_channel().await?;
-    let consume_channel = connection.create_channel().await?;
     health.set_broker(true);
     tracing::info!(
         namespace = settings.topology.namespace(),
@@ -202,18 +255,7 @@ async fn serve_connection(
             lapin::ConnectionState::Closed,
         ))
     };
-    let consumer = consumer::run(
-        consume_channel,
-        settings.topology.reply_queue(),
-        consumer::ConsumerSettings {
-            senders: settings.senders.clone(),
-            prefetch: settings.prefetch,
-            max_batch: settings.max_batch,
-            workers: settings.workers,
-        },
-        engine.clone(),
-        shutdown.clone(),
-    );
+    let consumer = consume_replies(connection, settings, engine, health, shutdown);
     let publisher = publisher::run(
         publish_channel,
         outgoing,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -50,6 +50,11 @@ impl Confirmed {
         let mut ids = self.ids.lock().expect("confirmed ids lock");
         let keep = ids.len().saturating_sub(limit);
         ids.split_off(keep)
+    }
+
+    /// The rows recorded and not taken yet (confirmed, still in the table).
+    pub fn not_deleted(&self) -> Vec<i64> {
+        self.ids.lock().expect("confirmed ids lock").clone()
     }
 
     /// Hands back rows taken by a delete that did not commit.
@@ -136,6 +141,28 @@ pub async fn claim_expired(
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     messages.sort_by_key(|m| m.id);
     Ok(messages)
+}
+
+/// The bodies of the commands of `sagas` that wait in the outbox: the
+/// broker has not confirmed them (rows in `confirmed` were, and are only
+/// not deleted yet). Read when reply timeouts come due, so that a timeout
+/// does not count while its command has not gone out. No index: the
+/// outbox holds only messages in flight, so the scan is short, and an index
+/// would cost every insert on the hot path.
+pub async fn unsent_commands(
+    conn: &mut PgConnection,
+    sagas: &[Uuid],
+    confirmed: &[i64],
+) -> Result<Vec<(Uuid, Vec<u8>)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT saga_id, body FROM outbox
+         WHERE saga_id = ANY($1) AND message_type = $2 AND NOT (id = ANY($3))",
+    )
+    .bind(sagas)
+    .bind(saga_proto::amqp::COMMAND_TYPE)
+    .bind(confirmed)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Deletes confirmed rows.

@@ -36,6 +36,7 @@ fn counter_of(kind: HistoryKind) -> Option<&'static str> {
         HistoryKind::CancelRequested => "saga_cancels_total",
         HistoryKind::OperatorRetry => "saga_operator_retries_total",
         HistoryKind::ReplyIgnored => "saga_replies_ignored_total",
+        HistoryKind::TimerHeld => "saga_timers_held_total",
         _ => return None,
     })
 }
@@ -47,6 +48,7 @@ pub fn register(catalog: &sagas::Catalog) {
     for name in [
         "saga_replies_applied_total",
         "saga_timers_fired_total",
+        "saga_reply_consumer_pauses_total",
         "saga_messages_unroutable_total",
         "saga_messages_nacked_total",
         "saga_outbox_relayed_total",
@@ -77,6 +79,7 @@ pub fn register(catalog: &sagas::Catalog) {
             HistoryKind::CancelRequested,
             HistoryKind::OperatorRetry,
             HistoryKind::ReplyIgnored,
+            HistoryKind::TimerHeld,
         ] {
             if let Some(name) = counter_of(kind) {
                 metrics::counter!(name, "saga_type" => saga_type.clone()).increment(0);

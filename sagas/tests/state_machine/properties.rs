@@ -37,6 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, keep_copy, choice)| Op::Deliver { pick, keep_copy, choice }),
         2 => any::<usize>().prop_map(|pick| Op::Drop { pick }),
         5 => prop_oneof![1u32..300, 300u32..6_000].prop_map(|ms| Op::Advance { ms }),
+        1 => (300u32..12_000, any::<bool>()).prop_map(|(ms, unsent)| Op::AdvanceHeld { ms, unsent }),
         1 => any::<usize>().prop_map(|pick| Op::FireScheduled { pick }),
         1 => Just(Op::Cancel),
         1 => Just(Op::OperatorRetry),
@@ -183,7 +184,7 @@ fn the_simulation_reaches_every_interesting_state() {
     let v1 = order_placement::v1().unwrap();
     let v2 = order_placement::v2().unwrap();
     let mut totals = [Stats::default(); 3];
-    for i in 0..150u64 {
+    for i in 0..400u64 {
         let ops = ops().new_tree(&mut runner).unwrap().current();
         totals[0].add(run(&v1, order_data(&v1), order_success, i, &ops));
         totals[1].add(run(&v2, order_data(&v2), order_success, i, &ops));
@@ -203,6 +204,7 @@ fn the_simulation_reaches_every_interesting_state() {
             ("operator retry accepted", s.operator_retries),
             ("reply ignored", s.replies_ignored),
             ("timer ignored", s.timers_ignored),
+            ("timer held", s.timers_held),
             ("step compensated", s.steps_compensated),
             ("late action blocked", s.blocked),
             ("delivery after the end", s.after_the_end),

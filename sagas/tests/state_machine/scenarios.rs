@@ -4,8 +4,8 @@
 use serde_json::json;
 
 use sagas::{
-    Action, Catalog, Command, Direction, Event, Flow, HistoryKind, Outcome, Phase, Refused, Reply,
-    SagaInstance, SagaStatus, StepKind, StepStatus, TimerFired, TimerKind,
+    Action, Catalog, Command, Delivery, Direction, Event, Flow, HistoryKind, Outcome, Phase,
+    Refused, Reply, SagaInstance, SagaStatus, StepKind, StepStatus, TimerFired, TimerKind,
 };
 
 use crate::support::*;
@@ -739,6 +739,7 @@ fn cancel_while_a_step_waits_to_retry_compensates_it_as_possibly_applied() {
         phase: Phase::Action,
         attempt: 2,
         kind: TimerKind::RetryBackoff,
+        delivery: Delivery::Clear,
     });
     h.now += 10_000;
     h.ignored(stale, HistoryKind::TimerIgnored);
@@ -855,6 +856,7 @@ fn a_reply_to_an_older_attempt_is_stale() {
         phase: Phase::Action,
         attempt: 2,
         kind: TimerKind::ReplyTimeout,
+        delivery: Delivery::Clear,
     });
     h.now += 60_000;
     h.ignored(stale_timer, HistoryKind::TimerIgnored);
@@ -892,6 +894,7 @@ fn late_replies_after_cancel_and_after_the_end_change_nothing() {
         phase: Phase::Compensation,
         attempt: 1,
         kind: TimerKind::ReplyTimeout,
+        delivery: Delivery::Clear,
     });
     h.now += 3_600_000;
     h.ignored(timer, HistoryKind::TimerIgnored);
@@ -1091,23 +1094,38 @@ fn pivot_unknown_after_retries_fails_forward_and_operator_retry_reuses_its_key()
 }
 
 #[test]
-fn pivot_with_transient_errors_only_is_unknown_too() {
-    // Another copy of the command may still capture the payment: not safe
-    // to roll back, so the saga waits for an operator.
+fn pivot_answered_transient_errors_is_retried_past_its_budget_until_it_settles() {
+    // A transient error applied nothing, and a later copy of the key is
+    // answered from the participant's inbox: the capture is retried (at the
+    // longest backoff once the budget is spent) instead of stopping the
+    // saga FAILED for an operator.
     let (mut h, _) = Harness::order_v2();
     h.ok("reserve_inventory");
     h.ok("authorize_payment");
-    for _ in 0..4 {
-        h.transient("capture_payment", "psp busy");
+    for _ in 0..9 {
+        let t = h.transient("capture_payment", "psp busy");
+        assert_eq!(
+            kinds(&t),
+            vec![HistoryKind::TransientError, HistoryKind::RetryScheduled]
+        );
+        assert_eq!(h.saga.status, SagaStatus::Running);
         h.fire("capture_payment");
     }
-    let t = h.transient("capture_payment", "psp busy");
-    assert_eq!(sent(&t), vec![]);
-    assert_eq!(h.saga.status, SagaStatus::Failed);
-    assert_eq!(h.saga.direction, Direction::Forward);
-    let t = h.apply(Event::OperatorRetry);
-    assert_eq!(sent(&t), vec![action("capture_payment", 6, 1)]);
-    // The retry is answered with a rejection after all: now it is safe to roll back.
+    assert_eq!(h.step("capture_payment").round_attempts, 10);
+    // Past the budget the backoff has grown to the policy's longest.
+    let before = h.now;
+    h.transient("capture_payment", "psp busy");
+    let wait = h.wait("capture_payment");
+    assert_eq!(wait.kind, TimerKind::RetryBackoff);
+    let max = h.flow.steps()[2].retry.max_backoff.as_millis() as i64;
+    assert!(
+        wait.due_at_ms - before >= max / 2 && wait.due_at_ms - before <= max,
+        "backoff {} ms, longest {max} ms",
+        wait.due_at_ms - before
+    );
+    let t = h.fire("capture_payment");
+    assert_eq!(sent(&t), vec![action("capture_payment", 11, 1)]);
+    // A rejection after all: now it is safe to roll back.
     let t = h.reject("capture_payment", "authorization expired");
     assert_eq!(
         sent(&t),
@@ -1116,6 +1134,23 @@ fn pivot_with_transient_errors_only_is_unknown_too() {
             undo("authorize_payment", 1, 1)
         ]
     );
+}
+
+#[test]
+fn pivot_whose_outcome_is_unknown_still_stops_for_an_operator_when_its_last_answer_is_a_timeout() {
+    // Transient errors, then silence: the last attempts may have captured.
+    let (mut h, _) = Harness::order_v2();
+    h.ok("reserve_inventory");
+    h.ok("authorize_payment");
+    h.transient("capture_payment", "psp busy");
+    h.fire("capture_payment");
+    for _ in 0..3 {
+        h.time_out("capture_payment");
+    }
+    let t = h.time_out("capture_payment");
+    assert_eq!(sent(&t), vec![]);
+    assert_eq!(h.saga.status, SagaStatus::Failed);
+    assert_eq!(h.saga.direction, Direction::Forward);
 }
 
 #[test]
@@ -1371,6 +1406,7 @@ fn premature_timers_are_ignored() {
             phase: Phase::Action,
             attempt: 1,
             kind: TimerKind::ReplyTimeout,
+            delivery: Delivery::Clear,
         }]
     );
     let t = h.apply(h.timer_now("reserve_inventory"));
@@ -1487,4 +1523,147 @@ fn transitions_measure_step_latency_and_saga_duration() {
             elapsed_ms: Some(h.now - started),
         }]
     );
+}
+
+// ------------------------------------------------------------ held timers
+
+#[test]
+fn a_reply_timeout_held_while_the_command_is_unsent_spends_no_attempt() {
+    // The broker is away for five minutes: the first command waits in the
+    // outbox the whole time. Every firing of its reply timeout is held.
+    let (mut h, _) = Harness::order_v1();
+    let mut held = 0;
+    while h.now < T0 + 300_000 {
+        let t = h.fire_as("reserve_inventory", Delivery::Unsent);
+        held += 1;
+        assert_eq!(sent(&t), vec![], "nothing is sent while the command waits");
+        assert_eq!(kinds(&t), vec![HistoryKind::TimerHeld]);
+        assert_eq!(
+            timers(&t),
+            vec![(
+                "reserve_inventory".into(),
+                Phase::Action,
+                1,
+                TimerKind::ReplyTimeout,
+                h.now + 5_000
+            )]
+        );
+        assert!(t.observations.is_empty(), "a held timer settles nothing");
+        assert!(
+            t.history[0]
+                .detail
+                .contains("action attempt 1: the command still waits for the broker"),
+            "{}",
+            t.history[0].detail
+        );
+    }
+    assert_eq!(held, 60);
+    let step = h.step("reserve_inventory");
+    assert_eq!((step.attempts, step.round_attempts), (1, 1));
+    assert_eq!(step.status, StepStatus::Running);
+    assert!(h.wait("reserve_inventory").held);
+
+    // The broker came back and took the command at some moment since the
+    // last hold: the next firing gives the participant a whole timeout.
+    let t = h.fire("reserve_inventory");
+    assert_eq!(sent(&t), vec![]);
+    assert_eq!(kinds(&t), vec![HistoryKind::TimerReleased]);
+    assert_eq!(
+        timers(&t),
+        vec![(
+            "reserve_inventory".into(),
+            Phase::Action,
+            1,
+            TimerKind::ReplyTimeout,
+            h.now + 5_000
+        )]
+    );
+    assert!(!h.wait("reserve_inventory").held);
+
+    // Its reply completes the step as the first attempt, measured from the
+    // commit.
+    let t = h.ok("reserve_inventory");
+    assert_eq!(sent(&t), vec![action("charge_payment", 1, 1)]);
+    match &t.observations[0] {
+        sagas::Observation::StepSettled {
+            attempt,
+            elapsed_ms,
+            ..
+        } => assert_eq!((*attempt, *elapsed_ms), (1, Some(h.now - T0))),
+        other => panic!("{other:?}"),
+    }
+    h.ok("charge_payment");
+    h.ok("confirm_order");
+    assert_eq!(h.saga.status, SagaStatus::Completed);
+}
+
+#[test]
+fn a_released_timeout_that_comes_due_again_times_out_as_usual() {
+    let (mut h, _) = Harness::order_v1();
+    h.fire_as("reserve_inventory", Delivery::BrokerAway);
+    h.fire("reserve_inventory");
+    let t = h.time_out("reserve_inventory");
+    assert_eq!(
+        kinds(&t),
+        vec![HistoryKind::StepTimedOut, HistoryKind::CommandSent]
+    );
+    assert_eq!(sent(&t), vec![action("reserve_inventory", 2, 1)]);
+    assert_eq!(h.step("reserve_inventory").round_attempts, 2);
+}
+
+#[test]
+fn a_backoff_held_while_the_broker_is_away_sends_nothing_until_it_is_back() {
+    let (mut h, _) = Harness::order_v1();
+    h.transient("reserve_inventory", "db busy");
+    assert_eq!(h.wait("reserve_inventory").kind, TimerKind::RetryBackoff);
+    for _ in 0..10 {
+        let t = h.fire_as("reserve_inventory", Delivery::BrokerAway);
+        assert_eq!(sent(&t), vec![]);
+        assert_eq!(kinds(&t), vec![HistoryKind::TimerHeld]);
+        let wait = h.wait("reserve_inventory");
+        assert_eq!((wait.kind, wait.attempt), (TimerKind::RetryBackoff, 2));
+        // Short backoffs are held for at least a second.
+        assert!(wait.due_at_ms - h.now >= sagas::HOLD_MIN_MS);
+        assert!(
+            t.history[0]
+                .detail
+                .contains("the broker is out of reach; next attempt held"),
+            "{}",
+            t.history[0].detail
+        );
+    }
+    assert_eq!(h.step("reserve_inventory").round_attempts, 1);
+    let t = h.fire("reserve_inventory");
+    assert_eq!(sent(&t), vec![action("reserve_inventory", 2, 1)]);
+    h.ok("reserve_inventory");
+    assert_eq!(h.step("reserve_inventory").status, StepStatus::Succeeded);
+}
+
+#[test]
+fn a_compensation_held_while_unsent_keeps_its_budget() {
+    let (mut h, _) = Harness::order_v1();
+    h.ok("reserve_inventory");
+    let t = h.reject("charge_payment", "insufficient funds");
+    assert_eq!(sent(&t), vec![undo("reserve_inventory", 1, 1)]);
+    for _ in 0..20 {
+        let t = h.fire_as("reserve_inventory", Delivery::Unsent);
+        assert_eq!(kinds(&t), vec![HistoryKind::TimerHeld]);
+        assert!(t.history[0].detail.starts_with("compensation attempt 1:"));
+    }
+    assert_eq!(h.step("reserve_inventory").compensation_attempts, 1);
+    h.fire("reserve_inventory");
+    let t = h.ok("reserve_inventory");
+    assert_eq!(t.actions, finished(SagaStatus::Compensated));
+}
+
+#[test]
+fn a_reply_beats_a_held_timeout() {
+    // The command left the outbox and was answered before the held timer
+    // fired again: the reply settles the step, the old timer is stale.
+    let (mut h, _) = Harness::order_v1();
+    h.fire_as("reserve_inventory", Delivery::Unsent);
+    let stale = h.timer_now("reserve_inventory");
+    h.ok("reserve_inventory");
+    h.now += 10_000;
+    h.ignored(stale, HistoryKind::TimerIgnored);
 }

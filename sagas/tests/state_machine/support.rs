@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use sagas::{
-    Action, Event, Flow, HistoryEntry, HistoryKind, InputError, Outcome, Phase, Refused, Reply,
-    RetryPolicy, SagaData, SagaInstance, SagaStatus, Step, StepRecord, TimerFired, TimerKind,
-    Transition, Wait, flows::order_placement,
+    Action, Delivery, Event, Flow, HistoryEntry, HistoryKind, InputError, Outcome, Phase, Refused,
+    Reply, RetryPolicy, SagaData, SagaInstance, SagaStatus, Step, StepRecord, TimerFired,
+    TimerKind, Transition, Wait, flows::order_placement,
 };
 
 /// The id of every saga the scenario tests run (keys are built from it).
@@ -311,7 +311,19 @@ impl Harness {
             phase: wait.phase,
             attempt: wait.attempt,
             kind: wait.kind,
+            delivery: Delivery::Clear,
         })
+    }
+
+    /// Moves the clock to the due time of what `step` waits for and fires
+    /// it as seen through `delivery`.
+    pub fn fire_as(&mut self, step: &str, delivery: Delivery) -> Transition {
+        let wait = self.wait(step);
+        self.now = self.now.max(wait.due_at_ms);
+        let Event::TimerFired(timer) = self.timer_now(step) else {
+            unreachable!()
+        };
+        self.apply(Event::TimerFired(TimerFired { delivery, ..timer }))
     }
 
     /// Moves the clock to the due time of what `step` waits for and fires it.

@@ -17,7 +17,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use sagas::{
-    Action, Command, Context, Event, Flow, Outcome, Phase, Refused, Reply, SagaInstance,
+    Action, Command, Context, Delivery, Event, Flow, Outcome, Phase, Refused, Reply, SagaInstance,
     SagaStatus, StepKind, StepStatus, TimerFired, TimerKind, Transition,
 };
 
@@ -42,6 +42,8 @@ pub struct Stats {
     pub replies_ignored: u32,
     /// Timers that matched nothing or were not due.
     pub timers_ignored: u32,
+    /// Timers held (command unsent or broker away) and released.
+    pub timers_held: u32,
     /// Steps compensated.
     pub steps_compensated: u32,
     /// Action keys a participant refused because a compensation came first.
@@ -61,6 +63,7 @@ impl Stats {
         self.operator_retries += other.operator_retries;
         self.replies_ignored += other.replies_ignored;
         self.timers_ignored += other.timers_ignored;
+        self.timers_held += other.timers_held;
         self.steps_compensated += other.steps_compensated;
         self.blocked += other.blocked;
         self.after_the_end += other.after_the_end;
@@ -231,6 +234,14 @@ pub enum Op {
         /// How far.
         ms: u32,
     },
+    /// Advance the clock by `ms` and fire every due timer as held: its
+    /// command still in the outbox (`unsent`) or the broker out of reach.
+    AdvanceHeld {
+        /// How far.
+        ms: u32,
+        /// Which reason.
+        unsent: bool,
+    },
     /// Fire some timer the saga ever scheduled, due or not, stale or not.
     FireScheduled {
         /// Which one.
@@ -331,6 +342,18 @@ impl<'f> World<'f> {
             Op::Advance { ms } => {
                 self.now += i64::from(ms);
                 self.fire_due();
+            }
+            Op::AdvanceHeld { ms, unsent } => {
+                self.now += i64::from(ms);
+                let delivery = if unsent {
+                    Delivery::Unsent
+                } else {
+                    Delivery::BrokerAway
+                };
+                for timer in self.saga.due_timers(self.now) {
+                    self.apply(Event::TimerFired(TimerFired { delivery, ..timer }))
+                        .expect("timers are never refused");
+                }
             }
             Op::FireScheduled { pick } => {
                 if !self.scheduled.is_empty() {
@@ -481,6 +504,7 @@ impl<'f> World<'f> {
                     phase: *phase,
                     attempt: *attempt,
                     kind: *kind,
+                    delivery: Delivery::Clear,
                 }),
                 Action::PublishLifecycle { .. } | Action::Finish { .. } => {}
             }
@@ -502,6 +526,7 @@ impl<'f> World<'f> {
                 HistoryKind::OperatorRetry => stats.operator_retries += 1,
                 HistoryKind::ReplyIgnored => stats.replies_ignored += 1,
                 HistoryKind::TimerIgnored => stats.timers_ignored += 1,
+                HistoryKind::TimerHeld => stats.timers_held += 1,
                 HistoryKind::StepCompensated => stats.steps_compensated += 1,
                 HistoryKind::SagaCompleted => stats.completed += 1,
                 HistoryKind::SagaCompensated => stats.compensated += 1,

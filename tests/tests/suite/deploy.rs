@@ -504,6 +504,8 @@ const OTHER_SERIES: &[&str] = &[
     "saga_replies_ignored_total",
     "saga_replies_applied_total",
     "saga_timers_fired_total",
+    "saga_timers_held_total",
+    "saga_reply_consumer_pauses_total",
     "saga_messages_published_total",
     "saga_messages_unroutable_total",
     "saga_messages_nacked_total",

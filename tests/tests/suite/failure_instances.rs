@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use saga_tests::{cluster::ClusterOptions, invariants::Expectations};
+use saga_tests::{cluster::ClusterOptions, invariants::Expectations, outage::OutageSummary};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::failure_support::{SETTLE, cluster, expect_metric, load, seed};
+use crate::failure_support::{SETTLE, cluster, expect_metric, history_entries, load, seed};
 
 #[tokio::test]
 async fn two_orchestrators_one_killed_under_load_the_other_finishes_everything() {
@@ -49,10 +49,10 @@ async fn two_orchestrators_one_killed_under_load_the_other_finishes_everything()
     report.assert_ok();
 }
 
-/// An instance that lost its database keeps the replies it was delivered
-/// (unacknowledged, up to REPLY_PREFETCH) until it can apply them; the
-/// healthy instance times those steps out and retries them, and the
-/// participants answer the retries from their inbox.
+/// An instance that lost its database gives back the replies it was
+/// delivered (it closes its consumer's channel) and consumes again once
+/// the database is back; meanwhile the healthy instance applies them, so
+/// no step times out (finding 4).
 #[tokio::test]
 async fn an_orchestrator_without_its_database_stalls_no_saga() {
     let (_permit, mut cluster) = cluster(ClusterOptions {
@@ -65,30 +65,73 @@ async fn an_orchestrator_without_its_database_stalls_no_saga() {
         vec![cluster.load_clients().remove(0)],
         saga_tests::orders::LoadSettings {
             rate_per_sec: 4.0,
-            max_orders: 120,
+            max_orders: usize::MAX,
             compensating_share: 0.0,
             ..Default::default()
         },
         seed("orchestrator without its database"),
     );
     assert!(load.wait_started(10, Duration::from_secs(30)).await);
+    expect_metric(
+        &cluster.orchestrators[1],
+        "saga_replies_applied_total",
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
     // The second instance loses its database for 30 s; the first and every
-    // participant stay healthy, so nothing has a reason to compensate.
+    // participant stay healthy, so nothing has a reason to time out.
     cluster.orchestrators[1].database.refuse();
     cluster
         .wait_health(1, ServingStatus::NotServing, Duration::from_secs(15))
         .await
         .expect("the second instance notices");
-    assert!(load.wait_started(120, Duration::from_secs(60)).await);
+    expect_metric(
+        &cluster.orchestrators[1],
+        "saga_reply_consumer_pauses_total",
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The outage's length is the fault, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(30)).await;
     cluster.orchestrators[1].database.pass();
+    cluster
+        .wait_health(1, ServingStatus::Serving, Duration::from_secs(30))
+        .await
+        .expect("the second instance serves again");
+    let applied_before = saga_tests::cluster::Cluster::metric(
+        &cluster.orchestrators[1],
+        "saga_replies_applied_total",
+    )
+    .await
+    .unwrap_or_default();
+    // ... and consumes again.
+    expect_metric(
+        &cluster.orchestrators[1],
+        "saga_replies_applied_total",
+        applied_before + 1.0,
+        Duration::from_secs(60),
+    )
+    .await;
     let stats = load.stop().await;
     assert_eq!(stats.given_up, 0, "every order was started: {stats:?}");
+    cluster.wait_all_terminal(SETTLE).await;
+    let timed_out = history_entries(&cluster, "step_timed_out").await;
+    let summary = OutageSummary::measure(&cluster.pool, &stats, 0)
+        .await
+        .expect("read the sagas' ends");
+    println!("orchestrator database refused 30s: {summary}; steps timed out: {timed_out}");
     let report = cluster.finish(&Expectations::default(), SETTLE).await;
     println!("an orchestrator without its database: {report}");
     report.assert_ok();
     assert_eq!(
-        (report.completed, report.compensated),
-        (120, 0),
-        "every order completes although one instance lost its database"
+        timed_out, 0,
+        "no step timed out: the held replies were given back"
+    );
+    assert_eq!(
+        (summary.as_meant, summary.sagas),
+        (stats.started.len(), stats.started.len()),
+        "every order completes although one instance lost its database: {summary}"
     );
 }

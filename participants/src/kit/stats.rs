@@ -21,6 +21,9 @@ pub struct Stats {
     pub compensation_noops: AtomicU64,
     /// Commands answered `transient_error` (rolled back).
     pub transient: AtomicU64,
+    /// Commands left unanswered because their commit's outcome could not
+    /// be learnt (the orchestrator's timeout retries them).
+    pub unknown: AtomicU64,
     /// Deliveries rejected without requeue (dead-lettered) because they
     /// could not be decoded.
     pub poison: AtomicU64,
@@ -53,6 +56,8 @@ pub struct StatsSnapshot {
     pub compensation_noops: u64,
     /// See [`Stats::transient`].
     pub transient: u64,
+    /// See [`Stats::unknown`].
+    pub unknown: u64,
     /// See [`Stats::poison`].
     pub poison: u64,
     /// See [`Stats::replies_published`].
@@ -79,6 +84,7 @@ impl Stats {
             replayed: get(&self.replayed),
             compensation_noops: get(&self.compensation_noops),
             transient: get(&self.transient),
+            unknown: get(&self.unknown),
             poison: get(&self.poison),
             replies_published: get(&self.replies_published),
             replies_deferred: get(&self.replies_deferred),
@@ -106,6 +112,7 @@ pub(crate) fn register(participant: &str) {
         "participant_commands_rejected_total",
         "participant_commands_replayed_total",
         "participant_commands_transient_total",
+        "participant_commands_unanswered_total",
         "participant_compensation_noops_total",
         "participant_poison_messages_total",
         "participant_replies_published_total",

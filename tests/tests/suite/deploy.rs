@@ -522,6 +522,7 @@ const OTHER_SERIES: &[&str] = &[
     "participant_commands_rejected_total",
     "participant_commands_replayed_total",
     "participant_commands_transient_total",
+    "participant_commands_unanswered_total",
     "participant_compensation_noops_total",
     "participant_poison_messages_total",
     "participant_replies_published_total",

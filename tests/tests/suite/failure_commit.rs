@@ -13,7 +13,7 @@ use saga_tests::{
     orders::{Fate, order},
 };
 
-use crate::failure_support::{SETTLE, cluster, load, seed};
+use crate::failure_support::{SETTLE, cluster, history_entries, load, seed};
 
 /// Most orders a load under lost commits starts (at 8/s, longer than any
 /// wait below); it is stopped long before.
@@ -127,8 +127,9 @@ async fn participant_commits_lost_under_load_change_nothing() {
         .map(|s| cluster.participant_index(*s))
         .collect();
     // Each participant commits its effect, inbox row and reply, then loses
-    // the connection: it answers transient_error although the effect is
-    // applied, and the retry (same key) must be answered from the inbox.
+    // the connection. It must not answer `transient_error` (which promises
+    // nothing was applied): it asks its inbox again on a fresh connection
+    // and answers the committed outcome (finding 5).
     for &i in &targets {
         cluster.participants[i].database.cut_after_commits(3);
     }
@@ -138,7 +139,34 @@ async fn participant_commits_lost_under_load_change_nothing() {
     assert!(load.wait_started(40, Duration::from_secs(120)).await);
     let stats = load.stop().await;
     assert_eq!(stats.given_up, 0, "every order was started: {stats:?}");
+    cluster.wait_all_terminal(SETTLE).await;
+    let mut replayed = Vec::new();
+    for &i in &targets {
+        let node = &cluster.participants[i];
+        replayed.push(
+            Cluster::metric(node, "participant_commands_replayed_total")
+                .await
+                .unwrap_or_default(),
+        );
+        assert_eq!(
+            Cluster::metric(node, "participant_commands_transient_total").await,
+            Some(0.0),
+            "{} answered transient_error for a commit it lost",
+            node.process.name()
+        );
+    }
+    let transient = history_entries(&cluster, "transient_error").await;
     let report = cluster.finish(&Expectations::default(), SETTLE).await;
-    println!("participant commits lost: {report}");
+    println!("participant commits lost: {report}; replayed from the inbox: {replayed:?}");
     report.assert_ok();
+    assert_eq!(transient, 0, "no saga saw a transient_error");
+    for (&i, replayed) in targets.iter().zip(&replayed) {
+        // At least one answer came from the inbox after a lost commit (a
+        // replay's own commit can be the next one cut, so there may be
+        // fewer replays than cuts).
+        assert!(
+            *replayed >= 1.0,
+            "participant {i}: a lost commit is answered from the inbox ({replayed} replays)"
+        );
+    }
 }

@@ -58,6 +58,38 @@ pub(crate) enum Decision {
         /// The `transient_error` reply (not in the outbox: nothing to lose).
         pending: PendingReply,
     },
+    /// A commit was sent and its outcome never came back, and the inbox
+    /// could not be asked either: the effect may be applied. No answer is
+    /// sent (`transient_error` would claim nothing was applied); the
+    /// command is acknowledged, and the orchestrator's reply timeout
+    /// retries the same key, which the inbox then answers.
+    Unknown,
+}
+
+/// Why deciding one command failed.
+#[derive(Debug)]
+struct DecideError {
+    /// The statement's error.
+    error: sqlx::Error,
+    /// It came from the `COMMIT`: the transaction may have committed.
+    at_commit: bool,
+}
+
+impl From<sqlx::Error> for DecideError {
+    fn from(error: sqlx::Error) -> Self {
+        Self {
+            error,
+            at_commit: false,
+        }
+    }
+}
+
+/// A commit whose answer was lost: the transaction may have committed.
+fn commit_unknown(error: sqlx::Error) -> DecideError {
+    DecideError {
+        error,
+        at_commit: true,
+    }
 }
 
 /// Why a batch was rolled back to be decided one command at a time.
@@ -66,6 +98,9 @@ enum BatchError {
     /// A statement failed (including a deadlock with another batch).
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The batch's `COMMIT` failed: it may have committed.
+    #[error("the batch's commit failed; its outcome is unknown")]
+    CommitUnknown(#[source] sqlx::Error),
     /// A handler failed.
     #[error(transparent)]
     Handler(#[from] HandlerError),
@@ -86,6 +121,15 @@ enum Executed {
     /// before deciding must be rolled back with the whole transaction.
     RejectedAfterWriting(String),
 }
+
+/// The pauses before asking the inbox again after a commit whose outcome
+/// was lost (about a second in all, far below any reply timeout).
+const ASK_AGAIN: [std::time::Duration; 4] = [
+    std::time::Duration::from_millis(50),
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_millis(500),
+];
 
 /// How many times a command that lost a deadlock is decided again.
 const RACE_RETRIES: u32 = 3;
@@ -191,6 +235,8 @@ impl Decider {
         });
         after.extend(repeats);
         let mut decisions: Vec<Option<Decision>> = batch.iter().map(|_| None).collect();
+        // Commands whose batch commit may have applied them.
+        let mut uncertain = HashSet::new();
         if together.len() > 1 {
             match self.decide_together(batch, &together).await {
                 Ok(decided) => {
@@ -205,6 +251,9 @@ impl Decider {
                         "participant_batches_split_total",
                         1,
                     );
+                    if matches!(e, BatchError::CommitUnknown(_)) {
+                        uncertain.extend(together.iter().copied());
+                    }
                     tracing::debug!(participant = %self.name, commands = together.len(), error = %e, "batch rolled back; deciding its commands one by one");
                     after.extend(together);
                 }
@@ -215,7 +264,7 @@ impl Decider {
         // Whatever is decided alone goes in arrival order.
         after.sort_unstable();
         for i in after {
-            decisions[i] = Some(self.decide_alone(&batch[i]).await);
+            decisions[i] = Some(self.decide_alone(&batch[i], uncertain.contains(&i)).await);
         }
         decisions
             .into_iter()
@@ -226,26 +275,56 @@ impl Decider {
     /// Decides one command in a transaction of its own. A deadlock victim
     /// (more likely now that batches hold many locks) is decided again, up
     /// to [`RACE_RETRIES`] times, rather than answered `transient_error`.
-    async fn decide_alone(&self, incoming: &Received) -> Decision {
+    ///
+    /// `transient_error` promises that nothing was applied, so it is only
+    /// answered when that is known. After a `COMMIT` whose answer was lost
+    /// (here, or for the batch the command was in: `uncertain`) the command
+    /// is decided again, after the pauses of [`ASK_AGAIN`], on whatever
+    /// connection the pool gives then (the broken ones are gone): the inbox
+    /// answers with the committed outcome, or the key is free and the
+    /// command applies now. If every try fails, the outcome stays unknown
+    /// and nothing is answered ([`Decision::Unknown`]).
+    async fn decide_alone(&self, incoming: &Received, mut uncertain: bool) -> Decision {
         let mut retries = 0;
+        let mut asked_again = 0;
         loop {
-            match self
+            let e = match self
                 .decide(&incoming.message, &incoming.reply_to, &incoming.span)
                 .await
             {
                 Ok(decision) => return decision,
-                Err(e) if lost_a_race(&e) && retries < RACE_RETRIES => {
-                    retries += 1;
-                    tracing::debug!(participant = %self.name, key = %incoming.message.idempotency_key, error = %e, "deciding the command again");
-                }
-                Err(e) => {
-                    return self.transient(
-                        &incoming.message,
-                        &incoming.reply_to,
-                        format!("database error: {e}"),
-                    );
-                }
+                Err(e) => e,
+            };
+            let key = &incoming.message.idempotency_key;
+            if lost_a_race(&e.error) && retries < RACE_RETRIES {
+                retries += 1;
+                tracing::debug!(participant = %self.name, %key, error = %e.error, "deciding the command again");
+                continue;
             }
+            uncertain |= e.at_commit;
+            if uncertain && asked_again < ASK_AGAIN.len() {
+                // The pool's other connections may have broken with this
+                // one: each try after a short pause gets a fresh one.
+                tracing::warn!(participant = %self.name, %key, error = %e.error, "commit outcome unknown; asking the inbox on a fresh connection");
+                tokio::time::sleep(ASK_AGAIN[asked_again]).await;
+                asked_again += 1;
+                continue;
+            }
+            if uncertain {
+                tracing::warn!(participant = %self.name, saga_id = %incoming.message.saga_id, %key, error = %e.error, "commit outcome unknown and the inbox unreachable: no answer; the orchestrator's timeout retries the key");
+                bump(
+                    &self.stats.unknown,
+                    &self.name,
+                    "participant_commands_unanswered_total",
+                    1,
+                );
+                return Decision::Unknown;
+            }
+            return self.transient(
+                &incoming.message,
+                &incoming.reply_to,
+                format!("database error: {}", e.error),
+            );
         }
     }
 
@@ -311,7 +390,7 @@ impl Decider {
         if !replies.is_empty() {
             outbox::insert_all(tx.conn(), &mut replies).await?;
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(BatchError::CommitUnknown)?;
         let mut pending: Vec<Option<PendingReply>> = which.iter().map(|_| None).collect();
         for (position, reply) in positions.into_iter().zip(replies) {
             pending[position] = Some(reply.pending);
@@ -367,7 +446,7 @@ impl Decider {
         message: &Arc<CommandMessage>,
         reply_to: &str,
         delivery: &tracing::Span,
-    ) -> Result<Decision, sqlx::Error> {
+    ) -> Result<Decision, DecideError> {
         let mut tx = Tx::new(self.pool.begin().await?);
         if !inbox::claim(tx.conn(), message).await? {
             return self.replay(tx, message, reply_to).await;
@@ -390,7 +469,7 @@ impl Decider {
             Err(HandlerError::Database(e)) if lost_a_race(&e) => {
                 // A deadlock victim: nothing applied; the caller tries again.
                 tx.rollback().await.ok();
-                return Err(e);
+                return Err(e.into());
             }
             Err(e) => {
                 tx.rollback().await.ok();
@@ -400,7 +479,7 @@ impl Decider {
         let pending = self
             .queue_reply(tx.conn(), message, &outcome, reply_to, true)
             .await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(commit_unknown)?;
         match outcome {
             Outcome::Success(_) => bump(
                 &self.stats.applied,
@@ -427,7 +506,7 @@ impl Decider {
         mut tx: Tx,
         message: &Arc<CommandMessage>,
         reply_to: &str,
-    ) -> Result<Decision, sqlx::Error> {
+    ) -> Result<Decision, DecideError> {
         let key = message.idempotency_key.as_str();
         let outcome = inbox::stored_outcomes(tx.conn(), &[key])
             .await?
@@ -436,7 +515,9 @@ impl Decider {
         let pending = self
             .queue_reply(tx.conn(), message, &outcome, reply_to, false)
             .await?;
-        tx.commit().await?;
+        // A replay's commit only adds a reply row: whether or not it
+        // committed, the stored outcome stands, so asking again is safe.
+        tx.commit().await.map_err(commit_unknown)?;
         bump(
             &self.stats.replayed,
             &self.name,

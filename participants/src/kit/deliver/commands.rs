@@ -324,6 +324,7 @@ impl DeliveryHandler for CommandService {
             let pending = match decision {
                 Decision::Answered { pending, .. } => pending,
                 Decision::Transient { pending } => Some(pending),
+                Decision::Unknown => None,
             };
             self.finish(&publisher, acker, received, pending)
         });
@@ -378,6 +379,7 @@ fn command_duration(participant: &str, command: &str, decision: &Decision, secon
         },
         Decision::Answered { pending: None, .. } => "success",
         Decision::Transient { .. } => "transient_error",
+        Decision::Unknown => "unknown",
     };
     metrics::histogram!(
         "participant_command_duration_seconds",

@@ -79,7 +79,11 @@ impl EngineError {
     /// commit) whether it was is unknown. Waiting for the database is the
     /// only cure; retrying at once is not.
     pub fn is_database_away(&self) -> bool {
-        matches!(self, Self::Store(StoreError::Database(error)) if is_connection_error(error))
+        match self {
+            Self::Store(StoreError::Database(error)) => is_connection_error(error),
+            Self::Store(StoreError::Silent(_)) => true,
+            _ => false,
+        }
     }
 }
 
@@ -164,7 +168,7 @@ impl Engine {
             envelopes,
             after_commit,
             health,
-            starts: StartWriter::spawn(store.pool().clone()),
+            starts: StartWriter::spawn(store.clone()),
             store,
         }
     }
@@ -205,29 +209,31 @@ impl Engine {
         let history = std::mem::take(&mut effects.history);
         let outbox = std::mem::take(&mut effects.outbox);
         let row = StartRow::new(&new, history, outbox);
-        let result = async {
-            // Written together with the other starts waiting (one commit).
-            // A taken key is looked up; the saga holding it is committed
-            // (ON CONFLICT waited for it).
-            let written = self
-                .starts
-                .write(row)
-                .await
-                .map_err(|_| EngineError::ShuttingDown)??;
-            match written {
-                Some(published) => Ok::<_, EngineError>((saga_id, Some(published))),
-                None => {
-                    let key = request.idempotency_key.as_deref().unwrap_or_default();
-                    let mut conn = self.store.pool().acquire().await?;
-                    let existing =
-                        saga_rows::find_by_idempotency_key(&mut conn, &request.saga_type, key)
-                            .await?
-                            .ok_or(EngineError::IdempotencyRace)?;
-                    Ok((existing, None))
+        let result = self
+            .store
+            .within(async {
+                // Written together with the other starts waiting (one commit).
+                // A taken key is looked up; the saga holding it is committed
+                // (ON CONFLICT waited for it).
+                let written = self
+                    .starts
+                    .write(row)
+                    .await
+                    .map_err(|_| EngineError::ShuttingDown)??;
+                match written {
+                    Some(published) => Ok::<_, EngineError>((saga_id, Some(published))),
+                    None => {
+                        let key = request.idempotency_key.as_deref().unwrap_or_default();
+                        let mut conn = self.store.pool().acquire().await?;
+                        let existing =
+                            saga_rows::find_by_idempotency_key(&mut conn, &request.saga_type, key)
+                                .await?
+                                .ok_or(EngineError::IdempotencyRace)?;
+                        Ok((existing, None))
+                    }
                 }
-            }
-        }
-        .await;
+            })
+            .await;
         let (saga_id, published) = self.observe(result)?;
         let created = published.is_some();
         if let Some(published) = published {
@@ -245,7 +251,7 @@ impl Engine {
             .iter()
             .map(|r| (r.reply.saga_id, reply_event(&r.reply), Some(r.span.clone())))
             .collect();
-        let result = self.apply_events(&events).await;
+        let result = self.store.within(self.apply_events(&events)).await;
         self.observe(result)?;
         metrics::counter!("saga_replies_applied_total").increment(replies.len() as u64);
         Ok(())
@@ -254,39 +260,41 @@ impl Engine {
     /// Fires the timers of up to `limit` sagas that are due; returns how many
     /// sagas it handled.
     pub async fn fire_due_timers(&self, limit: i64) -> Result<usize, EngineError> {
-        let result = async {
-            let now = Utc::now();
-            let mut tx = self.store.pool().begin().await?;
-            let states = saga_rows::claim_due(&mut tx, now, limit).await?;
-            if states.is_empty() {
-                tx.rollback().await?;
-                return Ok::<_, EngineError>(Vec::new());
-            }
-            let due: Vec<(Uuid, TimerFired)> = states
-                .iter()
-                .flat_map(|s| {
-                    s.due_timers(now.timestamp_millis())
-                        .into_iter()
-                        .map(|t| (s.id, t))
-                })
-                .collect();
-            let events: Vec<Caused> = self
-                .with_delivery(&mut tx, due)
-                .await?
-                .into_iter()
-                .map(|(id, t)| (id, Event::TimerFired(t), None))
-                .collect();
-            let changes = self.apply_all(
-                states.into_iter().map(|s| (s.id, s)).collect(),
-                &events,
-                now,
-            );
-            let (written, _) = self.write_changes(&mut tx, changes, &[], now, None).await?;
-            crate::crash_point!("orchestrator::timer_before_commit");
-            tx.commit().await?;
-            Ok(written)
-        }
-        .await;
+        let result = self
+            .store
+            .within(async {
+                let now = Utc::now();
+                let mut tx = self.store.pool().begin().await?;
+                let states = saga_rows::claim_due(&mut tx, now, limit).await?;
+                if states.is_empty() {
+                    tx.rollback().await?;
+                    return Ok::<_, EngineError>(Vec::new());
+                }
+                let due: Vec<(Uuid, TimerFired)> = states
+                    .iter()
+                    .flat_map(|s| {
+                        s.due_timers(now.timestamp_millis())
+                            .into_iter()
+                            .map(|t| (s.id, t))
+                    })
+                    .collect();
+                let events: Vec<Caused> = self
+                    .with_delivery(&mut tx, due)
+                    .await?
+                    .into_iter()
+                    .map(|(id, t)| (id, Event::TimerFired(t), None))
+                    .collect();
+                let changes = self.apply_all(
+                    states.into_iter().map(|s| (s.id, s)).collect(),
+                    &events,
+                    now,
+                );
+                let (written, _) = self.write_changes(&mut tx, changes, &[], now, None).await?;
+                crate::crash_point!("orchestrator::timer_before_commit");
+                tx.commit().await?;
+                Ok(written)
+            })
+            .await;
         let written = self.observe(result)?;
         let count = written.len();
         metrics::counter!("saga_timers_fired_total").increment(count as u64);
@@ -372,9 +380,14 @@ impl Engine {
         let flow_of = match cached.get(&saga_id) {
             Some(state) => Some((state.saga_type.clone(), state.version)),
             None => {
-                let found = saga_rows::flow_of(self.store.pool(), saga_id)
-                    .await
-                    .map_err(EngineError::from);
+                let found = self
+                    .store
+                    .within(async {
+                        saga_rows::flow_of(self.store.pool(), saga_id)
+                            .await
+                            .map_err(EngineError::from)
+                    })
+                    .await;
                 self.observe(found)?
             }
         };
@@ -393,9 +406,14 @@ impl Engine {
 
     /// One saga as stored.
     pub async fn get(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
-        let found = saga_rows::get(self.store.pool(), saga_id)
-            .await
-            .map_err(EngineError::from);
+        let found = self
+            .store
+            .within(async {
+                saga_rows::get(self.store.pool(), saga_id)
+                    .await
+                    .map_err(EngineError::from)
+            })
+            .await;
         self.observe(found)?
             .ok_or(EngineError::SagaNotFound(saga_id))
     }
@@ -407,30 +425,32 @@ impl Engine {
         by: &str,
     ) -> Result<SagaRecord, EngineError> {
         let now = Utc::now();
-        let result = async {
-            let mut tx = self.store.pool().begin().await?;
-            let mut states = saga_rows::lock(&mut tx, &[saga_id]).await?;
-            let state = states.pop().ok_or(EngineError::SagaNotFound(saga_id))?;
-            let flow = self.catalog.get(&state.saga_type, state.version)?;
-            let span = spans::transition(&state, &event, Cause::Saga);
-            let entered = span.enter();
-            // Refusals are checked before anything is written.
-            let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
-            let mut effects = Effects::default();
-            self.envelopes.collect(&next, transition, now, &mut effects);
-            drop(entered);
-            let change = Change {
-                expected: state.seq,
-                state: next,
-                effects,
-            };
-            let (written, _) = self
-                .write_changes(&mut tx, vec![change], &[], now, Some(by))
-                .await?;
-            tx.commit().await?;
-            Ok::<_, EngineError>(written)
-        }
-        .await;
+        let result = self
+            .store
+            .within(async {
+                let mut tx = self.store.pool().begin().await?;
+                let mut states = saga_rows::lock(&mut tx, &[saga_id]).await?;
+                let state = states.pop().ok_or(EngineError::SagaNotFound(saga_id))?;
+                let flow = self.catalog.get(&state.saga_type, state.version)?;
+                let span = spans::transition(&state, &event, Cause::Saga);
+                let entered = span.enter();
+                // Refusals are checked before anything is written.
+                let (next, transition) = sagas::apply(&state, &flow, &event, context(now))?;
+                let mut effects = Effects::default();
+                self.envelopes.collect(&next, transition, now, &mut effects);
+                drop(entered);
+                let change = Change {
+                    expected: state.seq,
+                    state: next,
+                    effects,
+                };
+                let (written, _) = self
+                    .write_changes(&mut tx, vec![change], &[], now, Some(by))
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, EngineError>(written)
+            })
+            .await;
         for (change, published) in self.observe(result)? {
             self.after_commit
                 .act(&change.state, published, &change.effects.measured);

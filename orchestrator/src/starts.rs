@@ -13,11 +13,10 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use sagas::errors::Chain;
-use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::store::{
-    StoreError,
+    Store, StoreError,
     outbox::{self, OutboxMessage},
     transition::{self, Inserted, StartRow},
 };
@@ -52,12 +51,12 @@ pub struct StartWriter {
 pub struct WriterStopped;
 
 impl StartWriter {
-    /// Spawns the writer tasks over `pool` (needs a Tokio runtime).
-    pub fn spawn(pool: PgPool) -> Self {
+    /// Spawns the writer tasks over `store` (needs a Tokio runtime).
+    pub fn spawn(store: Store) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..WRITERS {
-            tokio::spawn(write_groups(pool.clone(), receiver.clone()));
+            tokio::spawn(write_groups(store.clone(), receiver.clone()));
         }
         Self { queue }
     }
@@ -75,7 +74,7 @@ impl StartWriter {
 }
 
 /// One writer: takes a group, writes it, answers, again.
-async fn write_groups(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+async fn write_groups(store: Store, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
     loop {
         let group = {
             let mut receiver = receiver.lock().await;
@@ -91,12 +90,12 @@ async fn write_groups(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>
             }
             group
         };
-        write_group(&pool, group).await;
+        write_group(&store, group).await;
     }
 }
 
 /// Writes a group in one statement; if that fails, each start alone.
-async fn write_group(pool: &PgPool, mut group: Vec<Pending>) {
+async fn write_group(store: &Store, mut group: Vec<Pending>) {
     metrics::histogram!("saga_start_group_size").record(group.len() as f64);
     // One order for every writer: two groups with the same keys wait for
     // each other instead of deadlocking.
@@ -104,10 +103,16 @@ async fn write_group(pool: &PgPool, mut group: Vec<Pending>) {
         (&a.row.saga_type, &a.row.idempotency_key).cmp(&(&b.row.saga_type, &b.row.idempotency_key))
     });
     let rows: Vec<&StartRow> = group.iter().map(|p| &p.row).collect();
-    match write_rows(pool, &rows).await {
+    match write_rows(store, &rows).await {
         Ok(inserted) => {
             for Pending { row, answer } in group {
                 answer.send(Ok(inserted.take(row))).ok();
+            }
+        }
+        // A silent database would be as silent for each start alone.
+        Err(StoreError::Silent(silent)) => {
+            for Pending { answer, .. } in group {
+                answer.send(Err(StoreError::Silent(silent))).ok();
             }
         }
         Err(error) if group.len() == 1 => {
@@ -117,15 +122,19 @@ async fn write_group(pool: &PgPool, mut group: Vec<Pending>) {
         Err(error) => {
             tracing::warn!(error = %Chain(&error), starts = group.len(), "group start failed; writing each start alone");
             for Pending { row, answer } in group {
-                let written = write_rows(pool, &[&row]).await.map(|i| i.take(row));
+                let written = write_rows(store, &[&row]).await.map(|i| i.take(row));
                 answer.send(written).ok();
             }
         }
     }
 }
 
-async fn write_rows(pool: &PgPool, rows: &[&StartRow]) -> Result<Inserted, StoreError> {
-    let mut conn = pool.acquire().await?;
-    let now = Utc::now();
-    transition::insert_started(&mut conn, rows, now, now + outbox::PUBLISH_LEASE).await
+async fn write_rows(store: &Store, rows: &[&StartRow]) -> Result<Inserted, StoreError> {
+    store
+        .within(async {
+            let mut conn = store.pool().acquire().await?;
+            let now = Utc::now();
+            transition::insert_started(&mut conn, rows, now, now + outbox::PUBLISH_LEASE).await
+        })
+        .await
 }

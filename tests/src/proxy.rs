@@ -15,6 +15,12 @@
 //!   connections are accepted but never reach upstream; bytes already sent
 //!   wait, like TCP retransmissions, and flow again when the mode changes —
 //!   a network partition that heals.
+//! - [`Mode::Partition`]: a black hole whose victims never come back: a
+//!   connection that had bytes to send during it (or was opened during it)
+//!   stays silent for ever after the heal, with no reset — as behind a
+//!   firewall that forgot its connections, or during the minutes of TCP
+//!   retransmission backoff. Only connections idle throughout, and new
+//!   ones, work after the heal: a service must notice and replace the dead.
 //! - [`Mode::Latency`]: every chunk is delivered that much later, in order.
 //! - [`FaultProxy::cut`]: a one-off reset (RST) of every open connection (a
 //!   network blip); [`FaultProxy::close_all`]: a one-off clean close (a
@@ -62,6 +68,8 @@ pub enum Mode {
     Refuse,
     /// Forward nothing (and hold it) until the mode changes.
     BlackHole,
+    /// Forward nothing; what was held is never forwarded (see the module).
+    Partition,
     /// Forward everything after this delay.
     Latency(Duration),
 }
@@ -250,6 +258,11 @@ impl FaultProxy {
         self.set_mode(Mode::BlackHole);
     }
 
+    /// Silence every connection that has something to say, for good.
+    pub fn partition(&self) {
+        self.set_mode(Mode::Partition);
+    }
+
     /// Deliver every chunk `delay` late.
     pub fn latency(&self, delay: Duration) {
         self.set_mode(Mode::Latency(delay));
@@ -355,18 +368,32 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Waits until the mode lets traffic through; `false` if cut meanwhile.
-async fn wait_until_open(mode: &mut watch::Receiver<Mode>, cut: &CancellationToken) -> bool {
+/// What a connection waiting for traffic to flow got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// Traffic flows.
+    Yes,
+    /// Cut (or refused) meanwhile.
+    Cut,
+    /// A partition caught it: it stays silent for ever.
+    Lost,
+}
+
+/// Waits until the mode lets traffic through.
+async fn wait_until_open(mode: &mut watch::Receiver<Mode>, cut: &CancellationToken) -> Open {
+    let mut partitioned = false;
     loop {
         let current = *mode.borrow_and_update();
         match current {
-            Mode::Pass | Mode::Latency(_) => return true,
-            Mode::Refuse => return false,
+            Mode::Pass | Mode::Latency(_) if partitioned => return Open::Lost,
+            Mode::Pass | Mode::Latency(_) => return Open::Yes,
+            Mode::Refuse => return Open::Cut,
             Mode::BlackHole => {}
+            Mode::Partition => partitioned = true,
         }
         tokio::select! {
-            () = cut.cancelled() => return false,
-            changed = mode.changed() => if changed.is_err() { return false },
+            () = cut.cancelled() => return Open::Cut,
+            changed = mode.changed() => if changed.is_err() { return Open::Cut },
         }
     }
 }
@@ -384,8 +411,24 @@ async fn connection(
     let served = async {
         // A black hole swallows the handshake too: the client sees a
         // connection that never answers.
-        if !wait_until_open(&mut mode, &cut).await {
-            return None;
+        match wait_until_open(&mut mode, &cut).await {
+            Open::Yes => {}
+            Open::Cut => return None,
+            Open::Lost => {
+                // Accepted, never answered: hold the client's end open and
+                // swallow what it sends until it gives up.
+                let mut client = client;
+                let mut sink = vec![0u8; CHUNK];
+                loop {
+                    tokio::select! {
+                        () = cut.cancelled() => return None,
+                        read = client.read(&mut sink) => match read {
+                            Ok(0) | Err(_) => return None,
+                            Ok(_) => {}
+                        },
+                    }
+                }
+            }
         }
         let upstream = tokio::select! {
             () = cut.cancelled() => return None,
@@ -555,9 +598,21 @@ async fn deliver(
             () = cut.cancelled() => return Some(to),
             () = tokio::time::sleep_until(at) => {}
         }
-        if !wait_until_open(&mut mode, &cut).await {
-            cut.cancel();
-            return Some(to);
+        match wait_until_open(&mut mode, &cut).await {
+            Open::Yes => {}
+            Open::Cut => {
+                cut.cancel();
+                return Some(to);
+            }
+            Open::Lost => {
+                // Swallow everything that comes for this direction, for ever.
+                loop {
+                    tokio::select! {
+                        () = cut.cancelled() => return Some(to),
+                        next = rx.recv() => { next.as_ref()?; }
+                    }
+                }
+            }
         }
         let written = tokio::select! {
             () = cut.cancelled() => return Some(to),

@@ -54,7 +54,7 @@ pub use saga_proto::amqp::declare::QueueType;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest pause between two connection attempts: short, because the
 /// service is NOT_SERVING for as long as it is disconnected.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
 /// Why one connection attempt failed.
 #[derive(Debug, thiserror::Error)]

@@ -191,7 +191,10 @@ fn settle(
             let store = store.clone();
             let reason = format!("{} {}", returned.reply_code, returned.reply_text);
             tokio::spawn(async move {
-                if let Err(error) = outbox::defer(store.pool(), message.id, delay, &reason).await {
+                if let Err(error) = store
+                    .within(outbox::defer(store.pool(), message.id, delay, &reason))
+                    .await
+                {
                     tracing::warn!(error = %Chain(&error), "could not defer an unroutable message; the relay will retry it");
                 }
             });
@@ -230,7 +233,7 @@ async fn delete_confirmed(store: Store, stop: CancellationToken) {
             if ids.is_empty() {
                 break;
             }
-            let attempt = || async { outbox::delete(store.pool(), &ids).await };
+            let attempt = || async { store.within(outbox::delete(store.pool(), &ids)).await };
             let result = backon::Retryable::retry(
                 attempt,
                 backon::ExponentialBuilder::default()

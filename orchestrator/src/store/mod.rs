@@ -17,10 +17,27 @@ pub mod outbox;
 pub mod sagas;
 pub mod transition;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use sqlx::{ConnectOptions, PgPool, postgres::PgPoolOptions};
+use saga_proto::connect::silence::{self, Silence};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 use uuid::Uuid;
+
+/// Longest wait for any statement or transaction of the orchestrator: past
+/// it the database is taken for silent (a black-holed network answers
+/// nothing, and nothing else would end the wait).
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// The server cancels a statement running longer than this, so that a
+/// merely slow statement fails cleanly before the deadline gives up on its
+/// connection.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(4);
+/// The server ends a session idle inside a transaction for this long (its
+/// client vanished): its row locks do not outlive it.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a pooled connection, or to open one.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the health probe's `SELECT 1`.
+pub const PING_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +45,9 @@ pub enum StoreError {
     /// The database could not be reached or a statement failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// No answer within the deadline: the network or the server is silent.
+    #[error(transparent)]
+    Silent(#[from] silence::Silent),
     /// The URL cannot be used.
     #[error(transparent)]
     Url(#[from] saga_proto::connect::postgres::PostgresUrlError),
@@ -66,6 +86,8 @@ pub struct Store {
     pool: PgPool,
     /// Confirmed outbox rows not deleted yet.
     confirmed: outbox::Confirmed,
+    /// When the database was last silent (see [`Store::within`]).
+    silence: Arc<Silence>,
 }
 
 /// Embedded schema migrations.
@@ -90,17 +112,39 @@ impl Store {
                 ("enable_seqscan", "off"),
                 ("plan_cache_mode", "force_generic_plan"),
             ]);
-        let pool = PgPoolOptions::new()
+        // Migrations may take long on a big table: they run on a connection
+        // of their own, without the statement timeout.
+        let mut migrating = PgConnection::connect_with(&options).await?;
+        MIGRATOR.run(&mut migrating).await?;
+        migrating.close().await.ok();
+        let options =
+            silence::server_timeouts(options, STATEMENT_TIMEOUT, IDLE_IN_TRANSACTION_TIMEOUT);
+        let silence = Silence::new();
+        let pool = silence
+            .guard(PgPoolOptions::new())
             .max_connections(max_connections)
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
         Ok(Self {
             pool,
             confirmed: outbox::Confirmed::default(),
+            silence,
         })
+    }
+
+    /// Runs `work` (statements on this store's pool) under [`DEADLINE`]:
+    /// a silent database ends it with [`StoreError::Silent`], and the
+    /// connections opened before are replaced.
+    pub async fn within<T, E: From<StoreError>>(
+        &self,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        self.silence
+            .within(DEADLINE, work)
+            .await
+            .map_err(|silent| E::from(StoreError::Silent(silent)))?
     }
 
     /// The connection pool.
@@ -115,7 +159,8 @@ impl Store {
 
     /// Whether the database answers right now.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        let ping = sqlx::query("SELECT 1").execute(&self.pool);
+        matches!(self.silence.within(PING_DEADLINE, ping).await, Ok(Ok(_)))
     }
 
     /// Closes every connection.
@@ -131,17 +176,20 @@ impl Store {
         cursor: Option<sagas::Cursor>,
         limit: i64,
     ) -> Result<Vec<sagas::SagaRecord>, StoreError> {
-        sagas::list(&self.pool, saga_types, status, cursor, limit).await
+        self.within(sagas::list(&self.pool, saga_types, status, cursor, limit))
+            .await
     }
 
     /// Registers a `WatchSaga` stream, so transitions of the saga NOTIFY.
     pub async fn add_watcher(&self, saga_id: Uuid, watcher_id: Uuid) -> Result<(), StoreError> {
-        history::watch(&self.pool, saga_id, watcher_id).await
+        self.within(history::watch(&self.pool, saga_id, watcher_id))
+            .await
     }
 
     /// Removes a `WatchSaga` stream's registration.
     pub async fn remove_watcher(&self, saga_id: Uuid, watcher_id: Uuid) -> Result<(), StoreError> {
-        history::unwatch(&self.pool, saga_id, watcher_id).await
+        self.within(history::unwatch(&self.pool, saga_id, watcher_id))
+            .await
     }
 
     /// A saga's history rows after `after_seq`, in order.
@@ -150,7 +198,8 @@ impl Store {
         saga_id: Uuid,
         after_seq: i64,
     ) -> Result<Vec<history::HistoryRow>, StoreError> {
-        history::since(&self.pool, saga_id, after_seq).await
+        self.within(history::since(&self.pool, saga_id, after_seq))
+            .await
     }
 
     /// Leases up to `limit` outbox rows whose lease ran out (for the relay).
@@ -159,18 +208,24 @@ impl Store {
         now: chrono::DateTime<chrono::Utc>,
         limit: i64,
     ) -> Result<Vec<outbox::OutboxMessage>, StoreError> {
-        outbox::claim_expired(&self.pool, now, limit).await
+        self.within(outbox::claim_expired(&self.pool, now, limit))
+            .await
     }
 
     /// The (type, version) of every saga that can still move (running,
     /// compensating, or failed and retriable), so a start can refuse to run
     /// without the flow versions they need.
     pub async fn flows_in_use(&self) -> Result<Vec<(String, u32)>, StoreError> {
-        let rows: Vec<(String, i32)> = sqlx::query_as(
-            "SELECT DISTINCT saga_type, version FROM sagas WHERE status IN ('running', 'compensating', 'failed')",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, i32)> = self
+            .within(async {
+                sqlx::query_as(
+                    "SELECT DISTINCT saga_type, version FROM sagas WHERE status IN ('running', 'compensating', 'failed')",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::from)
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(name, version)| (name, version as u32))

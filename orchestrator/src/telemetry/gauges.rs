@@ -58,7 +58,10 @@ pub async fn run(store: Store, catalog: Arc<Catalog>, shutdown: CancellationToke
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match crate::store::activity::read(store.pool()).await {
+        match store
+            .within(crate::store::activity::read(store.pool()))
+            .await
+        {
             Ok(activity) => publish(&activity, &catalog, &labels),
             // The database probe reports the outage; the gauges keep their
             // last values (an alert on them should not flap with it).

@@ -1,9 +1,10 @@
 //! A participant's own database: created when missing, migrated with the
 //! kit's tables plus the service's, reached through a small pool.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
+use saga_proto::connect::silence::{self, Silence};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -57,6 +58,12 @@ pub struct PoolSettings {
     /// inbox key, or a hot stock row, turns into a transient error instead
     /// of holding a delivery forever.
     pub lock_timeout: Duration,
+    /// Longest wait for one command's transaction (or a batch's): past it
+    /// the database is taken for silent, the command is left unanswered
+    /// (its outcome is unknown; the orchestrator's timeout retries it) and
+    /// the pool's older connections are replaced. The server cancels a
+    /// statement after four fifths of it.
+    pub deadline: Duration,
 }
 
 impl Default for PoolSettings {
@@ -65,6 +72,7 @@ impl Default for PoolSettings {
             max_connections: 5,
             acquire_timeout: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(10),
         }
     }
 }
@@ -118,6 +126,16 @@ pub async fn migrate(pool: &PgPool, service: Option<Migrator>) -> Result<(), Mig
     Ok(())
 }
 
+/// A participant's open database.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// Its pool (guarded against silent networks: see
+    /// [`saga_proto::connect::silence`]).
+    pub pool: PgPool,
+    /// When it was last silent; [`Silence::within`] bounds work on it.
+    pub silence: Arc<Silence>,
+}
+
 /// Opens a participant's database: creates it if missing, connects with
 /// backoff (PostgreSQL may still be starting), runs the kit's and
 /// `service`'s migrations. Returns `None` if `shutdown` fired first.
@@ -126,7 +144,7 @@ pub async fn open(
     settings: &PoolSettings,
     service: Option<Migrator>,
     shutdown: &CancellationToken,
-) -> Result<Option<PgPool>, DatabaseError> {
+) -> Result<Option<Database>, DatabaseError> {
     let database = options
         .get_database()
         .ok_or(DatabaseError::NoDatabaseName)?
@@ -157,9 +175,19 @@ pub async fn open(
         ("enable_seqscan", "off"),
         ("plan_cache_mode", "force_generic_plan"),
     ]);
+    // Migrations may take long: they run on a connection of their own,
+    // before the statement timeout applies.
+    let migrating = options.clone();
+    let options = silence::server_timeouts(
+        options,
+        settings.deadline * 4 / 5,
+        settings.deadline + Duration::from_secs(5),
+    );
+    let silence = Silence::new();
     let connect = || async {
         ensure_database(&options).await?;
-        PgPoolOptions::new()
+        silence
+            .guard(PgPoolOptions::new())
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
             .connect_with(options.clone())
@@ -181,8 +209,18 @@ pub async fn open(
         () = shutdown.cancelled() => return Ok(None),
         pool = attempt => pool.map_err(|source| DatabaseError::Refused { database: database.clone(), source })?,
     };
-    migrate(&pool, service)
+    let migrated = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_with(migrating)
+            .await?;
+        let result = migrate(&pool, service).await;
+        pool.close().await;
+        result
+    };
+    migrated
         .await
         .map_err(|source| DatabaseError::Migrate { database, source })?;
-    Ok(Some(pool))
+    Ok(Some(Database { pool, silence }))
 }

@@ -393,7 +393,7 @@ impl Participant {
         config: ParticipantConfig,
         shutdown: CancellationToken,
     ) -> Result<ParticipantHandle, KitError> {
-        let pool = database::open(
+        let database = database::open(
             config.database.clone(),
             &config.pool,
             self.migrations,
@@ -401,6 +401,7 @@ impl Participant {
         )
         .await?
         .ok_or_else(|| KitError::ShutDown(self.name.to_string()))?;
+        let pool = database.pool.clone();
         if let Some(setup) = &self.setup {
             setup(pool.clone())
                 .await
@@ -422,7 +423,8 @@ impl Participant {
             let decider = Decider::new(
                 self.name.to_string(),
                 self.routes,
-                pool.clone(),
+                database.clone(),
+                config.pool.deadline,
                 config.faults.clone(),
                 stats.clone(),
             );
@@ -444,7 +446,8 @@ impl Participant {
         if let Some(subscription) = self.subscription {
             let recorder = EventRecorder::new(
                 self.name.to_string(),
-                pool.clone(),
+                database.clone(),
+                config.pool.deadline,
                 subscription.handler,
                 stats.clone(),
             );

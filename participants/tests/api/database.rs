@@ -29,7 +29,8 @@ async fn kit_connections_plan_once_by_index_and_bound_lock_waits() {
     let pool = database::open(options.clone(), &settings, None, &CancellationToken::new())
         .await
         .unwrap()
-        .expect("not shut down");
+        .expect("not shut down")
+        .pool;
     let show = |setting: &'static str| {
         let pool = pool.clone();
         async move {

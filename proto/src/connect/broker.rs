@@ -3,11 +3,25 @@
 //! certificate and key for EXTERNAL authentication
 //! (`?auth_mechanism=external`). Every connection of the orchestrator and
 //! of the participant kit is made here.
+//!
+//! A RabbitMQ cluster is given as several addresses, comma-separated
+//! (`amqp://u:p@node1:5672/%2f,amqp://u:p@node2:5672/%2f`): a connection
+//! tries them in turn, each for at most [`NODE_CONNECT_TIMEOUT`], starting
+//! after the node of the previous connection, so that a service whose node
+//! died reconnects to the next one. Every address gets a heartbeat of
+//! [`DEFAULT_HEARTBEAT_SECS`] unless it names one (`?heartbeat=N`), so a
+//! silent broker is noticed within two or three of them instead of the
+//! server's default of a minute.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use lapin::{
@@ -42,10 +56,26 @@ pub enum BrokerError {
     },
 }
 
+/// The heartbeat (seconds) of a connection whose address names none: a
+/// missed heartbeat is noticed after two to two and a half of them.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
+
+/// Longest wait for one node's TCP, TLS and AMQP handshakes before trying
+/// the next node (or giving the caller an error to retry): a node behind a
+/// silent network would otherwise hold the handshake for ever, and a
+/// service that waits long on an attempt started during an outage serves
+/// late after it. About five round trips; 2 s allows 400 ms each.
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where the broker is and how to reach it.
 #[derive(Clone)]
 pub struct Broker {
+    /// The addresses as given (comma-separated for a cluster).
     url: String,
+    /// Each address, parsed, with the heartbeat defaulted.
+    nodes: Vec<AMQPUri>,
+    /// The node the next connection tries first (shared by clones).
+    next: Arc<AtomicUsize>,
     user: String,
     tls: OwnedTLSConfig,
     /// Whether the URL is amqps://.
@@ -55,7 +85,7 @@ pub struct Broker {
 impl fmt::Debug for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Broker")
-            .field("url", &redact(&self.url))
+            .field("url", &redact_all(&self.url))
             .field("ca", &self.tls.cert_chain.is_some())
             .field("client_certificate", &self.tls.identity.is_some())
             .finish()
@@ -65,8 +95,16 @@ impl fmt::Debug for Broker {
 impl fmt::Display for Broker {
     /// The URL with its password hidden.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact(&self.url))
+        f.write_str(&redact_all(&self.url))
     }
+}
+
+/// Every address of a comma-separated list, redacted.
+fn redact_all(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn read_pem(what: &'static str, path: &Path, marker: &str) -> Result<String, FileError> {
@@ -83,19 +121,46 @@ fn read_pem(what: &'static str, path: &Path, marker: &str) -> Result<String, Fil
 }
 
 impl Broker {
-    /// A broker at `url` (`amqp://` or `amqps://`), trusting the webpki
-    /// roots under TLS.
+    /// A broker at `url` (`amqp://` or `amqps://`; several addresses of
+    /// one cluster comma-separated, all with the same scheme and user),
+    /// trusting the webpki roots under TLS.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
-        let uri = AMQPUri::from_str(url).map_err(|reason| BrokerError::Url {
-            url: redact(url),
-            reason,
-        })?;
+        let mut nodes = Vec::new();
+        for address in url.split(',').map(str::trim) {
+            let bad = |reason: String| BrokerError::Url {
+                url: redact_all(url),
+                reason,
+            };
+            if address.is_empty() {
+                return Err(bad("an address of the list is empty".into()));
+            }
+            let mut uri = AMQPUri::from_str(address)
+                .map_err(|reason| bad(format!("{}: {reason}", redact(address))))?;
+            if let Some(first) = nodes.first() {
+                let first: &AMQPUri = first;
+                if uri.scheme != first.scheme {
+                    return Err(bad("the addresses mix amqp:// and amqps://".into()));
+                }
+                if uri.authority.userinfo.username != first.authority.userinfo.username {
+                    return Err(bad("the addresses name different users".into()));
+                }
+            }
+            uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+            nodes.push(uri);
+        }
         Ok(Self {
             url: url.to_owned(),
-            user: uri.authority.userinfo.username.clone(),
+            user: nodes[0].authority.userinfo.username.clone(),
+            secure: nodes[0].scheme == AMQPScheme::AMQPS,
+            nodes,
+            next: Arc::new(AtomicUsize::new(0)),
             tls: OwnedTLSConfig::default(),
-            secure: uri.scheme == AMQPScheme::AMQPS,
         })
+    }
+
+    /// How many addresses (cluster nodes) it has.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Also trusts the CA certificates of `path` (PEM).
@@ -182,16 +247,56 @@ impl Broker {
         self.secure
     }
 
-    /// Opens a connection.
+    /// Opens a connection: to the first node that answers, trying them in
+    /// turn from the one after the node of the previous connection. A TLS
+    /// refusal is returned at once (another node would refuse alike).
     pub async fn connect(&self, properties: ConnectionProperties) -> lapin::Result<Connection> {
-        Connection::connect_with_config(
-            &self.url,
-            properties,
-            self.tls.clone(),
-            lapin::runtime::default_runtime()?,
-        )
-        .await
+        let count = self.nodes.len();
+        let start = self.next.load(Ordering::Relaxed) % count;
+        let mut last_error = None;
+        for index in (start..count).chain(0..start) {
+            let node = &self.nodes[index];
+            let attempt = Connection::connect_uri_with_config(
+                node.clone(),
+                properties.clone(),
+                self.tls.clone(),
+                lapin::runtime::default_runtime()?,
+            );
+            let result = tokio::time::timeout(NODE_CONNECT_TIMEOUT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no AMQP handshake within {NODE_CONNECT_TIMEOUT:?}"),
+                    )
+                    .into())
+                });
+            match result {
+                Ok(connection) => {
+                    // When this connection breaks, the next one starts
+                    // with another node.
+                    self.next.store((index + 1) % count, Ordering::Relaxed);
+                    if count > 1 {
+                        tracing::info!(node = %node_name(node), "connected to RabbitMQ node");
+                    }
+                    return Ok(connection);
+                }
+                Err(error) if is_tls_error(&error) => return Err(error),
+                Err(error) => {
+                    if count > 1 {
+                        tracing::warn!(node = %node_name(node), %error, "RabbitMQ node unreachable; trying the next");
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.expect("a broker has at least one address"))
     }
+}
+
+/// `host:port` of a node, for logs.
+fn node_name(uri: &AMQPUri) -> String {
+    format!("{}:{}", uri.authority.host, uri.authority.port)
 }
 
 /// The broker settings of every service's command line: the URL (or a
@@ -200,7 +305,8 @@ impl Broker {
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerFlags {
     /// RabbitMQ URL: amqp:// or amqps:// (add ?auth_mechanism=external to
-    /// log in with the client certificate).
+    /// log in with the client certificate); for a cluster, one URL per node,
+    /// comma-separated (a comma inside a password is written %2C).
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = parse_url, hide_env_values = true)]
     pub amqp_url: String,
     /// File holding the RabbitMQ URL (instead of --amqp-url, so that its
@@ -304,5 +410,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("AMQP_CLIENT_KEY_FILE"), "{error}");
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_addresses_each_with_a_heartbeat() {
+        let broker = Broker::new(
+            "amqp://app:hunter2@n1:5672/%2f, amqp://app:hunter2@n2:5673/%2f?heartbeat=2",
+        )
+        .unwrap();
+        assert_eq!(broker.nodes(), 2);
+        assert_eq!(broker.user(), "app");
+        assert_eq!(
+            broker.to_string(),
+            "amqp://app:***@n1:5672/%2f,amqp://app:***@n2:5673/%2f?heartbeat=2"
+        );
+        assert_eq!(
+            broker.nodes[0].query.heartbeat,
+            Some(DEFAULT_HEARTBEAT_SECS)
+        );
+        assert_eq!(
+            broker.nodes[1].query.heartbeat,
+            Some(2),
+            "a chosen heartbeat is kept"
+        );
+
+        for (list, reason) in [
+            ("amqp://a@n1/%2f,", "an address of the list is empty"),
+            (
+                "amqp://a@n1/%2f,amqps://a@n2/%2f",
+                "mix amqp:// and amqps://",
+            ),
+            ("amqp://a@n1/%2f,amqp://b@n2/%2f", "different users"),
+            (
+                "amqp://a:secret@n1/%2f,http://a:secret@n2",
+                "http://a:***@n2",
+            ),
+        ] {
+            let error = Broker::new(list).unwrap_err().to_string();
+            assert!(error.contains(reason), "{list}: {error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`postgres`] (feature `sqlx`): `sslmode`/`sslrootcert` from the URL,
 //!   `verify-full` by default for a host that is not this machine.
+//! - [`silence`] (feature `sqlx`): deadlines and pool hooks so that a
+//!   silent network costs seconds, not minutes.
 //! - [`broker`] (feature `lapin`): `amqps://`, a CA file, a client
 //!   certificate for EXTERNAL authentication.
 //! - [`redact`]: a URL with its password replaced, for every log line.
@@ -13,6 +15,8 @@
 pub mod broker;
 #[cfg(feature = "sqlx")]
 pub mod postgres;
+#[cfg(feature = "sqlx")]
+pub mod silence;
 
 use std::path::{Path, PathBuf};
 

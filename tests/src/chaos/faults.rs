@@ -421,8 +421,11 @@ async fn outage(kind: FaultKind, shared: &Shared, args: &Args, rng: &mut StdRng)
     let node = rng.random_range(0..node_count);
     let mode = match kind {
         FaultKind::Latency => Mode::Latency(Duration::from_millis(rng.random_range(50..1500))),
-        _ if rng.random_bool(0.5) => Mode::Refuse,
-        _ => Mode::BlackHole,
+        _ => match rng.random_range(0..3) {
+            0 => Mode::Refuse,
+            1 => Mode::BlackHole,
+            _ => Mode::Partition,
+        },
     };
     let length = match kind {
         FaultKind::Latency => Duration::from_secs_f64(rng.random_range(5.0..20.0)),
@@ -482,6 +485,7 @@ async fn outage(kind: FaultKind, shared: &Shared, args: &Args, rng: &mut StdRng)
         mode: match mode {
             Mode::Refuse => "refuse".to_owned(),
             Mode::BlackHole => "black_hole".to_owned(),
+            Mode::Partition => "partition".to_owned(),
             Mode::Latency(d) => format!("latency {}ms", d.as_millis()),
             Mode::Pass => "pass".to_owned(),
         },

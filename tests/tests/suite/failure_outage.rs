@@ -203,6 +203,56 @@ async fn orchestrator_database_black_holed_then_healed() {
     .await;
 }
 
+/// A partition of the orchestrator's database: the connections that were
+/// talking stay dead after the heal (no reset, no answer, for ever). The
+/// deadlines notice it within seconds, the pool replaces every connection
+/// opened before, and the orchestrator serves again at once after the heal
+/// (finding 8; the recovery is printed).
+#[tokio::test]
+async fn orchestrator_database_partitioned_then_healed() {
+    outage(
+        "orchestrator database partitioned 15s",
+        Road::OrchestratorDatabase,
+        Mode::Partition,
+        Duration::from_secs(15),
+        Cost::WAITED_OUT,
+    )
+    .await;
+}
+
+/// The same for every service's broker connection: heartbeats notice the
+/// silence, and each service opens a new connection after the heal.
+#[tokio::test]
+async fn broker_partitioned_then_healed() {
+    outage(
+        "broker partitioned 15s",
+        Road::Broker,
+        Mode::Partition,
+        Duration::from_secs(15),
+        Cost::WAITED_OUT,
+    )
+    .await;
+}
+
+/// Every participant's database partitioned: commands in flight are left
+/// unanswered (their outcome is unknown), never answered `transient_error`
+/// for an effect that may be applied; the orchestrator's timeouts retry
+/// them and the sagas end as meant.
+#[tokio::test]
+async fn participant_databases_partitioned_then_healed() {
+    outage(
+        "participant databases partitioned 15s",
+        Road::ParticipantDatabases,
+        Mode::Partition,
+        Duration::from_secs(15),
+        Cost {
+            not_serving: false,
+            ..Cost::WAITED_OUT
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn participant_databases_refused_then_restored() {
     outage(

@@ -11,8 +11,10 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use saga_proto::amqp::LifecycleEvent;
+use saga_proto::connect::silence::Silence;
 use sqlx::PgPool;
 
+use crate::kit::database::Database;
 use crate::kit::handler::{HandlerError, Tx};
 use crate::kit::stats::{Stats, bump};
 
@@ -76,6 +78,8 @@ pub(crate) struct EventRecorder {
     name: String,
     /// Its own database.
     pool: PgPool,
+    /// When it was last silent, and how long one recording may take.
+    silence: (Arc<Silence>, Duration),
     /// The service's handler.
     handler: ErasedEventHandler,
     /// Counters.
@@ -85,13 +89,15 @@ pub(crate) struct EventRecorder {
 impl EventRecorder {
     pub(crate) fn new(
         name: String,
-        pool: PgPool,
+        database: Database,
+        deadline: Duration,
         handler: ErasedEventHandler,
         stats: Arc<Stats>,
     ) -> Self {
         Self {
             name,
-            pool,
+            pool: database.pool,
+            silence: (database.silence, deadline),
             handler,
             stats,
         }
@@ -100,11 +106,20 @@ impl EventRecorder {
     /// Records `events` (retrying a failing database a few times); `Err`
     /// once it gave up for now (the deliveries are then requeued).
     pub(crate) async fn record(&self, events: &[LifecycleEvent]) -> Result<(), HandlerError> {
+        let (silence, deadline) = &self.silence;
         let once = || async {
-            let tx = Tx::new(self.pool.begin().await?);
-            let new = (self.handler)(&tx, events).await?;
-            tx.commit().await?;
-            Ok::<_, HandlerError>(new)
+            let work = async {
+                let tx = Tx::new(self.pool.begin().await?);
+                let new = (self.handler)(&tx, events).await?;
+                tx.commit().await?;
+                Ok::<_, HandlerError>(new)
+            };
+            // Recording again is safe (events are de-duplicated), so a
+            // silent database is retried like any other failure.
+            silence
+                .within(*deadline, work)
+                .await
+                .map_err(|silent| HandlerError::Database(silent.into_sqlx()))?
         };
         let new = once
             .retry(

@@ -26,6 +26,9 @@ use tracing::Instrument;
 use self::barrier::Barrier;
 use self::cleaner::OutboxCleaner;
 pub(crate) use self::outbox::{Lease, Leased, PendingReply, Sweep};
+use saga_proto::connect::silence::Silence;
+
+use super::database::Database;
 use super::faults::FaultInjector;
 use super::handler::{Command, HandlerError, Outcome, Route, Tx};
 use super::stats::{Stats, bump};
@@ -153,6 +156,10 @@ pub(crate) struct Decider {
     routes: Arc<BTreeMap<String, Route>>,
     /// Its own database.
     pool: PgPool,
+    /// When it was last silent; bounds every decision.
+    silence: Arc<Silence>,
+    /// Longest wait for one decision's transaction.
+    deadline: std::time::Duration,
     /// Fault injection (a dropped reply is decided here: recorded, not
     /// written to the outbox).
     faults: Arc<FaultInjector>,
@@ -166,15 +173,19 @@ impl Decider {
     pub(crate) fn new(
         name: String,
         routes: Arc<BTreeMap<String, Route>>,
-        pool: PgPool,
+        database: Database,
+        deadline: std::time::Duration,
         faults: Arc<FaultInjector>,
         stats: Arc<Stats>,
     ) -> Self {
+        let pool = database.pool;
         let cleaner = OutboxCleaner::spawn(pool.clone(), name.clone());
         Self {
             name,
             routes,
             pool,
+            silence: database.silence,
+            deadline,
             faults,
             stats,
             cleaner,
@@ -195,7 +206,12 @@ impl Decider {
     /// Hands outbox row `id`, which could not be published, to the relay
     /// right away.
     pub(crate) async fn defer(&self, id: i64, error: &str) {
-        if let Err(e) = outbox::defer(&self.pool, id, error).await {
+        let deferred = self
+            .silence
+            .within(self.deadline, outbox::defer(&self.pool, id, error))
+            .await
+            .unwrap_or_else(|silent| Err(silent.into_sqlx()));
+        if let Err(e) = deferred {
             // It still becomes due after the grace period.
             tracing::warn!(participant = %self.name, outbox_id = id, error = %e, "could not hand a reply to the relay");
         }
@@ -203,7 +219,10 @@ impl Decider {
 
     /// Leases outbox rows for a relay pass.
     pub(crate) async fn lease(&self, sweep: Sweep, batch: i64) -> Result<Lease, sqlx::Error> {
-        outbox::lease(&self.pool, sweep, batch).await
+        self.silence
+            .within(self.deadline, outbox::lease(&self.pool, sweep, batch))
+            .await
+            .map_err(|silent| silent.into_sqlx())?
     }
 
     /// Decides every command of a batch, in order: together in one
@@ -238,13 +257,17 @@ impl Decider {
         // Commands whose batch commit may have applied them.
         let mut uncertain = HashSet::new();
         if together.len() > 1 {
-            match self.decide_together(batch, &together).await {
-                Ok(decided) => {
+            let decided = self
+                .silence
+                .within(self.deadline, self.decide_together(batch, &together))
+                .await;
+            match decided {
+                Ok(Ok(decided)) => {
                     for (i, decision) in together.iter().zip(decided) {
                         decisions[*i] = Some(decision);
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     bump(
                         &self.stats.batches_split,
                         &self.name,
@@ -256,6 +279,14 @@ impl Decider {
                     }
                     tracing::debug!(participant = %self.name, commands = together.len(), error = %e, "batch rolled back; deciding its commands one by one");
                     after.extend(together);
+                }
+                Err(silent) => {
+                    // Whether it committed is unknown, and each command
+                    // alone would wait as long: none is answered.
+                    tracing::warn!(participant = %self.name, commands = together.len(), error = %silent, "database silent; the batch's commands are left unanswered");
+                    for &i in &together {
+                        decisions[i] = Some(self.unknown());
+                    }
                 }
             }
         } else {
@@ -288,12 +319,22 @@ impl Decider {
         let mut retries = 0;
         let mut asked_again = 0;
         loop {
-            let e = match self
-                .decide(&incoming.message, &incoming.reply_to, &incoming.span)
-                .await
-            {
-                Ok(decision) => return decision,
-                Err(e) => e,
+            let decided = self
+                .silence
+                .within(
+                    self.deadline,
+                    self.decide(&incoming.message, &incoming.reply_to, &incoming.span),
+                )
+                .await;
+            let e = match decided {
+                Ok(Ok(decision)) => return decision,
+                Ok(Err(e)) => e,
+                Err(silent) => {
+                    // Whether it committed is unknown, and the database
+                    // would be as silent when asked again.
+                    tracing::warn!(participant = %self.name, saga_id = %incoming.message.saga_id, key = %incoming.message.idempotency_key, error = %silent, "database silent: no answer; the orchestrator's timeout retries the key");
+                    return self.unknown();
+                }
             };
             let key = &incoming.message.idempotency_key;
             if lost_a_race(&e.error) && retries < RACE_RETRIES {
@@ -312,13 +353,7 @@ impl Decider {
             }
             if uncertain {
                 tracing::warn!(participant = %self.name, saga_id = %incoming.message.saga_id, %key, error = %e.error, "commit outcome unknown and the inbox unreachable: no answer; the orchestrator's timeout retries the key");
-                bump(
-                    &self.stats.unknown,
-                    &self.name,
-                    "participant_commands_unanswered_total",
-                    1,
-                );
-                return Decision::Unknown;
+                return self.unknown();
             }
             return self.transient(
                 &incoming.message,
@@ -528,6 +563,17 @@ impl Decider {
             pending,
             replay: true,
         })
+    }
+
+    /// No answer: the outcome is unknown (see [`Decision::Unknown`]).
+    fn unknown(&self) -> Decision {
+        bump(
+            &self.stats.unknown,
+            &self.name,
+            "participant_commands_unanswered_total",
+            1,
+        );
+        Decision::Unknown
     }
 
     /// A `transient_error` answer: nothing was applied, the orchestrator

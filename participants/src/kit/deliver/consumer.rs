@@ -226,7 +226,7 @@ enum SessionError {
 fn reconnect_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_millis(500))
         .with_jitter()
         .without_max_times()
 }

@@ -78,6 +78,9 @@ pub enum ClusterError {
     /// A gRPC call failed.
     #[error("gRPC: {0}")]
     Grpc(#[from] tonic::Status),
+    /// The private RabbitMQ cluster failed.
+    #[error(transparent)]
+    Rabbit(#[from] crate::rabbit_cluster::RabbitError),
 }
 
 /// What a node runs.
@@ -137,6 +140,12 @@ pub struct ClusterOptions {
     pub orchestrator_env: Vec<(String, String)>,
     /// Extra environment of every participant process.
     pub participant_env: Vec<(String, String)>,
+    /// Nodes of a private RabbitMQ cluster to run on (see
+    /// [`crate::rabbit_cluster`]); 0: the machine's RabbitMQ. With a
+    /// cluster each service's `AMQP_URL` lists every node, starting with a
+    /// different one per service (its fault proxy sits on the road to that
+    /// first node), so the services are spread over the nodes.
+    pub rabbit_nodes: usize,
 }
 
 impl Default for ClusterOptions {
@@ -148,6 +157,7 @@ impl Default for ClusterOptions {
             participant_groups: Service::ALL.iter().map(|s| vec![*s]).collect(),
             orchestrator_env: Vec::new(),
             participant_env: Vec::new(),
+            rabbit_nodes: 0,
         }
     }
 }
@@ -162,8 +172,37 @@ pub struct Cluster {
     pub participants: Vec<Node>,
     /// A direct (unproxied) pool on the orchestrator's database.
     pub pool: PgPool,
-    /// The namespace and databases (dropped last).
+    /// The namespace and databases.
     env: TestEnv,
+    /// The private RabbitMQ cluster, if the options asked for one (dropped
+    /// after every process).
+    pub rabbit: Option<crate::rabbit_cluster::RabbitCluster>,
+}
+
+/// Where a service's broker road goes: the machine's RabbitMQ, or the
+/// nodes of a private cluster.
+struct BrokerRoads<'a> {
+    rabbit: Option<&'a crate::rabbit_cluster::RabbitCluster>,
+    /// Services given a road so far (picks each one's first node).
+    given: usize,
+}
+
+impl BrokerRoads<'_> {
+    /// A fault proxy for the next service and its `AMQP_URL`.
+    async fn next(&mut self) -> Result<(FaultProxy, String), ClusterError> {
+        let Some(rabbit) = self.rabbit else {
+            let proxy = FaultProxy::start(RABBITMQ_ADDR.parse().expect("valid address")).await?;
+            let url = amqp_url(&proxy);
+            return Ok((proxy, url));
+        };
+        let count = rabbit.nodes.len();
+        let first = self.given % count;
+        self.given += 1;
+        let proxy = FaultProxy::start(rabbit.nodes[first].addr()).await?;
+        let mut urls = vec![amqp_url(&proxy)];
+        urls.extend((1..count).map(|k| rabbit.nodes[(first + k) % count].url(HEARTBEAT_SECS)));
+        Ok((proxy, urls.join(",")))
+    }
 }
 
 /// A free loopback port for a service to listen on, kept across its
@@ -214,7 +253,19 @@ impl Cluster {
     ) -> Result<Self, ClusterError> {
         let env = TestEnv::new();
         let logs = log_dir(&env.namespace);
-        let rabbit: SocketAddr = RABBITMQ_ADDR.parse().expect("valid address");
+        let rabbit = if options.rabbit_nodes > 0 {
+            let rabbit =
+                crate::rabbit_cluster::RabbitCluster::start(&env.namespace, options.rabbit_nodes)
+                    .await?;
+            env.use_broker(&rabbit.url_list(0, HEARTBEAT_SECS));
+            Some(rabbit)
+        } else {
+            None
+        };
+        let mut roads = BrokerRoads {
+            rabbit: rabbit.as_ref(),
+            given: 0,
+        };
         let postgres: SocketAddr = POSTGRES_ADDR.parse().expect("valid address");
         let orchestrator_db = env.database_url("orch");
         let db_name = orchestrator_db
@@ -227,7 +278,7 @@ impl Cluster {
         }
         let mut orchestrators = Vec::new();
         for i in 0..options.orchestrators {
-            let broker = FaultProxy::start(rabbit).await?;
+            let (broker, broker_url) = roads.next().await?;
             let database = FaultProxy::start(postgres).await?;
             let grpc: SocketAddr = format!("127.0.0.1:{}", free_port())
                 .parse()
@@ -249,7 +300,7 @@ impl Cluster {
                     database.port()
                 ),
             );
-            process.set_env("AMQP_URL", amqp_url(&broker));
+            process.set_env("AMQP_URL", broker_url);
             process.set_env("SAGA_NAMESPACE", env.namespace.clone());
             process.set_env("GRPC_ADDR", grpc.to_string());
             process.set_env("METRICS_ADDR", metrics.to_string());
@@ -270,7 +321,7 @@ impl Cluster {
         }
         let mut participants = Vec::new();
         for group in &options.participant_groups {
-            let broker = FaultProxy::start(rabbit).await?;
+            let (broker, broker_url) = roads.next().await?;
             let database = FaultProxy::start(postgres).await?;
             let metrics: SocketAddr = format!("127.0.0.1:{}", free_port())
                 .parse()
@@ -289,7 +340,7 @@ impl Cluster {
                     database.port()
                 ),
             );
-            process.set_env("AMQP_URL", amqp_url(&broker));
+            process.set_env("AMQP_URL", broker_url);
             process.set_env("SAGA_NAMESPACE", env.namespace.clone());
             process.set_env("METRICS_ADDR", metrics.to_string());
             process.set_env("DB_POOL_SIZE", "2");
@@ -313,6 +364,7 @@ impl Cluster {
             participants,
             pool,
             env,
+            rabbit,
         };
         for i in 0..cluster.orchestrators.len() {
             cluster.orchestrators[i].process.start().await?;

@@ -19,6 +19,9 @@ pub struct TestEnv {
     databases: std::sync::Mutex<Vec<String>>,
     /// Extra queues to delete at the end.
     queues: std::sync::Mutex<Vec<String>>,
+    /// The broker's addresses (comma-separated for a private cluster);
+    /// [`AMQP_URL`] unless a test runs its own RabbitMQ.
+    broker: std::sync::Mutex<String>,
 }
 
 impl Default for TestEnv {
@@ -35,7 +38,29 @@ impl TestEnv {
             namespace,
             databases: Default::default(),
             queues: Default::default(),
+            broker: std::sync::Mutex::new(AMQP_URL.to_owned()),
         }
+    }
+
+    /// Uses the broker at `urls` (a private cluster's nodes) instead of the
+    /// machine's: checks and clean-up connect there.
+    pub fn use_broker(&self, urls: &str) {
+        *self.broker.lock().unwrap() = urls.to_owned();
+    }
+
+    /// The broker's addresses (see [`Self::use_broker`]).
+    pub fn amqp_url(&self) -> String {
+        self.broker.lock().unwrap().clone()
+    }
+
+    /// A connection to the broker (to any live node of a cluster).
+    pub async fn amqp_connection(&self) -> Result<Connection, String> {
+        let broker = saga_proto::connect::broker::Broker::new(&self.amqp_url())
+            .map_err(|e| e.to_string())?;
+        broker
+            .connect(ConnectionProperties::default())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// The URL of database `<namespace>_<suffix>`, registered for removal.
@@ -116,7 +141,12 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let namespace = self.namespace.clone();
         let databases = std::mem::take(&mut *self.databases.lock().unwrap());
-        let queues = std::mem::take(&mut *self.queues.lock().unwrap());
+        let mut queues = std::mem::take(&mut *self.queues.lock().unwrap());
+        if self.amqp_url() != AMQP_URL {
+            // A private broker goes away with its test: nothing to delete
+            // on the machine's own.
+            queues.clear();
+        }
         // Drop runs inside the test's runtime; clean up on a runtime of our own.
         let _ = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()

@@ -37,7 +37,7 @@ use std::{
 };
 
 use lapin::{
-    Connection, ConnectionProperties,
+    Connection,
     options::{BasicGetOptions, QueueDeclareOptions},
     types::FieldTable,
 };
@@ -47,7 +47,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    env::{AMQP_URL, TestEnv},
+    env::TestEnv,
     ledgers::{DemoDatabases, OrderLedger},
 };
 
@@ -572,8 +572,7 @@ pub fn work_queues(env: &TestEnv) -> Vec<String> {
 /// Messages in the work queues of `env` (ready ones: with no consumer
 /// left, that is all of them).
 pub async fn queued_messages(env: &TestEnv) -> u64 {
-    let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-    else {
+    let Ok(connection) = env.amqp_connection().await else {
         return 0;
     };
     let mut total = 0;
@@ -606,7 +605,7 @@ async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)
 }
 
 async fn check_broker(env: &TestEnv, expectations: &Expectations, report: &mut Report) {
-    let connection = match Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+    let connection = match env.amqp_connection().await {
         Ok(c) => c,
         Err(e) => {
             report
@@ -816,9 +815,7 @@ pub async fn wait_settled(env: &TestEnv, within: Duration) -> (InFlight, Duratio
     let started = Instant::now();
     let orchestrator = orchestrator_pool(env).await.ok();
     let demo = DemoDatabases::connect(env).await;
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .ok();
+    let connection = env.amqp_connection().await.ok();
     let mut last = InFlight {
         active_sagas: -1,
         ..InFlight::default()

@@ -16,6 +16,7 @@
 //! - [`processes`]: real service processes to kill -9 and restart, with
 //!   their entry points.
 //! - [`cluster`]: the real system as processes behind proxies.
+//! - [`rabbit_cluster`]: a private three-node RabbitMQ cluster on loopback.
 //! - [`invariants`]: the checker every failure-injection run ends with.
 //! - [`orders`]: orders with a known fate and a steady load of them that
 //!   survives orchestrator crashes.
@@ -41,6 +42,7 @@ pub mod otlp;
 pub mod outage;
 pub mod processes;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod scripted;
 pub mod tls_proxy;
 

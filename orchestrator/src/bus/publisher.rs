@@ -4,7 +4,7 @@
 //! pushed back in the outbox with a growing delay and a warning, never
 //! dropped.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream::FuturesUnordered};
 use lapin::{
@@ -126,12 +126,24 @@ pub async fn run(
     let deleter = tokio::spawn(delete_confirmed(store.clone(), deleter_stop.clone()));
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut stopping = false;
+    // Since when every confirm has been a nack.
+    let mut refused_since: Option<Instant> = None;
     let result = loop {
         tokio::select! {
             biased;
             Some((message, confirmation)) = in_flight.next() => {
-                if let Err(error) = settle(&store, message, confirmation) {
-                    break Err(error);
+                match settle(&store, message, confirmation) {
+                    Err(error) => break Err(error),
+                    Ok(Settled::Refused) => {
+                        let since = *refused_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= REFUSED_FOR {
+                            break Err(std::io::Error::other(format!(
+                                "the broker refused every message for {REFUSED_FOR:?}; reconnecting"
+                            ))
+                            .into());
+                        }
+                    }
+                    Ok(Settled::Taken) => refused_since = None,
                 }
             }
             message = outgoing.rx.recv(), if !stopping => match message {
@@ -164,13 +176,28 @@ pub async fn run(
     result
 }
 
+/// How long the broker may refuse (nack) every message before the
+/// publisher gives up on its connection: a channel can stay stuck on a
+/// queue leader that died in a cluster (RabbitMQ 3.10 kept nacking one
+/// channel's publishes for minutes after a node was killed), and a new
+/// connection, to the next node, is the cure.
+const REFUSED_FOR: Duration = Duration::from_secs(5);
+
+/// What the broker did with a message.
+enum Settled {
+    /// Taken: confirmed, or returned as unroutable (the broker answers).
+    Taken,
+    /// Refused (nack): left to the relay.
+    Refused,
+}
+
 /// Acts on one confirm: delete on ack, push back if unroutable, leave to the
 /// relay on nack.
 fn settle(
     store: &Store,
     message: OutboxMessage,
     confirmation: lapin::Result<Confirmation>,
-) -> lapin::Result<()> {
+) -> lapin::Result<Settled> {
     match confirmation? {
         Confirmation::Ack(None) | Confirmation::NotRequested => {
             metrics::counter!("saga_messages_published_total", "type" => message.message_type.clone())
@@ -205,9 +232,10 @@ fn settle(
                 "broker refused a message; the relay will retry it"
             );
             metrics::counter!("saga_messages_nacked_total").increment(1);
+            return Ok(Settled::Refused);
         }
     }
-    Ok(())
+    Ok(Settled::Taken)
 }
 
 /// How long a confirmed row waits for a transition statement to delete it

@@ -17,6 +17,7 @@ mod failure_instances;
 mod failure_messages;
 mod failure_outage;
 mod failure_poison;
+mod failure_rabbit_cluster;
 mod failure_support;
 mod flows;
 mod instances;

@@ -34,6 +34,8 @@ pub struct OutageSummary {
     /// The longest time between two consecutive saga ends (or from the
     /// first start to the first end) in the run.
     pub longest_pause: Duration,
+    /// The longest time one saga took, from its start to its end.
+    pub longest_saga: Duration,
 }
 
 impl OutageSummary {
@@ -95,6 +97,13 @@ impl OutageSummary {
                 summary.not_as_meant.push((id.to_string(), status, meant));
             }
         }
+        summary.longest_saga = states
+            .iter()
+            .filter_map(|(id, _, created)| {
+                Some((*ends.get(id)? - *created).to_std().unwrap_or_default())
+            })
+            .max()
+            .unwrap_or_default();
         summary.longest_pause = longest_pause(
             states.iter().map(|(_, _, created)| *created).min(),
             ends.into_values().collect(),
@@ -130,7 +139,7 @@ impl fmt::Display for OutageSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "outage summary: sagas={} completed={} compensated={} failed={} as_meant={} ({:.1}%) operator_retries={} longest_pause={:.1}s",
+            "outage summary: sagas={} completed={} compensated={} failed={} as_meant={} ({:.1}%) operator_retries={} longest_pause={:.1}s longest_saga={:.1}s",
             self.sagas,
             self.completed,
             self.compensated,
@@ -138,7 +147,8 @@ impl fmt::Display for OutageSummary {
             self.as_meant,
             self.as_meant_percent(),
             self.operator_retries,
-            self.longest_pause.as_secs_f64()
+            self.longest_pause.as_secs_f64(),
+            self.longest_saga.as_secs_f64()
         )?;
         for (id, status, meant) in &self.not_as_meant {
             write!(f, "\n  not as meant: {id} {status} (meant {meant:?})")?;

@@ -135,3 +135,67 @@ async fn an_orchestrator_without_its_database_stalls_no_saga() {
         "every order completes although one instance lost its database: {summary}"
     );
 }
+
+/// Two orchestrators under load are restarted one after the other
+/// (SIGTERM, wait for the exit, start, wait until it serves): nothing is
+/// lost, no StartSaga fails for good (a retry with the same key fixes any
+/// that failed), and no saga waits long (the longest pause and the longest
+/// saga are printed).
+#[tokio::test]
+async fn rolling_restart_of_two_orchestrators_under_load_loses_nothing() {
+    let (_permit, mut cluster) = cluster(ClusterOptions {
+        orchestrators: 2,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let load = load(&cluster, usize::MAX, 6.0, seed("rolling restart"));
+    assert!(load.wait_started(20, Duration::from_secs(60)).await);
+    for i in 0..cluster.orchestrators.len() {
+        let stopping = std::time::Instant::now();
+        let process = &mut cluster.orchestrators[i].process;
+        let pid = process.pid().expect("the orchestrator runs");
+        let signalled = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(signalled.success());
+        let status = process
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .expect("the orchestrator stops on SIGTERM");
+        assert!(status.success(), "a clean exit: {status}");
+        let stopped_in = stopping.elapsed();
+        let ready_in = cluster
+            .restart_orchestrator(i, &[])
+            .await
+            .expect("the orchestrator starts again");
+        println!(
+            "rolling restart: orchestrator-{} stopped in {stopped_in:.1?}, serving again {ready_in:.1?} after its start",
+            i + 1
+        );
+        let started = load.started();
+        assert!(
+            load.wait_started(started + 20, Duration::from_secs(60))
+                .await
+        );
+    }
+    let stats = load.stop().await;
+    assert_eq!(stats.given_up, 0, "no start failed for good: {stats:?}");
+    cluster.wait_all_terminal(SETTLE).await;
+    let summary = OutageSummary::measure(&cluster.pool, &stats, 0)
+        .await
+        .expect("read the sagas' ends");
+    println!(
+        "rolling restart: {summary}; StartSaga calls retried with the same key: {}",
+        stats.failed_calls
+    );
+    let report = cluster.finish(&Expectations::default(), SETTLE).await;
+    println!("rolling restart: {report}");
+    report.assert_ok();
+    assert_eq!(
+        (summary.as_meant, summary.failed),
+        (summary.sagas, 0),
+        "every order ends as meant through the restarts: {summary}"
+    );
+}

@@ -27,6 +27,10 @@ pub struct OutageSummary {
     /// Of which ended as their order was meant to: completed when it could
     /// be, compensated when a participant was meant to refuse it.
     pub as_meant: usize,
+    /// Of the compensated, those meant to be (a participant refuses).
+    pub compensated_as_meant: usize,
+    /// Of the compensated, those cancelled (`CancelSaga`).
+    pub cancelled: usize,
     /// Sagas that ended otherwise (id, state, meant), at most ten.
     pub not_as_meant: Vec<(String, String, Fate)>,
     /// FAILED sagas the operator had to retry.
@@ -68,6 +72,14 @@ impl OutageSummary {
         .await?
         .into_iter()
         .collect();
+        let cancelled: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT saga_id FROM saga_history WHERE saga_id = ANY($1) AND kind = 'cancel_requested'",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
         let mut summary = Self {
             sagas: states.len(),
             operator_retries,
@@ -86,7 +98,14 @@ impl OutageSummary {
             );
             match status.as_str() {
                 "COMPLETED" => summary.completed += 1,
-                "COMPENSATED" => summary.compensated += 1,
+                "COMPENSATED" => {
+                    summary.compensated += 1;
+                    if as_meant {
+                        summary.compensated_as_meant += 1;
+                    } else if cancelled.contains(id) {
+                        summary.cancelled += 1;
+                    }
+                }
                 _ => summary.failed += 1,
             }
             if as_meant {
@@ -109,6 +128,11 @@ impl OutageSummary {
             ends.into_values().collect(),
         );
         Ok(summary)
+    }
+
+    /// Compensations neither meant nor asked for: the faults caused them.
+    pub fn compensated_by_faults(&self) -> usize {
+        self.compensated - self.compensated_as_meant - self.cancelled
     }
 
     /// The share of sagas that ended as meant, in percent.

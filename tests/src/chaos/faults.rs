@@ -62,11 +62,17 @@ pub enum FaultKind {
     BadInput,
     /// CancelSaga on a running saga.
     Cancel,
+    /// kill -9 of a node of the private RabbitMQ cluster, restarted a few
+    /// seconds later (only with `--rabbit-nodes`).
+    RabbitNodeKill,
+    /// Every orchestrator restarted in turn: SIGTERM, wait for the exit,
+    /// start, wait until it serves.
+    RollingRestart,
 }
 
 impl FaultKind {
     /// Every kind with its weight in the draw.
-    pub const WEIGHTS: [(FaultKind, u32); 15] = [
+    pub const WEIGHTS: [(FaultKind, u32); 17] = [
         (FaultKind::OrchestratorKill, 6),
         (FaultKind::OrchestratorCrashPoint, 8),
         (FaultKind::ParticipantKill, 6),
@@ -82,6 +88,8 @@ impl FaultKind {
         (FaultKind::Poison, 5),
         (FaultKind::BadInput, 4),
         (FaultKind::Cancel, 5),
+        (FaultKind::RabbitNodeKill, 4),
+        (FaultKind::RollingRestart, 2),
     ];
 
     /// The snake_case name used in reports.
@@ -102,6 +110,8 @@ impl FaultKind {
             FaultKind::Poison => "poison",
             FaultKind::BadInput => "bad_input",
             FaultKind::Cancel => "cancel",
+            FaultKind::RabbitNodeKill => "rabbit_node_kill",
+            FaultKind::RollingRestart => "rolling_restart",
         }
     }
 
@@ -109,14 +119,23 @@ impl FaultKind {
     pub fn is_outage(self) -> bool {
         matches!(
             self,
-            FaultKind::BrokerOutage | FaultKind::DatabaseOutage | FaultKind::Latency
+            FaultKind::BrokerOutage
+                | FaultKind::DatabaseOutage
+                | FaultKind::Latency
+                | FaultKind::RabbitNodeKill
         )
     }
 
-    fn draw(rng: &mut StdRng) -> Self {
-        let total: u32 = Self::WEIGHTS.iter().map(|(_, w)| w).sum();
+    /// Draws a kind; node kills only when the soak runs on a private
+    /// RabbitMQ cluster.
+    fn draw(rng: &mut StdRng, rabbit_cluster: bool) -> Self {
+        let weights = Self::WEIGHTS.map(|(kind, weight)| match kind {
+            FaultKind::RabbitNodeKill if !rabbit_cluster => (kind, 0),
+            _ => (kind, weight),
+        });
+        let total: u32 = weights.iter().map(|(_, w)| w).sum();
         let mut pick = rng.random_range(0..total);
-        for (kind, weight) in Self::WEIGHTS {
+        for (kind, weight) in weights {
             if pick < weight {
                 return kind;
             }
@@ -182,7 +201,7 @@ pub async fn schedule(shared: Arc<Shared>, injector: Arc<Injector>, args: Args, 
         }
         // Drawn from the seed alone, so the schedule replays; an outage
         // drawn while another is on is skipped (one at a time).
-        let kind = FaultKind::draw(&mut rng);
+        let kind = FaultKind::draw(&mut rng, args.rabbit_nodes > 0);
         let task_rng = StdRng::seed_from_u64(rng.random());
         if kind.is_outage() && shared.outage_on.swap(true, Ordering::SeqCst) {
             *shared
@@ -287,6 +306,11 @@ async fn inject(
             outage(kind, &shared, &args, &mut rng).await;
             shared.outage_on.store(false, Ordering::SeqCst);
         }
+        FaultKind::RabbitNodeKill => {
+            rabbit_node_kill(&shared, &mut rng).await;
+            shared.outage_on.store(false, Ordering::SeqCst);
+        }
+        FaultKind::RollingRestart => rolling_restart(&shared).await,
         FaultKind::ConnectionCut => {
             let cluster = shared.cluster.lock().await;
             let nodes: Vec<_> = cluster.nodes().collect();
@@ -400,6 +424,85 @@ async fn crash_point(shared: &Shared, target: Target, point: &str, skip: u32) {
     };
     if pid.is_some() && node.process.pid() == pid && node.process.is_running() {
         let _ = node.process.start().await;
+    }
+}
+
+/// Kills one node of the private RabbitMQ cluster (one at a time: it is an
+/// outage, so two nodes never die together and the quorum queues keep
+/// their majority), keeps it down for 2-20 s, restarts it on its data.
+async fn rabbit_node_kill(shared: &Shared, rng: &mut StdRng) {
+    let Some(mut rabbit) = shared.cluster.lock().await.rabbit.take() else {
+        return;
+    };
+    let node = rng.random_range(0..rabbit.nodes.len());
+    let down = Duration::from_secs_f64(rng.random_range(2.0..20.0));
+    let name = rabbit.nodes[node].name.clone();
+    match rabbit.kill(node) {
+        Ok(()) => {
+            shared.note(&format!("kill -9 RabbitMQ node {name} for {down:.1?}"));
+            tokio::select! {
+                () = shared.stop_faults.cancelled() => {}
+                () = tokio::time::sleep(down) => {}
+            }
+            match rabbit.restart(node).await {
+                Ok(()) => shared.note(&format!("RabbitMQ node {name} restarted")),
+                Err(error) => shared
+                    .book
+                    .lock()
+                    .await
+                    .violations
+                    .push(format!("RabbitMQ node {name} did not restart: {error}")),
+            }
+        }
+        Err(error) => shared.note(&format!("could not kill RabbitMQ node {name}: {error}")),
+    }
+    shared.cluster.lock().await.rabbit = Some(rabbit);
+}
+
+/// Restarts every orchestrator in turn, gracefully: SIGTERM, wait for the
+/// exit (a clean one: anything else is a violation), start, wait until it
+/// serves. Held meanwhile, so the supervisor does not step in.
+async fn rolling_restart(shared: &Shared) {
+    let (orchestrators, _) = shared.counts;
+    for i in 0..orchestrators {
+        shared
+            .hold(Target::Orchestrator(i), Duration::from_secs(120))
+            .await;
+        let mut cluster = shared.cluster.lock().await;
+        let process = &mut cluster.orchestrators[i].process;
+        let Some(pid) = process.pid().filter(|_| process.is_running()) else {
+            drop(cluster);
+            shared.release(Target::Orchestrator(i)).await;
+            continue;
+        };
+        let name = process.name().to_owned();
+        shared.note(&format!("rolling restart: SIGTERM {name}"));
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        match process.wait_exit(Duration::from_secs(30)).await {
+            Some(status) if status.success() => {}
+            Some(status) => shared
+                .book
+                .lock()
+                .await
+                .violations
+                .push(format!("{name} exited with {status} on SIGTERM")),
+            None => shared
+                .book
+                .lock()
+                .await
+                .violations
+                .push(format!("{name} did not stop within 30 s of SIGTERM")),
+        }
+        if let Err(error) = cluster.restart_orchestrator(i, &[]).await {
+            shared.note(&format!(
+                "rolling restart: {name} did not come back: {error}"
+            ));
+        }
+        drop(cluster);
+        shared.release(Target::Orchestrator(i)).await;
     }
 }
 

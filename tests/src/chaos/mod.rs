@@ -100,6 +100,11 @@ pub struct Args {
     /// Keep the run's databases and queues afterwards (for a post-mortem).
     #[arg(long)]
     pub keep: bool,
+    /// Run on a private RabbitMQ cluster of this many nodes (3 for a
+    /// quorum that survives a node), with node kills among the faults; 0
+    /// (the default): the machine's RabbitMQ, no node kills.
+    #[arg(long, default_value_t = 0)]
+    pub rabbit_nodes: usize,
 }
 
 /// Node names and indices the fault tasks refer to.
@@ -161,6 +166,11 @@ impl Shared {
             .await
             .iter()
             .any(|(t, until)| *t == target && *until > now)
+    }
+
+    /// Ends every hold of `target`.
+    pub async fn release(&self, target: Target) {
+        self.held.lock().await.retain(|(t, _)| *t != target);
     }
 
     /// Holds `target` down for `length` (the supervisor will not restart it).
@@ -251,6 +261,7 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         &launchers,
         ClusterOptions {
             orchestrators: args.orchestrators.max(1),
+            rabbit_nodes: args.rabbit_nodes,
             ..ClusterOptions::default()
         },
     )
@@ -349,6 +360,10 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         .map(|n| n.database.stats().commits_cut)
         .sum();
     let operator = shared.operator.lock().await.clone();
+    let outcomes =
+        crate::outage::OutageSummary::measure(&shared.pool, &load_stats, operator.0.len())
+            .await
+            .unwrap_or_default();
     let mut cluster = shared.cluster.lock().await;
     let leftovers = bad_input_leftovers(&cluster).await;
     let expectations = Expectations {
@@ -381,6 +396,7 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         orchestrators: counts.0,
         namespace: env_name,
         load: load_stats,
+        outcomes,
         check,
         faults: book,
         operator_retried_sagas: operator.0.len() as u64,

@@ -6,7 +6,7 @@ use std::{fmt, time::Duration};
 use serde_json::json;
 
 use super::faults::FaultBook;
-use crate::{invariants::Report, orders::LoadStats};
+use crate::{invariants::Report, orders::LoadStats, outage::OutageSummary};
 
 /// Everything a soak measured.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct ChaosReport {
     pub namespace: String,
     /// What the load did.
     pub load: LoadStats,
+    /// How the sagas ended against how their orders were meant to end.
+    pub outcomes: OutageSummary,
     /// What the invariant checker found.
     pub check: Report,
     /// What the faults did.
@@ -63,6 +65,9 @@ impl ChaosReport {
                 "v2": self.load.by_version[1],
                 "completed": self.check.completed,
                 "compensated": self.check.compensated,
+                "compensated_as_meant": self.outcomes.compensated_as_meant,
+                "compensated_by_cancels": self.outcomes.cancelled,
+                "compensated_by_faults": self.outcomes.compensated_by_faults(),
                 "failed": self.check.failed,
                 "active": self.check.active,
                 "operator_retried": self.operator_retried_sagas,
@@ -106,6 +111,18 @@ impl fmt::Display for ChaosReport {
             ("in the database", self.check.sagas.to_string()),
             ("completed", self.check.completed.to_string()),
             ("compensated", self.check.compensated.to_string()),
+            (
+                "  as the load meant (refused by a participant)",
+                self.outcomes.compensated_as_meant.to_string(),
+            ),
+            (
+                "  by a cancel (a fault)",
+                self.outcomes.cancelled.to_string(),
+            ),
+            (
+                "  because of other faults",
+                self.outcomes.compensated_by_faults().to_string(),
+            ),
             ("failed (at the end)", self.check.failed.to_string()),
             ("still active", self.check.active.to_string()),
             (

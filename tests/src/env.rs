@@ -54,13 +54,10 @@ impl TestEnv {
     }
 
     /// A connection to the broker (to any live node of a cluster).
-    pub async fn amqp_connection(&self) -> Result<Connection, String> {
+    pub async fn amqp_connection(&self) -> lapin::Result<Connection> {
         let broker = saga_proto::connect::broker::Broker::new(&self.amqp_url())
-            .map_err(|e| e.to_string())?;
-        broker
-            .connect(ConnectionProperties::default())
-            .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        broker.connect(ConnectionProperties::default()).await
     }
 
     /// The URL of database `<namespace>_<suffix>`, registered for removal.

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
     message::BasicGetMessage,
     options::{
         BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -24,7 +24,7 @@ use saga_proto::amqp::{
 };
 use uuid::Uuid;
 
-use crate::env::{AMQP_URL, TestEnv};
+use crate::env::TestEnv;
 
 /// Why an injection failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,7 @@ pub struct Injector {
 impl Injector {
     /// Connects and declares a private reply queue (removed with `env`).
     pub async fn connect(env: &TestEnv) -> Result<Self, InjectError> {
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+        let connection = env.amqp_connection().await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -434,7 +434,10 @@ async fn rabbit_node_kill(shared: &Shared, rng: &mut StdRng) {
     let Some(mut rabbit) = shared.cluster.lock().await.rabbit.take() else {
         return;
     };
-    let node = rng.random_range(0..rabbit.nodes.len());
+    // The first node holds the soak's own injector (its connection and its
+    // private reply queue); the services are spread over every node, so a
+    // kill of any other still takes some of them down.
+    let node = rng.random_range(1..rabbit.nodes.len().max(2));
     let down = Duration::from_secs_f64(rng.random_range(2.0..20.0));
     let name = rabbit.nodes[node].name.clone();
     match rabbit.kill(node) {

@@ -101,6 +101,9 @@ fn store_status(error: &StoreError) -> Status {
         StoreError::Database(e) if is_connection_error(e) => {
             Status::unavailable(format!("database unavailable: {e}"))
         }
+        StoreError::Silent(silent) => {
+            Status::unavailable(format!("database unavailable: {silent}"))
+        }
         other => Status::internal(Chain(other).to_string()),
     }
 }

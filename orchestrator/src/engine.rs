@@ -209,31 +209,36 @@ impl Engine {
         let history = std::mem::take(&mut effects.history);
         let outbox = std::mem::take(&mut effects.outbox);
         let row = StartRow::new(&new, history, outbox);
-        let result = self
-            .store
-            .within(async {
-                // Written together with the other starts waiting (one commit).
-                // A taken key is looked up; the saga holding it is committed
-                // (ON CONFLICT waited for it).
-                let written = self
-                    .starts
-                    .write(row)
-                    .await
-                    .map_err(|_| EngineError::ShuttingDown)??;
-                match written {
-                    Some(published) => Ok::<_, EngineError>((saga_id, Some(published))),
-                    None => {
-                        let key = request.idempotency_key.as_deref().unwrap_or_default();
-                        let mut conn = self.store.pool().acquire().await?;
-                        let existing =
+        let result = async {
+            // Written together with the other starts waiting (one commit;
+            // the writer bounds the write, not the wait in its queue, so a
+            // start is never reported failed and written afterwards).
+            // A taken key is looked up; the saga holding it is committed
+            // (ON CONFLICT waited for it).
+            let written = self
+                .starts
+                .write(row)
+                .await
+                .map_err(|_| EngineError::ShuttingDown)??;
+            match written {
+                Some(published) => Ok::<_, EngineError>((saga_id, Some(published))),
+                None => {
+                    let key = request.idempotency_key.as_deref().unwrap_or_default();
+                    let existing = self
+                        .store
+                        .within(async {
+                            let mut conn = self.store.pool().acquire().await?;
                             saga_rows::find_by_idempotency_key(&mut conn, &request.saga_type, key)
-                                .await?
-                                .ok_or(EngineError::IdempotencyRace)?;
-                        Ok((existing, None))
-                    }
+                                .await
+                                .map_err(EngineError::from)
+                        })
+                        .await?
+                        .ok_or(EngineError::IdempotencyRace)?;
+                    Ok((existing, None))
                 }
-            })
-            .await;
+            }
+        }
+        .await;
         let (saga_id, published) = self.observe(result)?;
         let created = published.is_some();
         if let Some(published) = published {

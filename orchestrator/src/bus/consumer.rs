@@ -36,8 +36,10 @@ use crate::{
 /// Longest wait, once the database went away, for the batches in hand to
 /// settle before their replies are given back (a batch stuck in a silent
 /// connection must not hold them: if it commits after all, the redelivered
-/// replies are ignored as duplicates).
-pub const HAND_BACK_WITHIN: Duration = Duration::from_secs(3);
+/// replies are ignored as duplicates). Longer than the store's deadline,
+/// so that a batch stuck on a dead connection ends by its deadline (which
+/// marks the pool) rather than by being dropped.
+pub const HAND_BACK_WITHIN: Duration = Duration::from_secs(6);
 
 /// Why [`run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -126,8 +126,8 @@ pub async fn run(
     let deleter = tokio::spawn(delete_confirmed(store.clone(), deleter_stop.clone()));
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut stopping = false;
-    // Since when every confirm has been a nack.
-    let mut refused_since: Option<Instant> = None;
+    // The first and the latest refusal of the current streak.
+    let mut refusals: Option<(Instant, Instant)> = None;
     let result = loop {
         tokio::select! {
             biased;
@@ -135,15 +135,20 @@ pub async fn run(
                 match settle(&store, message, confirmation) {
                     Err(error) => break Err(error),
                     Ok(Settled::Refused) => {
-                        let since = *refused_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= REFUSED_FOR {
+                        let now = Instant::now();
+                        let first = match refusals {
+                            Some((first, last)) if now - last < STREAK_GAP => first,
+                            _ => now,
+                        };
+                        refusals = Some((first, now));
+                        if now - first >= REFUSED_FOR {
                             break Err(std::io::Error::other(format!(
-                                "the broker refused every message for {REFUSED_FOR:?}; reconnecting"
+                                "the broker kept refusing messages for {REFUSED_FOR:?}; reconnecting"
                             ))
                             .into());
                         }
                     }
-                    Ok(Settled::Taken) => refused_since = None,
+                    Ok(Settled::Taken) => {}
                 }
             }
             message = outgoing.rx.recv(), if !stopping => match message {
@@ -176,12 +181,18 @@ pub async fn run(
     result
 }
 
-/// How long the broker may refuse (nack) every message before the
+/// How long the broker may keep refusing (nacking) messages before the
 /// publisher gives up on its connection: a channel can stay stuck on a
 /// queue leader that died in a cluster (RabbitMQ 3.10 kept nacking one
-/// channel's publishes for minutes after a node was killed), and a new
-/// connection, to the next node, is the cure.
+/// channel's publishes to one queue for minutes after a node was killed,
+/// while other queues took theirs), and a new connection, to the next
+/// node, is the cure. Refusals count as one streak while no more than
+/// [`STREAK_GAP`] apart, whatever was taken between them (the relay
+/// retries a refused row when its lease runs out).
 const REFUSED_FOR: Duration = Duration::from_secs(5);
+
+/// Longest gap between two refusals of one streak: more than a lease.
+const STREAK_GAP: Duration = Duration::from_secs(15);
 
 /// What the broker did with a message.
 enum Settled {

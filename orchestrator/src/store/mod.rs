@@ -36,8 +36,10 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(4);
 pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a pooled connection, or to open one.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait for the health probe's `SELECT 1`.
-pub const PING_DEADLINE: Duration = Duration::from_secs(1);
+/// Longest wait for the health probe's `SELECT 1`: longer than a wait for
+/// a pooled connection, so that a busy pool is not taken for a silent
+/// database.
+pub const PING_DEADLINE: Duration = Duration::from_secs(3);
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +116,10 @@ impl Store {
             ]);
         // Migrations may take long on a big table: they run on a connection
         // of their own, without the statement timeout.
-        let mut migrating = PgConnection::connect_with(&options).await?;
+        let mut migrating =
+            tokio::time::timeout(ACQUIRE_TIMEOUT * 5, PgConnection::connect_with(&options))
+                .await
+                .map_err(|_| StoreError::Silent(silence::Silent(ACQUIRE_TIMEOUT * 5)))??;
         MIGRATOR.run(&mut migrating).await?;
         migrating.close().await.ok();
         let options =

@@ -58,8 +58,10 @@ pub struct PoolSettings {
     /// inbox key, or a hot stock row, turns into a transient error instead
     /// of holding a delivery forever.
     pub lock_timeout: Duration,
-    /// Longest wait for one command's transaction (or a batch's): past it
-    /// the database is taken for silent, the command is left unanswered
+    /// Longest wait for one command's transaction (or a batch's), its wait
+    /// for a pooled connection included (keep it well above
+    /// `acquire_timeout` plus `lock_timeout`): past it the database is taken
+    /// for silent, the command is left unanswered
     /// (its outcome is unknown; the orchestrator's timeout retries it) and
     /// the pool's older connections are replaced. The server cancels a
     /// statement after four fifths of it.
@@ -72,7 +74,7 @@ impl Default for PoolSettings {
             max_connections: 5,
             acquire_timeout: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(5),
-            deadline: Duration::from_secs(10),
+            deadline: Duration::from_secs(20),
         }
     }
 }

@@ -262,15 +262,11 @@ impl Broker {
                 self.tls.clone(),
                 lapin::runtime::default_runtime()?,
             );
-            let result = tokio::time::timeout(NODE_CONNECT_TIMEOUT, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no AMQP handshake within {NODE_CONNECT_TIMEOUT:?}"),
-                    )
-                    .into())
-                });
+            let (result, timed_out) =
+                match tokio::time::timeout(NODE_CONNECT_TIMEOUT, attempt).await {
+                    Ok(result) => (result, false),
+                    Err(_) => (Err(node_silent()), true),
+                };
             match result {
                 Ok(connection) => {
                     // When this connection breaks, the next one starts
@@ -281,7 +277,8 @@ impl Broker {
                     }
                     return Ok(connection);
                 }
-                Err(error) if is_tls_error(&error) => return Err(error),
+                // A silent node is not a TLS refusal: try the next one.
+                Err(error) if !timed_out && is_tls_error(&error) => return Err(error),
                 Err(error) => {
                     if count > 1 {
                         tracing::warn!(node = %node_name(node), %error, "RabbitMQ node unreachable; trying the next");
@@ -292,6 +289,15 @@ impl Broker {
         }
         Err(last_error.expect("a broker has at least one address"))
     }
+}
+
+/// The error of a node that did not answer in time.
+fn node_silent() -> lapin::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the node did not answer within {NODE_CONNECT_TIMEOUT:?}"),
+    )
+    .into()
 }
 
 /// `host:port` of a node, for logs.
@@ -365,6 +371,10 @@ impl BrokerFlags {
 /// from another CA or for another host, or it refused ours): retrying
 /// cannot cure it.
 pub fn is_tls_error(error: &lapin::Error) -> bool {
+    if matches!(error.kind(), lapin::ErrorKind::IOError(e) if e.kind() == std::io::ErrorKind::TimedOut)
+    {
+        return false;
+    }
     let text = format!("{error:?} {error}").to_ascii_lowercase();
     ["certificate", "unknownissuer", "handshake", "tls"]
         .iter()
@@ -410,6 +420,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("AMQP_CLIENT_KEY_FILE"), "{error}");
+    }
+
+    #[test]
+    fn a_silent_node_is_not_a_tls_refusal() {
+        assert!(!is_tls_error(&node_silent()), "{}", node_silent());
     }
 
     #[test]

@@ -81,6 +81,8 @@ impl Silence {
     ) -> Result<F::Output, Silent> {
         let work = std::pin::pin!(work);
         tokio::select! {
+            // Work that finished as the deadline passed has finished.
+            biased;
             output = work => Ok(output),
             () = tokio::time::sleep(deadline) => {
                 self.mark();

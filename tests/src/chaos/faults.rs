@@ -123,6 +123,7 @@ impl FaultKind {
                 | FaultKind::DatabaseOutage
                 | FaultKind::Latency
                 | FaultKind::RabbitNodeKill
+                | FaultKind::RollingRestart
         )
     }
 
@@ -310,7 +311,10 @@ async fn inject(
             rabbit_node_kill(&shared, &mut rng).await;
             shared.outage_on.store(false, Ordering::SeqCst);
         }
-        FaultKind::RollingRestart => rolling_restart(&shared).await,
+        FaultKind::RollingRestart => {
+            rolling_restart(&shared).await;
+            shared.outage_on.store(false, Ordering::SeqCst);
+        }
         FaultKind::ConnectionCut => {
             let cluster = shared.cluster.lock().await;
             let nodes: Vec<_> = cluster.nodes().collect();
@@ -434,10 +438,15 @@ async fn rabbit_node_kill(shared: &Shared, rng: &mut StdRng) {
     let Some(mut rabbit) = shared.cluster.lock().await.rabbit.take() else {
         return;
     };
+    if rabbit.nodes.len() < 2 {
+        // Nothing to kill but the injector's node.
+        shared.cluster.lock().await.rabbit = Some(rabbit);
+        return;
+    }
     // The first node holds the soak's own injector (its connection and its
     // private reply queue); the services are spread over every node, so a
     // kill of any other still takes some of them down.
-    let node = rng.random_range(1..rabbit.nodes.len().max(2));
+    let node = rng.random_range(1..rabbit.nodes.len());
     let down = Duration::from_secs_f64(rng.random_range(2.0..20.0));
     let name = rabbit.nodes[node].name.clone();
     match rabbit.kill(node) {

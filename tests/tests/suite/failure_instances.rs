@@ -194,8 +194,8 @@ async fn rolling_restart_of_two_orchestrators_under_load_loses_nothing() {
     println!("rolling restart: {report}");
     report.assert_ok();
     assert_eq!(
-        (summary.as_meant, summary.failed),
-        (summary.sagas, 0),
+        (summary.sagas, summary.as_meant, summary.failed),
+        (stats.started.len(), stats.started.len(), 0),
         "every order ends as meant through the restarts: {summary}"
     );
 }

@@ -111,8 +111,8 @@ async fn node_killed_under_load(name: &str, victim: Victim) {
     println!("{name}: {report}");
     report.assert_ok();
     assert_eq!(
-        (summary.as_meant, summary.failed),
-        (summary.sagas, 0),
+        (summary.sagas, summary.as_meant, summary.failed),
+        (stats.started.len(), stats.started.len(), 0),
         "every order ends as meant although a node died: {summary}"
     );
 }

@@ -7,7 +7,9 @@
 //! orchestrator ignores — the same outcome as a crash between the confirm
 //! and a single-row delete.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use saga_proto::connect::silence::Silence;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -32,9 +34,16 @@ pub(crate) struct OutboxCleaner {
 
 impl OutboxCleaner {
     /// Spawns the deleting task over `pool` (needs a Tokio runtime).
-    pub(crate) fn spawn(pool: PgPool, participant: String) -> Self {
+    /// Each delete is bounded by `deadline` on `silence`.
+    pub(crate) fn spawn(
+        pool: PgPool,
+        participant: String,
+        silence: Arc<Silence>,
+        deadline: Duration,
+    ) -> Self {
         let (queue, requests) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, participant, requests));
+        let bound = Bound { silence, deadline };
+        tokio::spawn(run(pool, participant, bound, requests));
         Self { queue }
     }
 
@@ -54,7 +63,18 @@ impl OutboxCleaner {
     }
 }
 
-async fn run(pool: PgPool, participant: String, mut requests: mpsc::UnboundedReceiver<Request>) {
+/// How long one delete may take, and the pool's silence record.
+struct Bound {
+    silence: Arc<Silence>,
+    deadline: Duration,
+}
+
+async fn run(
+    pool: PgPool,
+    participant: String,
+    bound: Bound,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+) {
     let mut ids = Vec::with_capacity(MAX_GROUP);
     let mut flushes = Vec::new();
     while let Some(first) = requests.recv().await {
@@ -69,7 +89,7 @@ async fn run(pool: PgPool, participant: String, mut requests: mpsc::UnboundedRec
             }
         }
         if !ids.is_empty() {
-            delete(&pool, &participant, &ids).await;
+            delete(&pool, &participant, &bound, &ids).await;
             ids.clear();
         }
         for done in flushes.drain(..) {
@@ -78,13 +98,17 @@ async fn run(pool: PgPool, participant: String, mut requests: mpsc::UnboundedRec
     }
 }
 
-async fn delete(pool: &PgPool, participant: &str, ids: &[i64]) {
+async fn delete(pool: &PgPool, participant: &str, bound: &Bound, ids: &[i64]) {
     let mut wait = Duration::from_millis(50);
     for attempt in 1..=TRIES {
-        let deleted = sqlx::query("DELETE FROM kit_outbox WHERE id = ANY($1)")
+        let statement = sqlx::query("DELETE FROM kit_outbox WHERE id = ANY($1)")
             .bind(ids)
-            .execute(pool)
-            .await;
+            .execute(pool);
+        let deleted = bound
+            .silence
+            .within(bound.deadline, statement)
+            .await
+            .unwrap_or_else(|silent| Err(silent.into_sqlx()));
         match deleted {
             Ok(_) => {
                 metrics::histogram!("participant_outbox_delete_group_size", "participant" => participant.to_owned())
@@ -116,7 +140,8 @@ mod tests {
             .acquire_timeout(Duration::from_millis(100))
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
             .unwrap();
-        let cleaner = OutboxCleaner::spawn(pool, "test".into());
+        let cleaner =
+            OutboxCleaner::spawn(pool, "test".into(), Silence::new(), Duration::from_secs(10));
         for id in 0..10 {
             cleaner.confirmed(id);
         }

@@ -179,7 +179,12 @@ impl Decider {
         stats: Arc<Stats>,
     ) -> Self {
         let pool = database.pool;
-        let cleaner = OutboxCleaner::spawn(pool.clone(), name.clone());
+        let cleaner = OutboxCleaner::spawn(
+            pool.clone(),
+            name.clone(),
+            database.silence.clone(),
+            deadline,
+        );
         Self {
             name,
             routes,

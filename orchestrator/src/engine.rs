@@ -387,12 +387,9 @@ impl Engine {
             None => {
                 let found = self
                     .store
-                    .within(async {
-                        saga_rows::flow_of(self.store.pool(), saga_id)
-                            .await
-                            .map_err(EngineError::from)
-                    })
-                    .await;
+                    .within(saga_rows::flow_of(self.store.pool(), saga_id))
+                    .await
+                    .map_err(EngineError::from);
                 self.observe(found)?
             }
         };
@@ -413,12 +410,9 @@ impl Engine {
     pub async fn get(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
         let found = self
             .store
-            .within(async {
-                saga_rows::get(self.store.pool(), saga_id)
-                    .await
-                    .map_err(EngineError::from)
-            })
-            .await;
+            .within(saga_rows::get(self.store.pool(), saga_id))
+            .await
+            .map_err(EngineError::from);
         self.observe(found)?
             .ok_or(EngineError::SagaNotFound(saga_id))
     }

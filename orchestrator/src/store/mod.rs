@@ -165,7 +165,7 @@ impl Store {
     /// Whether the database answers right now.
     pub async fn ping(&self) -> bool {
         let ping = sqlx::query("SELECT 1").execute(&self.pool);
-        matches!(self.silence.within(PING_DEADLINE, ping).await, Ok(Ok(_)))
+        self.silence.within_sqlx(PING_DEADLINE, ping).await.is_ok()
     }
 
     /// Closes every connection.

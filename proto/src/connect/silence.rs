@@ -91,6 +91,18 @@ impl Silence {
         }
     }
 
+    /// [`Self::within`] for sqlx work: a silence becomes sqlx's I/O error
+    /// (see [`Silent::into_sqlx`]), for code that only knows `sqlx::Error`.
+    pub async fn within_sqlx<T>(
+        &self,
+        deadline: Duration,
+        work: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
+        self.within(deadline, work)
+            .await
+            .unwrap_or_else(|silent| Err(silent.into_sqlx()))
+    }
+
     /// Records that the database is silent now.
     pub fn mark(&self) {
         *self.last.lock().expect("silence lock") = Some(Instant::now());

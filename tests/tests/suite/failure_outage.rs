@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use saga_tests::{
     cluster::{Cluster, ClusterOptions},
     invariants::Expectations,
-    outage::OutageSummary,
     proxy::Mode,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::failure_support::{SETTLE, cluster, load, seed};
+use crate::failure_support::{SETTLE, cluster, load, seed, summarise};
 
 /// Which proxies an outage affects.
 #[derive(Debug, Clone, Copy)]
@@ -110,13 +109,7 @@ async fn outage(name: &str, road: Road, mode: Mode, length: Duration, cost: Cost
     } else {
         0
     };
-    let summary = OutageSummary::measure(&cluster.pool, &stats, retried)
-        .await
-        .expect("read the sagas' ends");
-    println!("{name}: {summary}");
-    let report = cluster.finish(&Expectations::default(), SETTLE).await;
-    println!("{name}: {report}");
-    report.assert_ok();
+    let summary = summarise(name, &mut cluster, &stats, retried).await;
     assert_eq!(summary.sagas, stats.started.len(), "{summary}");
     assert!(
         summary.as_meant_percent() >= cost.as_meant_percent,

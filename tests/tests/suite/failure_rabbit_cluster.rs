@@ -9,10 +9,10 @@
 use std::time::{Duration, Instant};
 
 use participants::demo::Service;
-use saga_tests::{cluster::ClusterOptions, invariants::Expectations, outage::OutageSummary};
+use saga_tests::cluster::ClusterOptions;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::failure_support::{SETTLE, cluster, load, seed};
+use crate::failure_support::{SETTLE, cluster, load, seed, summarise};
 
 /// Which node a test kills.
 #[derive(Debug, Clone, Copy)]
@@ -103,13 +103,7 @@ async fn node_killed_under_load(name: &str, victim: Victim) {
     let stats = load.stop().await;
     assert_eq!(stats.given_up, 0, "every order was started: {stats:?}");
     cluster.wait_all_terminal(SETTLE).await;
-    let summary = OutageSummary::measure(&cluster.pool, &stats, 0)
-        .await
-        .expect("read the sagas' ends");
-    println!("{name}: {summary}");
-    let report = cluster.finish(&Expectations::default(), SETTLE).await;
-    println!("{name}: {report}");
-    report.assert_ok();
+    let summary = summarise(name, &mut cluster, &stats, 0).await;
     assert_eq!(
         (summary.sagas, summary.as_meant, summary.failed),
         (stats.started.len(), stats.started.len(), 0),

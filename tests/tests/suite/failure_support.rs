@@ -132,3 +132,25 @@ pub async fn expect_orchestrator_crash(cluster: &mut Cluster, i: usize, point: &
         "{point}: the log does not show the crash point"
     );
 }
+
+/// The end of an outage test, once every saga is terminal: reads how the
+/// sagas of `stats` ended, prints the `outage summary:` line, stops the
+/// cluster and runs the invariant checker (which must find nothing).
+pub async fn summarise(
+    name: &str,
+    cluster: &mut Cluster,
+    stats: &saga_tests::orders::LoadStats,
+    operator_retries: usize,
+) -> saga_tests::outage::OutageSummary {
+    let summary =
+        saga_tests::outage::OutageSummary::measure(&cluster.pool, stats, operator_retries)
+            .await
+            .expect("read the sagas' ends");
+    println!("{name}: {summary}");
+    let report = cluster
+        .finish(&saga_tests::invariants::Expectations::default(), SETTLE)
+        .await;
+    println!("{name}: {report}");
+    report.assert_ok();
+    summary
+}

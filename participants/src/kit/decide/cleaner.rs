@@ -104,11 +104,7 @@ async fn delete(pool: &PgPool, participant: &str, bound: &Bound, ids: &[i64]) {
         let statement = sqlx::query("DELETE FROM kit_outbox WHERE id = ANY($1)")
             .bind(ids)
             .execute(pool);
-        let deleted = bound
-            .silence
-            .within(bound.deadline, statement)
-            .await
-            .unwrap_or_else(|silent| Err(silent.into_sqlx()));
+        let deleted = bound.silence.within_sqlx(bound.deadline, statement).await;
         match deleted {
             Ok(_) => {
                 metrics::histogram!("participant_outbox_delete_group_size", "participant" => participant.to_owned())

@@ -213,9 +213,8 @@ impl Decider {
     pub(crate) async fn defer(&self, id: i64, error: &str) {
         let deferred = self
             .silence
-            .within(self.deadline, outbox::defer(&self.pool, id, error))
-            .await
-            .unwrap_or_else(|silent| Err(silent.into_sqlx()));
+            .within_sqlx(self.deadline, outbox::defer(&self.pool, id, error))
+            .await;
         if let Err(e) = deferred {
             // It still becomes due after the grace period.
             tracing::warn!(participant = %self.name, outbox_id = id, error = %e, "could not hand a reply to the relay");
@@ -225,9 +224,8 @@ impl Decider {
     /// Leases outbox rows for a relay pass.
     pub(crate) async fn lease(&self, sweep: Sweep, batch: i64) -> Result<Lease, sqlx::Error> {
         self.silence
-            .within(self.deadline, outbox::lease(&self.pool, sweep, batch))
+            .within_sqlx(self.deadline, outbox::lease(&self.pool, sweep, batch))
             .await
-            .map_err(|silent| silent.into_sqlx())?
     }
 
     /// Decides every command of a batch, in order: together in one

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::{
     after_commit::AfterCommit,
+    backlog::Backlogs,
     health::Health,
     messages::{self, Effects, Envelopes, Received, reply_event},
     starts::StartWriter,
@@ -132,6 +133,8 @@ pub struct Engine {
     health: Health,
     /// Writes concurrent starts together.
     starts: StartWriter,
+    /// Which participants are busy, for the timers (see [`Backlogs`]).
+    backlogs: Backlogs,
 }
 
 /// One saga's new state, the revision it was computed from, and effects.
@@ -170,7 +173,13 @@ impl Engine {
             health,
             starts: StartWriter::spawn(store.clone()),
             store,
+            backlogs: Backlogs::default(),
         }
+    }
+
+    /// The participants' backlogs: the bus reads their queues into it.
+    pub fn backlogs(&self) -> &Backlogs {
+        &self.backlogs
     }
 
     /// The database.
@@ -280,7 +289,7 @@ impl Engine {
                     .flat_map(|s| {
                         s.due_timers(now.timestamp_millis())
                             .into_iter()
-                            .map(|t| (s.id, t))
+                            .map(|t| (s.id, self.queued(s, t)))
                     })
                     .collect();
                 let events: Vec<Caused> = self
@@ -310,12 +319,31 @@ impl Engine {
         Ok(count)
     }
 
+    /// Marks a due reply timeout [`Delivery::Queued`] when its step's
+    /// participant is busy: its command may still wait in that queue.
+    fn queued(&self, state: &SagaInstance, mut timer: TimerFired) -> TimerFired {
+        if timer.kind != TimerKind::ReplyTimeout {
+            return timer;
+        }
+        let Ok(flow) = self.catalog.get(&state.saga_type, state.version) else {
+            return timer;
+        };
+        let busy = flow
+            .step_index(&timer.step)
+            .is_some_and(|i| self.backlogs.busy(flow.steps()[i].participant.as_str()));
+        if busy {
+            timer.delivery = Delivery::Queued;
+        }
+        timer
+    }
+
     /// Tells each due timer what stands between its step and the
     /// participant, so that the machine holds those that came due during an
     /// outage instead of counting them: with no broker connection every
     /// timer is held; otherwise a reply timeout whose command is still in
     /// the outbox is (the broker never confirmed it: the participant cannot
-    /// have it, whichever instance wrote it).
+    /// have it, whichever instance wrote it), and one whose participant is
+    /// busy already came marked [`Delivery::Queued`] (see [`Backlogs`]).
     async fn with_delivery(
         &self,
         conn: &mut PgConnection,
@@ -548,6 +576,11 @@ impl Engine {
                     continue;
                 }
             };
+            if let Event::Reply(reply) = event
+                && let Some(i) = flow.step_index(&reply.step)
+            {
+                self.backlogs.replied(flow.steps()[i].participant.as_str());
+            }
             let cause = match cause {
                 Some(span) => Cause::Span(span),
                 None => Cause::Saga,

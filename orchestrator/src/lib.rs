@@ -43,6 +43,7 @@ macro_rules! crash_point {
 pub mod after_commit;
 pub mod api;
 pub mod app;
+pub mod backlog;
 pub mod bus;
 pub mod cache;
 pub mod config;

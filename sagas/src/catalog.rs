@@ -103,6 +103,17 @@ impl Catalog {
             })
             .collect()
     }
+
+    /// Every participant some step of some flow version calls, once each,
+    /// sorted.
+    pub fn participants(&self) -> Vec<String> {
+        let names: std::collections::BTreeSet<String> = self
+            .list()
+            .iter()
+            .flat_map(|(flow, _)| flow.steps().iter().map(|s| s.participant.to_string()))
+            .collect();
+        names.into_iter().collect()
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +142,7 @@ mod tests {
             .map(|(f, l)| (f.version(), l))
             .collect();
         assert_eq!(latest, vec![(1, false), (2, true)]);
+        assert_eq!(catalog.participants(), ["inventory", "orders", "payment"]);
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub struct TimerFired {
 /// to answer a command it has. While the command still waits in the
 /// outbox, or the broker is out of reach, the participant has nothing to
 /// answer (or cannot be heard), and a timeout would spend the step's retry
-/// budget on an outage. Such a timer is held instead: re-armed, no attempt
+/// budget on an outage; while it waits in the queue of a participant that
+/// is busy answering the commands ahead of it, a timeout would retry into
+/// the very queue that is behind. Such a timer is held instead: re-armed, no attempt
 /// counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -44,6 +46,10 @@ pub enum Delivery {
     /// The instance firing the timer has no broker connection: a command
     /// sent now would wait in the outbox, and replies cannot arrive.
     BrokerAway,
+    /// The participant is busy: commands wait in its queue behind others
+    /// while it answers them (after an outage, or under a burst). The
+    /// time in its queue is not the participant's time.
+    Queued,
 }
 
 /// Whether a command performs a step's action or undoes it.

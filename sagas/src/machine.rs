@@ -741,6 +741,7 @@ impl Run<'_> {
         };
         let why = match delivery {
             Delivery::Unsent => "the command still waits for the broker",
+            Delivery::Queued => "the participant's queue is backed up",
             Delivery::BrokerAway | Delivery::Clear => "the broker is out of reach",
         };
         let detail = format!(

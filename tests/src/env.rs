@@ -81,6 +81,11 @@ impl TestEnv {
     }
 
     async fn cleanup(namespace: String, databases: Vec<String>, queues: Vec<String>) {
+        // For reading a failed run's sagas afterwards.
+        if std::env::var_os("SAGA_KEEP_DATABASES").is_some() {
+            tracing::info!(?databases, "SAGA_KEEP_DATABASES: databases kept");
+            return delete_namespace(AMQP_URL, &namespace, queues).await;
+        }
         if let Ok(mut conn) =
             sqlx::PgConnection::connect_with_url(&format!("{POSTGRES}/postgres")).await
         {

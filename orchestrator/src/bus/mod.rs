@@ -9,6 +9,7 @@
 //! events stay in the outbox until confirmed, and unacknowledged replies are
 //! redelivered by the broker.
 
+pub mod backlog;
 pub mod consumer;
 pub mod dead_letters;
 pub mod publisher;
@@ -264,7 +265,14 @@ async fn serve_connection(
     );
     let dead_letter_queue = settings.topology.dead_letter_queue();
     let depth = dead_letters::watch(&setup, &dead_letter_queue);
-    tokio::pin!(consumer, publisher, broken, depth);
+    let participants = engine.catalog().participants();
+    let backlog = backlog::watch(
+        connection,
+        &settings.topology,
+        &participants,
+        engine.backlogs(),
+    );
+    tokio::pin!(consumer, publisher, broken, depth, backlog);
     let mut consumer_result = None;
     loop {
         tokio::select! {
@@ -284,6 +292,8 @@ async fn serve_connection(
             error = &mut broken => return Err(error),
             // Never ends; it only sets the gauge while the session lasts.
             () = &mut depth => {}
+            // Never ends either; it reads the participants' queues.
+            () = &mut backlog => {}
         }
     }
 }

@@ -1612,6 +1612,34 @@ fn a_released_timeout_that_comes_due_again_times_out_as_usual() {
 }
 
 #[test]
+fn a_timeout_held_while_the_participant_is_busy_spends_no_attempt() {
+    let (mut h, _) = Harness::order_v1();
+    // A backlog after an outage: the command waits in the participant's
+    // queue for longer than many timeouts.
+    for _ in 0..12 {
+        let t = h.fire_as("reserve_inventory", Delivery::Queued);
+        assert_eq!(sent(&t), vec![], "no retry into a queue that is behind");
+        assert_eq!(kinds(&t), vec![HistoryKind::TimerHeld]);
+        assert!(
+            t.history[0]
+                .detail
+                .contains("the participant's queue is backed up; reply timeout held for 5000 ms"),
+            "{}",
+            t.history[0].detail
+        );
+    }
+    let step = h.step("reserve_inventory");
+    assert_eq!((step.attempts, step.round_attempts), (1, 1));
+    // The queue drained: the participant gets a whole timeout from now,
+    // and its answer to the first attempt completes the step.
+    let t = h.fire("reserve_inventory");
+    assert_eq!(kinds(&t), vec![HistoryKind::TimerReleased]);
+    assert_eq!(h.wait("reserve_inventory").due_at_ms, h.now + 5_000);
+    let t = h.ok("reserve_inventory");
+    assert_eq!(sent(&t), vec![action("charge_payment", 1, 1)]);
+}
+
+#[test]
 fn a_backoff_held_while_the_broker_is_away_sends_nothing_until_it_is_back() {
     let (mut h, _) = Harness::order_v1();
     h.transient("reserve_inventory", "db busy");

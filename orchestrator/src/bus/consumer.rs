@@ -5,7 +5,10 @@
 //! so the queue dead-letters it, and counted; it never blocks the queue.
 //!
 //! When the database goes away the consumer stops rather than hold its
-//! replies: a batch that cannot commit ends the run with
+//! replies: a batch that cannot commit, while the database does not answer
+//! a ping on another connection either (one lost connection is retried
+//! in place: each give-back counts against the queue's delivery limit),
+//! ends the run with
 //! [`Ended::DatabaseAway`], after the batches in hand settled (for at most
 //! [`HAND_BACK_WITHIN`]) and what committed was acknowledged. The caller
 //! closes the channel, which gives every unacknowledged reply back to the
@@ -334,22 +337,45 @@ async fn apply_until_committed(
         return Batch::Committed;
     }
     let attempt = || engine.apply_replies(replies);
-    let result = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(5))
-                .without_max_times(),
-        )
-        .when(|error: &EngineError| !shutdown.is_cancelled() && !error.is_database_away())
-        .notify(|error: &EngineError, delay| tracing::warn!(error = %Chain(error), retry_in = ?delay, "could not apply replies; retrying"))
-        .await;
-    match result {
-        Ok(_) => Batch::Committed,
-        Err(error) if error.is_database_away() => {
-            tracing::warn!(error = %Chain(&error), "could not apply replies: the database is unreachable");
-            Batch::DatabaseAway
+    let mut connection_lost = 0;
+    loop {
+        let result = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(5))
+                    .without_max_times(),
+            )
+            .when(|error: &EngineError| !shutdown.is_cancelled() && !error.is_database_away())
+            .notify(|error: &EngineError, delay| tracing::warn!(error = %Chain(error), retry_in = ?delay, "could not apply replies; retrying"))
+            .await;
+        match result {
+            Ok(_) => return Batch::Committed,
+            Err(error) if error.is_database_away() => {
+                // One connection lost (a cut, a backend killed, a failover)
+                // is not the database gone: if it answers on another
+                // connection, the batch is applied again here (a commit
+                // that did happen makes the replies duplicates, ignored).
+                // Giving the replies back instead would count a delivery
+                // against the queue's limit each time, and a few cuts in a
+                // row would dead-letter valid replies.
+                if connection_lost < SAME_BATCH_AFTER_A_LOST_CONNECTION
+                    && !shutdown.is_cancelled()
+                    && engine.store().ping().await
+                {
+                    connection_lost += 1;
+                    tracing::warn!(error = %Chain(&error), "could not apply replies: a connection failed but the database answers; applying them again");
+                    continue;
+                }
+                tracing::warn!(error = %Chain(&error), "could not apply replies: the database is unreachable");
+                return Batch::DatabaseAway;
+            }
+            Err(_) => return Batch::Stopped,
         }
-        Err(_) => Batch::Stopped,
     }
 }
+
+/// How many times a batch is applied again after a lost connection while
+/// the database answers, before it is taken for away (a proxy that breaks
+/// every connection at its commit would otherwise hold the batch for ever).
+const SAME_BATCH_AFTER_A_LOST_CONNECTION: u32 = 5;

@@ -248,8 +248,16 @@ async fn serve_connection(
     let mut events = connection.events_listener();
     let broken = async {
         while let Some(event) = events.next().await {
-            if let lapin::Event::Error(error) = event {
-                return error;
+            match event {
+                // lapin reports a channel the broker closed (a soft error,
+                // such as a passive declare of a queue that does not exist
+                // yet) among the connection's events; that channel's owner
+                // sees it in its own calls, and the connection is fine.
+                lapin::Event::Error(error) if error.is_amqp_soft_error() => {
+                    tracing::debug!(%error, "a channel was closed by the broker");
+                }
+                lapin::Event::Error(error) => return error,
+                _ => {}
             }
         }
         lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(

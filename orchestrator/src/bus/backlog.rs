@@ -24,7 +24,7 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// start later (or never run here, as with a flow whose participants are
 /// not deployed), and each look at a missing queue costs a channel, which
 /// the broker closes, and an error line in lapin's log.
-const MISSING_RECHECK: Duration = Duration::from_secs(60);
+pub const MISSING_RECHECK: Duration = Duration::from_secs(60);
 
 /// Reads the queues of `participants` for as long as the session lasts; a
 /// refused read (a missing queue) costs its channel, and that queue is

@@ -32,8 +32,8 @@ pub struct TimerFired {
 /// answer (or cannot be heard), and a timeout would spend the step's retry
 /// budget on an outage; while it waits in the queue of a participant that
 /// is busy answering the commands ahead of it, a timeout would retry into
-/// the very queue that is behind. Such a timer is held instead: re-armed, no attempt
-/// counted.
+/// the very queue that is behind. Such a timer is held instead: re-armed,
+/// no attempt counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Delivery {

@@ -34,13 +34,10 @@ struct Labels {
 
 impl Labels {
     fn of(catalog: &Catalog) -> Self {
-        let flows = catalog.list();
         Self {
-            participants: flows
-                .iter()
-                .flat_map(|(flow, _)| flow.steps().iter().map(|s| s.participant.to_string()))
-                .collect(),
-            flows: flows
+            participants: catalog.participants().into_iter().collect(),
+            flows: catalog
+                .list()
                 .into_iter()
                 .map(|(flow, _)| flow.name().to_owned())
                 .collect(),

@@ -1,7 +1,8 @@
 //! What happens once a transition is committed, and only then: the new
 //! state is remembered (so the next reply costs one statement), its
 //! messages go to the publisher, this instance's watch streams wake up,
-//! the timer loop learns the saga's earliest armed timer, and terminal
+//! the timer loop learns the saga's earliest armed timer, admission control
+//! learns the round trips measured and the sagas ended, and terminal
 //! transitions are counted and measured. A crash before any of it loses nothing: the outbox
 //! rows are relayed, timers are swept from the database, and the cache is
 //! only a shortcut.
@@ -9,6 +10,7 @@
 use sagas::SagaInstance;
 
 use crate::{
+    admission::Admission,
     bus::publisher::Publisher,
     cache::SagaCache,
     store::outbox::OutboxMessage,
@@ -28,6 +30,8 @@ pub struct AfterCommit {
     hub: WatchHub,
     /// Arms in-process timer wake-ups.
     timers: TimerWakeups,
+    /// Learns latencies and frees the places of ended sagas.
+    admission: Admission,
 }
 
 impl AfterCommit {
@@ -37,13 +41,20 @@ impl AfterCommit {
         publisher: Publisher,
         hub: WatchHub,
         timers: TimerWakeups,
+        admission: Admission,
     ) -> Self {
         Self {
             cache,
             publisher,
             hub,
             timers,
+            admission,
         }
+    }
+
+    /// The admission control the transitions report to.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// The states remembered so far.
@@ -61,6 +72,10 @@ impl AfterCommit {
             .then(|| state.next_due_at_ms())
             .flatten();
         self.timers.track(state.id, next_due);
+        self.admission.observe(
+            &measured.observations,
+            chrono::Utc::now().timestamp_millis(),
+        );
         metrics::committed(state, measured);
     }
 }

@@ -128,6 +128,16 @@ impl From<EngineError> for Status {
             EngineError::ShuttingDown => {
                 Status::unavailable("the orchestrator is shutting down; nothing was written")
             }
+            // The hint travels as google.rpc.RetryInfo, which gRPC clients
+            // of every language decode; the message says it for people.
+            EngineError::AtCapacity(refused) => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    refused.to_string(),
+                    ErrorDetails::with_retry_info(Some(refused.retry_after)),
+                )
+            }
         }
     }
 }

@@ -36,6 +36,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::ServingStatus;
 
 use crate::{
+    admission::Admission,
     after_commit::AfterCommit,
     api::SagaApi,
     bus::{self, BusSettings, publisher},
@@ -229,11 +230,17 @@ impl Application {
         let wakeups = TimerWakeups::default();
         let topology = config.topology();
         let hub = WatchHub::new();
+        let admission = Admission::new(
+            config.admission,
+            config.max_in_flight,
+            Duration::from_millis(u64::from(config.admission_target_ms)),
+        );
         let after_commit = AfterCommit::new(
             SagaCache::new(SagaCache::DEFAULT_CAPACITY),
             publisher.clone(),
             hub.clone(),
             wakeups.clone(),
+            admission.clone(),
         );
         let catalog = Arc::new(catalog);
         crate::telemetry::metrics::register(&catalog);
@@ -282,6 +289,7 @@ impl Application {
             shutdown.clone(),
         ));
         tasks.spawn(hub.clone().run(store.pool().clone(), shutdown.clone()));
+        tasks.spawn(admission.run(store.clone(), shutdown.clone()));
         tasks.spawn(crate::telemetry::gauges::run(
             store.clone(),
             catalog,

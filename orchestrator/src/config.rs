@@ -87,6 +87,19 @@ pub struct Config {
     /// not named like it (repeatable, or comma-separated in the variable).
     #[arg(long = "reply-sender", env = "REPLY_SENDERS", value_delimiter = ',', value_parser = crate::bus::senders::parse_pair, requires = "verify_reply_sender")]
     pub reply_senders: Vec<(sagas::names::ParticipantName, String)>,
+    /// How starts are admitted: `adaptive` bounds the sagas in flight by
+    /// the participants' measured latency, `fixed` by --max-in-flight, `off`
+    /// admits everything (docs/RELIABILITY.md, "Traffic spikes").
+    #[arg(long, env = "ADMISSION", value_enum, default_value = "adaptive")]
+    pub admission: crate::admission::Mode,
+    /// Most sagas in flight in the whole system: the limit with
+    /// `--admission fixed`, the adaptive limit's ceiling otherwise.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+    /// Queueing delay the adaptive limit aims at, in milliseconds: how much
+    /// longer than at rest a step's round trip may take.
+    #[arg(long, env = "ADMISSION_TARGET_MS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(5..=60_000))]
+    pub admission_target_ms: u32,
     /// Allow serving on a non-loopback address without TLS and
     /// authentication (logged as a warning at start and every hour).
     #[arg(long, env = "SAGA_INSECURE")]
@@ -179,6 +192,10 @@ mod tests {
             ("--amqp-url", "http://x"),
             ("--database-url", "mysql://x"),
             ("--db-max-connections", "0"),
+            ("--admission", "sometimes"),
+            ("--max-in-flight", "0"),
+            ("--admission-target-ms", "fast"),
+            ("--admission-target-ms", "1"),
         ] {
             let error = Config::from_args([flag, value]).err().unwrap().to_string();
             assert!(error.contains(flag), "{flag}: {error}");

@@ -28,6 +28,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
+    admission::{Admission, AtCapacity},
     after_commit::AfterCommit,
     backlog::Backlogs,
     health::Health,
@@ -73,6 +74,10 @@ pub enum EngineError {
     /// The engine is stopping; nothing was written.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
+    /// Too many sagas in flight: the start was refused before anything
+    /// was written.
+    #[error(transparent)]
+    AtCapacity(#[from] AtCapacity),
 }
 
 impl EngineError {
@@ -135,6 +140,8 @@ pub struct Engine {
     starts: StartWriter,
     /// Which participants are busy, for the timers (see [`Backlogs`]).
     backlogs: Backlogs,
+    /// Bounds the sagas in flight (see [`crate::admission`]).
+    admission: Admission,
 }
 
 /// One saga's new state, the revision it was computed from, and effects.
@@ -167,6 +174,7 @@ impl Engine {
         health: Health,
     ) -> Self {
         Self {
+            admission: after_commit.admission().clone(),
             catalog,
             envelopes,
             after_commit,
@@ -175,6 +183,11 @@ impl Engine {
             store,
             backlogs: Backlogs::default(),
         }
+    }
+
+    /// The admission control of starts.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// The participants' backlogs: the bus reads their queues into it.
@@ -193,10 +206,16 @@ impl Engine {
     }
 
     /// Starts a saga, idempotently on (type, idempotency key). Input is
-    /// validated before anything is written.
+    /// validated, and the start admitted ([`crate::admission`]), before
+    /// anything is written.
     pub async fn start(&self, request: StartRequest) -> Result<Started, EngineError> {
         let flow = self.catalog.get(&request.saga_type, request.version)?;
         let data = flow.parse_input(&request.input)?;
+        // Refused at capacity without a lookup of the idempotency key: a
+        // refusal must cost the overloaded database nothing. A client
+        // retrying a key that did start is answered with that saga once
+        // admitted again.
+        let permit = self.admission.try_admit()?;
         let now = Utc::now();
         let saga_id = Uuid::now_v7();
         let (mut state, transition) = sagas::start(&flow, saga_id, data, context(now));
@@ -251,6 +270,7 @@ impl Engine {
         let (saga_id, published) = self.observe(result)?;
         let created = published.is_some();
         if let Some(published) = published {
+            permit.started();
             crate::telemetry::metrics::started(&request.saga_type);
             self.after_commit.act(&state, published, &effects.measured);
         }

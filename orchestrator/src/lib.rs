@@ -5,6 +5,8 @@
 //! - [`store`]: PostgreSQL tables (sagas, history, outbox), migrations.
 //! - [`app`]: the embedding API ([`Orchestrator::builder`]): wires
 //!   everything and runs it until shutdown.
+//! - [`admission`]: bounds the sagas in flight; a start beyond the limit
+//!   (which follows measured latency) is refused before it is written.
 //! - [`engine`]: load → apply → persist state + history + outbox in one
 //!   transaction → commit. The only writer of saga state.
 //! - [`messages`]: the machine's actions as wire messages (exchange,
@@ -40,6 +42,7 @@ macro_rules! crash_point {
     };
 }
 
+pub mod admission;
 pub mod after_commit;
 pub mod api;
 pub mod app;

@@ -52,6 +52,8 @@ pub fn config(env: &TestEnv) -> Config {
     config.bench_flows = false;
     config.queue_type = orchestrator::bus::QueueType::Quorum;
     config.metrics_addr = None;
+    // Off as in the cluster harness (see there); `spike` turns it on.
+    config.admission = orchestrator::admission::Mode::Off;
     config
 }
 

@@ -307,6 +307,11 @@ impl Cluster {
             process.set_env("DB_MAX_CONNECTIONS", "4");
             process.set_env("REPLY_PREFETCH", "128");
             process.set_env("REPLY_BATCH", "32");
+            // The failure suites size their loads to test faults, not
+            // capacity, and their clients do not all wait out refusals:
+            // admission control is proven by `spike` and the chaos soak,
+            // which turn it back on.
+            process.set_env("ADMISSION", "off");
             for (key, value) in &options.orchestrator_env {
                 process.set_env(key, value.clone());
             }

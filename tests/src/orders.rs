@@ -81,6 +81,11 @@ pub struct LoadStats {
     pub fates: std::collections::HashMap<String, Fate>,
     /// StartSaga calls that failed and were retried.
     pub failed_calls: u64,
+    /// Of which refused for capacity (RESOURCE_EXHAUSTED), retried after
+    /// the server's hint.
+    pub refused_calls: u64,
+    /// Orders started by spikes (with the load's, in `started`).
+    pub spike_orders: u64,
     /// Orders given up on (their saga may still exist: the checker counts
     /// whatever is in the database).
     pub given_up: u64,
@@ -97,6 +102,90 @@ pub struct OrderLoad {
     tasks: TaskTracker,
     /// What happened so far.
     stats: Arc<Mutex<LoadStats>>,
+    /// Starts extra orders at once.
+    spike: Spike,
+}
+
+/// Starts orders of a load all at once (a traffic spike), each retried
+/// like the load's until admitted, and counted with them.
+#[derive(Debug, Clone)]
+pub struct Spike {
+    clients: Vec<SagaServiceClient<Channel>>,
+    tasks: TaskTracker,
+    stats: Arc<Mutex<LoadStats>>,
+    give_up: Duration,
+    compensating_share: f64,
+}
+
+impl Spike {
+    /// Starts `count` orders at once (fates and versions from `seed`);
+    /// returns without waiting for them.
+    pub fn fire(&self, count: usize, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        self.stats.lock().expect("load stats").spike_orders += count as u64;
+        for n in 0..count {
+            let fate = draw_fate(&mut rng, self.compensating_share);
+            let version = rng.random_range(1..=2u32);
+            spawn_start(
+                &self.tasks,
+                self.clients.clone(),
+                self.stats.clone(),
+                fate,
+                version,
+                n,
+                self.give_up,
+                None,
+            );
+        }
+    }
+}
+
+fn draw_fate(rng: &mut StdRng, compensating_share: f64) -> Fate {
+    if rng.random_bool(compensating_share.clamp(0.0, 1.0)) {
+        if rng.random_bool(0.5) {
+            Fate::UnknownSku
+        } else {
+            Fate::InsufficientFunds
+        }
+    } else {
+        Fate::Completes
+    }
+}
+
+/// Starts one order of `fate` in the background and records it.
+#[allow(clippy::too_many_arguments)]
+fn spawn_start(
+    tasks: &TaskTracker,
+    clients: Vec<SagaServiceClient<Channel>>,
+    stats: Arc<Mutex<LoadStats>>,
+    fate: Fate,
+    version: u32,
+    n: usize,
+    give_up: Duration,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let (order_id, input) = order(fate);
+    let request = StartSagaRequest {
+        saga_type: "order_placement".into(),
+        input_json: input,
+        idempotency_key: order_id,
+        definition_version: version,
+    };
+    tasks.spawn(async move {
+        let outcome = start_with_failover(&clients, request, n, give_up).await;
+        let mut stats = stats.lock().expect("load stats");
+        stats.failed_calls += outcome.failed_calls;
+        stats.refused_calls += outcome.refused_calls;
+        match outcome.saga_id {
+            Some(id) => {
+                stats.fates.insert(id.clone(), fate);
+                stats.started.push(id);
+                stats.by_version[(version - 1) as usize] += 1;
+            }
+            None => stats.given_up += 1,
+        }
+        drop(permit);
+    });
 }
 
 impl OrderLoad {
@@ -110,6 +199,13 @@ impl OrderLoad {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let stats = Arc::new(Mutex::new(LoadStats::default()));
+        let spike = Spike {
+            clients: clients.clone(),
+            tasks: tasks.clone(),
+            stats: stats.clone(),
+            give_up: settings.give_up_after,
+            compensating_share: settings.compensating_share,
+        };
         let generator = {
             let stop = stop.clone();
             let tasks = tasks.clone();
@@ -125,48 +221,36 @@ impl OrderLoad {
                         () = tokio::time::sleep_until(next) => {}
                     }
                     next += period;
-                    let fate = if rng.random_bool(settings.compensating_share.clamp(0.0, 1.0)) {
-                        if rng.random_bool(0.5) {
-                            Fate::UnknownSku
-                        } else {
-                            Fate::InsufficientFunds
-                        }
-                    } else {
-                        Fate::Completes
-                    };
+                    let fate = draw_fate(&mut rng, settings.compensating_share);
                     let version = rng.random_range(1..=2u32);
-                    let (order_id, input) = order(fate);
-                    let request = StartSagaRequest {
-                        saga_type: "order_placement".into(),
-                        input_json: input,
-                        idempotency_key: order_id,
-                        definition_version: version,
-                    };
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
                         break;
                     };
-                    let clients = clients.clone();
-                    let stats = stats.clone();
-                    let give_up = settings.give_up_after;
-                    tasks.spawn(async move {
-                        let outcome = start_with_failover(&clients, request, n, give_up).await;
-                        let mut stats = stats.lock().expect("load stats");
-                        stats.failed_calls += outcome.failed_calls;
-                        match outcome.saga_id {
-                            Some(id) => {
-                                stats.fates.insert(id.clone(), fate);
-                                stats.started.push(id);
-                                stats.by_version[(version - 1) as usize] += 1;
-                            }
-                            None => stats.given_up += 1,
-                        }
-                        drop(permit);
-                    });
+                    spawn_start(
+                        &tasks,
+                        clients.clone(),
+                        stats.clone(),
+                        fate,
+                        version,
+                        n,
+                        settings.give_up_after,
+                        Some(permit),
+                    );
                 }
             }
         };
         tasks.spawn(generator);
-        Self { stop, tasks, stats }
+        Self {
+            stop,
+            tasks,
+            stats,
+            spike,
+        }
+    }
+
+    /// Starts extra orders of this load at once.
+    pub fn spike(&self) -> Spike {
+        self.spike.clone()
     }
 
     /// Orders started so far.
@@ -199,6 +283,7 @@ impl OrderLoad {
 struct StartOutcome {
     saga_id: Option<String>,
     failed_calls: u64,
+    refused_calls: u64,
 }
 
 /// Starts one order, trying the orchestrators in turn (same idempotency
@@ -209,21 +294,33 @@ async fn start_with_failover(
     n: usize,
     give_up: Duration,
 ) -> StartOutcome {
+    use tonic_types::StatusExt;
     let deadline = Instant::now() + give_up;
     let mut failed_calls = 0;
+    let mut refused_calls = 0;
     let mut turn = n;
     loop {
         let mut client = clients[turn % clients.len()].clone();
         turn += 1;
+        // A refusal for capacity says when to come back.
+        let mut wait = Duration::from_millis(250);
         match client.start_saga(request.clone()).await {
             Ok(response) => {
                 return StartOutcome {
                     saga_id: Some(response.into_inner().saga_id),
                     failed_calls,
+                    refused_calls,
                 };
             }
             Err(status) => {
                 failed_calls += 1;
+                if status.code() == tonic::Code::ResourceExhausted {
+                    refused_calls += 1;
+                    if let Some(hint) = status.get_details_retry_info().and_then(|r| r.retry_delay)
+                    {
+                        wait = hint;
+                    }
+                }
                 tracing::debug!(%status, key = %request.idempotency_key, "StartSaga failed; retrying");
             }
         }
@@ -231,8 +328,9 @@ async fn start_with_failover(
             return StartOutcome {
                 saga_id: None,
                 failed_calls,
+                refused_calls,
             };
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(wait).await;
     }
 }

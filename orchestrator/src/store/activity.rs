@@ -82,3 +82,14 @@ pub async fn read(pool: &PgPool) -> Result<Activity, StoreError> {
     }
     Ok(activity)
 }
+
+/// Sagas in flight in the whole system, for admission control: those with
+/// a timer armed, which are exactly the running and compensating ones
+/// (terminal and FAILED sagas have none). The partial index `sagas_due`
+/// holds only them, so the count reads the index, not the table.
+pub async fn in_flight(pool: &PgPool) -> Result<i64, StoreError> {
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE next_due_at IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    Ok(count)
+}

@@ -41,6 +41,37 @@ struct Waiting {
     done: Option<oneshot::Sender<Ending>>,
 }
 
+/// What happened in one second of the run (from the start of the load).
+#[derive(Debug, Clone)]
+pub struct Second {
+    /// Starts answered with a saga id.
+    pub admitted: u64,
+    /// Starts refused with RESOURCE_EXHAUSTED.
+    pub refused: u64,
+    /// Sagas that ended COMPLETED in this second.
+    pub completed: u64,
+    /// Sagas that ended otherwise in this second.
+    pub not_completed: u64,
+    /// Start-to-end latency (µs) of the sagas started in this second.
+    pub latency: Histogram<u64>,
+}
+
+impl Default for Second {
+    fn default() -> Self {
+        Self {
+            admitted: 0,
+            refused: 0,
+            completed: 0,
+            not_completed: 0,
+            latency: latency_histogram(),
+        }
+    }
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
 #[derive(Default)]
 struct TrackerState {
     waiting: HashMap<Uuid, Waiting>,
@@ -63,23 +94,33 @@ pub struct Tracker {
     pub completed: AtomicU64,
     /// COMPENSATED or FAILED endings.
     pub not_completed: AtomicU64,
-    /// StartSaga errors.
+    /// StartSaga errors other than refusals for capacity.
     pub start_errors: AtomicU64,
+    /// StartSaga calls refused with RESOURCE_EXHAUSTED.
+    pub refused: AtomicU64,
+    /// Refusals answered inside the window.
+    refused_in_window: AtomicU64,
+    /// How long a refusal took to come back (µs), inside the window.
+    refusal_latency: Mutex<Histogram<u64>>,
+    /// Per second since [`Tracker::set_origin`].
+    series: Mutex<(Option<Instant>, Vec<Second>)>,
 }
 
 impl Default for Tracker {
     fn default() -> Self {
         Self {
             state: Mutex::default(),
-            latency: Mutex::new(
-                Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
-            ),
+            latency: Mutex::new(latency_histogram()),
             window: Mutex::new(None),
             in_window: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             not_completed: AtomicU64::new(0),
             start_errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            refused_in_window: AtomicU64::new(0),
+            refusal_latency: Mutex::new(latency_histogram()),
+            series: Mutex::new((None, Vec::new())),
         }
     }
 }
@@ -88,6 +129,52 @@ impl Tracker {
     /// Opens the measured window [`start`, `end`).
     pub fn set_window(&self, start: Instant, end: Instant) {
         *self.window.lock().unwrap() = Some((start, end));
+    }
+
+    /// Counts the per-second series from `origin` on.
+    pub fn set_origin(&self, origin: Instant) {
+        self.series.lock().unwrap().0 = Some(origin);
+    }
+
+    /// Updates the second `at` falls in.
+    fn in_second(&self, at: Instant, update: impl FnOnce(&mut Second)) {
+        let mut series = self.series.lock().unwrap();
+        let Some(origin) = series.0 else { return };
+        let Some(since) = at.checked_duration_since(origin) else {
+            return;
+        };
+        let index = since.as_secs() as usize;
+        if series.1.len() <= index {
+            series.1.resize_with(index + 1, Second::default);
+        }
+        update(&mut series.1[index]);
+    }
+
+    /// The per-second series so far.
+    pub fn series(&self) -> Vec<Second> {
+        self.series.lock().unwrap().1.clone()
+    }
+
+    /// A start sent at `sent` was refused for capacity now.
+    pub fn refused(&self, sent: Instant) {
+        let now = Instant::now();
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if self.in_window(now) {
+            self.refused_in_window.fetch_add(1, Ordering::Relaxed);
+            let micros = now.duration_since(sent).as_micros() as u64;
+            let _ = self.refusal_latency.lock().unwrap().record(micros.max(1));
+        }
+        self.in_second(sent, |s| s.refused += 1);
+    }
+
+    /// Refusals answered inside the window.
+    pub fn refused_in_window(&self) -> u64 {
+        self.refused_in_window.load(Ordering::Relaxed)
+    }
+
+    /// How long refusals took (µs), inside the window.
+    pub fn refusal_latency(&self) -> Histogram<u64> {
+        self.refusal_latency.lock().unwrap().clone()
     }
 
     fn in_window(&self, at: Instant) -> bool {
@@ -99,6 +186,7 @@ impl Tracker {
 
     /// Registers a started saga; the receiver resolves when it ends.
     pub fn started(&self, id: Uuid, started: Instant) -> oneshot::Receiver<Ending> {
+        self.in_second(started, |s| s.admitted += 1);
         let (tx, rx) = oneshot::channel();
         let mut state = self.state.lock().unwrap();
         if let Some((at, ending)) = state.early.remove(&id) {
@@ -142,10 +230,17 @@ impl Tracker {
         if self.in_window(ended) {
             self.in_window.fetch_add(1, Ordering::Relaxed);
         }
+        let micros = (ended.duration_since(started).as_micros() as u64).max(1);
         if self.in_window(started) {
-            let micros = ended.duration_since(started).as_micros() as u64;
-            let _ = self.latency.lock().unwrap().record(micros.max(1));
+            let _ = self.latency.lock().unwrap().record(micros);
         }
+        self.in_second(ended, |s| match ending {
+            Ending::Completed => s.completed += 1,
+            _ => s.not_completed += 1,
+        });
+        self.in_second(started, |s| {
+            let _ = s.latency.record(micros);
+        });
     }
 
     /// Endings seen inside the window.
@@ -271,6 +366,21 @@ impl Clients {
         })
     }
 
+    /// `n` connections to each of `addrs` (several orchestrator instances
+    /// share the starts round robin).
+    pub async fn connect_all(addrs: &[String], n: usize) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            for addr in addrs {
+                clients.push(SagaServiceClient::connect(format!("http://{addr}")).await?);
+            }
+        }
+        Ok(Self {
+            clients,
+            next: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
     /// The next client, round robin.
     pub fn pick_client(&self) -> SagaServiceClient<Channel> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.clients.len();
@@ -278,13 +388,19 @@ impl Clients {
     }
 }
 
+/// How one start went.
+enum Outcome {
+    /// It started and ended.
+    Ended,
+    /// Refused for capacity, with the server's retry hint.
+    Refused(Option<Duration>),
+    /// Failed otherwise, or never ended.
+    Lost,
+}
+
 /// Starts one saga; returns when it has ended (or failed to start).
-async fn one_saga(
-    clients: &Clients,
-    workload: &Workload,
-    n: u64,
-    tracker: &Tracker,
-) -> Option<Ending> {
+async fn one_saga(clients: &Clients, workload: &Workload, n: u64, tracker: &Tracker) -> Outcome {
+    use tonic_types::StatusExt;
     let started = Instant::now();
     let response = clients
         .pick_client()
@@ -297,16 +413,26 @@ async fn one_saga(
         .await;
     let id = match response.map(|r| r.into_inner().saga_id.parse::<Uuid>()) {
         Ok(Ok(id)) => id,
+        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+            tracker.refused(started);
+            let hint = status.get_details_retry_info().and_then(|r| r.retry_delay);
+            return Outcome::Refused(hint);
+        }
         _ => {
             tracker.start_errors.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Outcome::Lost;
         }
     };
-    tracker.started(id, started).await.ok()
+    match tracker.started(id, started).await {
+        Ok(_) => Outcome::Ended,
+        Err(_) => Outcome::Lost,
+    }
 }
 
 /// Closed loop: `concurrency` workers each start a saga, wait for its end,
-/// and repeat until `until`.
+/// and repeat until `until`. A worker refused for capacity waits as long as
+/// the refusal's retry hint says, as a well-behaved client does (one that
+/// retried at once would measure its own refusals).
 pub async fn closed_loop(
     clients: Clients,
     workload: Workload,
@@ -323,24 +449,65 @@ pub async fn closed_loop(
         tokio::spawn(async move {
             while Instant::now() < until {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
-                one_saga(&clients, &workload, n, &tracker).await;
+                if let Outcome::Refused(hint) = one_saga(&clients, &workload, n, &tracker).await {
+                    let wait = hint.unwrap_or(Duration::from_millis(100));
+                    tokio::time::sleep_until((Instant::now() + wait).into()).await;
+                }
             }
         })
     });
     futures::future::join_all(workers).await;
 }
 
-/// Open loop: starts sagas at `rate` per second until `until`, whatever the
-/// latency (at most `max_outstanding` at once; beyond that starts are
+/// The arrival rate of an open loop: `base` per second, and `spike` per
+/// second from `spike_at` for `spike_length` (offsets from the loop's
+/// start).
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Sagas per second outside the spike.
+    pub base: f64,
+    /// (rate, start, length) of the spike, if any.
+    pub spike: Option<(f64, Duration, Duration)>,
+}
+
+impl Shape {
+    /// Starts due `elapsed` after the loop's start (the integral of the
+    /// rate).
+    pub fn due(&self, elapsed: Duration) -> u64 {
+        let t = elapsed.as_secs_f64();
+        let mut due = self.base * t;
+        if let Some((rate, at, length)) = self.spike {
+            let from = at.as_secs_f64();
+            let overlap = (t.min(from + length.as_secs_f64()) - from).max(0.0);
+            due += (rate - self.base) * overlap;
+        }
+        due as u64
+    }
+}
+
+/// What an open loop could not do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unissued {
+    /// Starts not sent because `max_outstanding` were outstanding.
+    pub skipped: u64,
+    /// Starts that were due when the loop ended but not yet sent (the
+    /// generator fell behind its own schedule).
+    pub behind: u64,
+    /// Starts sent.
+    pub issued: u64,
+}
+
+/// Open loop: starts sagas at the rate of `shape` until `until`, whatever
+/// the latency (at most `max_outstanding` at once; beyond that starts are
 /// counted as skipped).
 pub async fn open_loop(
     clients: Clients,
     workload: Workload,
     tracker: Arc<Tracker>,
-    rate: f64,
+    shape: Shape,
     until: Instant,
     max_outstanding: usize,
-) -> u64 {
+) -> Unissued {
     let limit = Arc::new(Semaphore::new(max_outstanding));
     let begin = Instant::now();
     let mut issued: u64 = 0;
@@ -349,7 +516,7 @@ pub async fn open_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while Instant::now() < until {
         tick.tick().await;
-        let due = (begin.elapsed().as_secs_f64() * rate) as u64;
+        let due = shape.due(begin.elapsed());
         while issued < due {
             issued += 1;
             let Ok(permit) = limit.clone().try_acquire_owned() else {
@@ -365,5 +532,10 @@ pub async fn open_loop(
             });
         }
     }
-    skipped
+    let due = shape.due(until.saturating_duration_since(begin));
+    Unissued {
+        skipped,
+        behind: due.saturating_sub(issued),
+        issued: issued - skipped,
+    }
 }

@@ -78,6 +78,21 @@ pub struct Args {
     /// Sagas per second of the open loop.
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
+    /// Open loop: sagas per second during a spike (with --spike-at and
+    /// --spike-length); --rate before and after it.
+    #[arg(long, requires = "spike_length")]
+    pub spike_rate: Option<f64>,
+    /// When the spike starts, from the start of the load (warm-up
+    /// included).
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pub spike_at: Duration,
+    /// How long the spike lasts.
+    #[arg(long, value_parser = duration, requires = "spike_rate")]
+    pub spike_length: Option<Duration>,
+    /// Orchestrator instances (one database, one namespace); the starts
+    /// are spread over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub orchestrators: u16,
     /// order_placement version to run.
     #[arg(long, default_value_t = 1)]
     pub version: u32,
@@ -242,26 +257,74 @@ pub struct Report {
     pub sagas_per_s: f64,
     /// Start-to-terminal latency of sagas started in the window.
     pub latency: Latency,
-    /// Orchestrator CPU seconds during the window.
+    /// Orchestrator instances.
+    pub orchestrators: u16,
+    /// Orchestrator CPU seconds during the window (all instances).
     pub orchestrator_cpu_s: f64,
+    /// This load generator's own CPU seconds during the window (it shares
+    /// the machine).
+    pub bench_cpu_s: f64,
     /// Orchestrator CPU milliseconds per saga.
     pub orchestrator_cpu_ms_per_saga: f64,
-    /// Orchestrator peak RSS over the run, MB.
+    /// Orchestrator peak RSS over the run, MB (the largest instance).
     pub orchestrator_peak_rss_mb: f64,
+    /// Orchestrator RSS at the end of the run, MB (the largest instance).
+    pub orchestrator_end_rss_mb: f64,
     /// Sagas that ended COMPLETED / otherwise during the whole run.
     pub completed: u64,
     /// Sagas that ended COMPENSATED or FAILED.
     pub not_completed: u64,
-    /// StartSaga calls that failed.
+    /// StartSaga calls that failed, other than refusals for capacity.
     pub start_errors: u64,
+    /// StartSaga calls refused with RESOURCE_EXHAUSTED (whole run).
+    pub refused: u64,
+    /// Refusals answered inside the window, per second.
+    pub refused_per_s: f64,
+    /// How long a refusal took to come back, inside the window.
+    pub refusal_latency: Latency,
+    /// Open loop: starts sent.
+    pub issued_starts: u64,
     /// Open loop: starts skipped because too many were outstanding.
     pub skipped_starts: u64,
+    /// Open loop: starts due by the end but never sent (the generator fell
+    /// behind).
+    pub behind_starts: u64,
+    /// Open loop: per second from the start of the load (warm-up
+    /// included).
+    pub series: Vec<SecondReport>,
     /// Sagas in flight at the peak (in-flight runs only).
     pub inflight: Option<u64>,
     /// Seconds to finish all of them once participants resumed (in-flight runs).
     pub drain_s: Option<f64>,
     /// Raw ceilings, when asked for.
     pub calibration: Option<Calibration>,
+}
+
+/// One second of an open-loop run.
+#[derive(Debug, Serialize)]
+pub struct SecondReport {
+    /// Seconds since the load started.
+    pub second: usize,
+    /// Starts admitted (answered with a saga id).
+    pub admitted: u64,
+    /// Starts refused for capacity.
+    pub refused: u64,
+    /// Sagas that ended COMPLETED in this second.
+    pub completed: u64,
+    /// Sagas that ended otherwise in this second.
+    pub not_completed: u64,
+    /// p99 start-to-end latency of the sagas started in this second, ms.
+    pub p99_ms: f64,
+}
+
+fn latency_of(histogram: &hdrhistogram::Histogram<u64>) -> Latency {
+    Latency {
+        p50_ms: to_ms(histogram.value_at_quantile(0.50)),
+        p95_ms: to_ms(histogram.value_at_quantile(0.95)),
+        p99_ms: to_ms(histogram.value_at_quantile(0.99)),
+        max_ms: to_ms(histogram.max()),
+        samples: histogram.len(),
+    }
 }
 
 fn order_input(n: u64) -> String {
@@ -335,18 +398,23 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if args.queue_type == orchestrator::bus::QueueType::Classic {
         orchestrator_args.push("--queue-type=classic".into());
     }
-    let orchestrator = Orchestrator::start(
-        &database_url,
-        &args.amqp_url,
-        &args.namespace,
-        &orchestrator_args,
-    )
-    .await?;
-    eprintln!(
-        "orchestrator {} serving on {}",
-        orchestrator.pid(),
-        orchestrator.addr
-    );
+    let mut orchestrators = Vec::new();
+    for _ in 0..args.orchestrators {
+        let orchestrator = Orchestrator::start(
+            &database_url,
+            &args.amqp_url,
+            &args.namespace,
+            &orchestrator_args,
+        )
+        .await?;
+        eprintln!(
+            "orchestrator {} serving on {}",
+            orchestrator.pid(),
+            orchestrator.addr
+        );
+        orchestrators.push(orchestrator);
+    }
+    let orchestrator = &orchestrators[0];
     if args.prefill > 0 {
         system::prefill_finished(&database_url, args.prefill).await?;
     }
@@ -406,7 +474,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             })
         }
     };
-    let clients = Clients::connect(&orchestrator.addr.to_string(), args.connections).await?;
+    let addrs: Vec<String> = orchestrators.iter().map(|o| o.addr.to_string()).collect();
+    let clients = Clients::connect_all(&addrs, args.connections).await?;
 
     let mut report = Report {
         date: chrono::Utc::now().to_rfc3339(),
@@ -427,13 +496,22 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             max_ms: 0.0,
             samples: 0,
         },
+        orchestrators: args.orchestrators,
         orchestrator_cpu_s: 0.0,
+        bench_cpu_s: 0.0,
         orchestrator_cpu_ms_per_saga: 0.0,
         orchestrator_peak_rss_mb: 0.0,
+        orchestrator_end_rss_mb: 0.0,
         completed: 0,
         not_completed: 0,
         start_errors: 0,
+        refused: 0,
+        refused_per_s: 0.0,
+        refusal_latency: latency_of(&load::Tracker::default().latency()),
+        issued_starts: 0,
         skipped_starts: 0,
+        behind_starts: 0,
+        series: Vec::new(),
         inflight: None,
         drain_s: None,
         calibration: None,
@@ -488,20 +566,26 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         let window_start = begin + args.warmup;
         let window_end = window_start + args.duration;
         tracker.set_window(window_start, window_end);
-        let cpu_probe = {
-            let pid = orchestrator.pid();
+        tracker.set_origin(begin);
+        let cpu_probe = |pids: Vec<u32>| {
             tokio::spawn(async move {
+                let cpu = || -> f64 {
+                    pids.iter()
+                        .map(|pid| {
+                            system::proc_stats(*pid)
+                                .map(|s| s.cpu_seconds)
+                                .unwrap_or(0.0)
+                        })
+                        .sum()
+                };
                 tokio::time::sleep_until(window_start.into()).await;
-                let at_start = system::proc_stats(pid)
-                    .map(|s| s.cpu_seconds)
-                    .unwrap_or(0.0);
+                let at_start = cpu();
                 tokio::time::sleep_until(window_end.into()).await;
-                let at_end = system::proc_stats(pid)
-                    .map(|s| s.cpu_seconds)
-                    .unwrap_or(0.0);
-                at_end - at_start
+                cpu() - at_start
             })
         };
+        let orchestrators_cpu = cpu_probe(orchestrators.iter().map(|o| o.pid()).collect());
+        let bench_cpu = cpu_probe(vec![std::process::id()]);
         match args.loop_kind {
             LoopKind::Closed => {
                 load::closed_loop(
@@ -514,18 +598,30 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 .await;
             }
             LoopKind::Open => {
-                report.skipped_starts = load::open_loop(
+                let shape = load::Shape {
+                    base: args.rate,
+                    spike: args
+                        .spike_rate
+                        .zip(args.spike_length)
+                        .map(|(rate, length)| (rate, args.spike_at, length)),
+                };
+                let unissued = load::open_loop(
                     clients.clone(),
                     workload.clone(),
                     tracker.clone(),
-                    args.rate,
+                    shape,
                     window_end,
                     20_000,
                 )
                 .await;
+                report.issued_starts = unissued.issued;
+                report.skipped_starts = unissued.skipped;
+                report.behind_starts = unissued.behind;
             }
         }
-        report.orchestrator_cpu_s = cpu_probe.await.unwrap_or(0.0);
+        report.orchestrator_cpu_s = orchestrators_cpu.await.unwrap_or(0.0);
+        report.bench_cpu_s = bench_cpu.await.unwrap_or(0.0);
+        report.refused_per_s = tracker.refused_in_window() as f64 / args.duration.as_secs_f64();
         report.sagas_per_s = tracker.window_count() as f64 / args.duration.as_secs_f64();
         report.orchestrator_cpu_ms_per_saga =
             report.orchestrator_cpu_s * 1000.0 / (tracker.window_count().max(1) as f64);
@@ -535,25 +631,47 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let latency = tracker.latency();
-    report.latency = Latency {
-        p50_ms: to_ms(latency.value_at_quantile(0.50)),
-        p95_ms: to_ms(latency.value_at_quantile(0.95)),
-        p99_ms: to_ms(latency.value_at_quantile(0.99)),
-        max_ms: to_ms(latency.max()),
-        samples: latency.len(),
-    };
-    let stats = orchestrator.stats()?;
-    report.orchestrator_peak_rss_mb = (stats.peak_rss_bytes as f64 / 1e5).round() / 10.0;
+    report.latency = latency_of(&tracker.latency());
+    report.refusal_latency = latency_of(&tracker.refusal_latency());
+    let mb = |bytes: u64| (bytes as f64 / 1e5).round() / 10.0;
+    for orchestrator in &orchestrators {
+        let stats = orchestrator.stats()?;
+        report.orchestrator_peak_rss_mb = report
+            .orchestrator_peak_rss_mb
+            .max(mb(stats.peak_rss_bytes));
+        report.orchestrator_end_rss_mb = report.orchestrator_end_rss_mb.max(mb(stats.rss_bytes));
+    }
     report.completed = tracker.completed.load(Ordering::Relaxed);
     report.not_completed = tracker.not_completed.load(Ordering::Relaxed);
     report.start_errors = tracker.start_errors.load(Ordering::Relaxed);
+    report.refused = tracker.refused.load(Ordering::Relaxed);
+    if args.loop_kind == LoopKind::Open {
+        report.series = tracker
+            .series()
+            .into_iter()
+            .enumerate()
+            .map(|(second, s)| SecondReport {
+                second,
+                admitted: s.admitted,
+                refused: s.refused,
+                completed: s.completed,
+                not_completed: s.not_completed,
+                p99_ms: if s.latency.is_empty() {
+                    0.0
+                } else {
+                    to_ms(s.latency.value_at_quantile(0.99))
+                },
+            })
+            .collect();
+    }
 
     participants_stop.cancel();
     let _ = participants_task.await;
     stop.cancel();
     let _ = follower.await;
-    orchestrator.stop().await?;
+    for orchestrator in orchestrators {
+        orchestrator.stop().await?;
+    }
 
     if args.calibrate {
         eprintln!("calibrating RabbitMQ and PostgreSQL ...");
@@ -656,8 +774,17 @@ pub fn print_table(report: &Report) {
             ),
         ),
         (
-            "orchestrator peak RSS".into(),
-            format!("{} MB", report.orchestrator_peak_rss_mb),
+            "load generator CPU".into(),
+            format!("{:.1} s", report.bench_cpu_s),
+        ),
+        (
+            "orchestrator RSS peak / end".into(),
+            format!(
+                "{} MB / {} MB ({} instance(s))",
+                report.orchestrator_peak_rss_mb,
+                report.orchestrator_end_rss_mb,
+                report.orchestrators
+            ),
         ),
         (
             "completed / other / start errors".into(),
@@ -666,9 +793,28 @@ pub fn print_table(report: &Report) {
                 report.completed, report.not_completed, report.start_errors
             ),
         ),
+        (
+            "refused (RESOURCE_EXHAUSTED)".into(),
+            format!(
+                "{} ({:.1}/s in the window; answered in p99 {} ms, max {} ms)",
+                report.refused,
+                report.refused_per_s,
+                report.refusal_latency.p99_ms,
+                report.refusal_latency.max_ms
+            ),
+        ),
     ];
     for (k, v) in rows {
         table.add_row([k, v]);
+    }
+    if report.loop_kind == LoopKind::Open {
+        table.add_row([
+            "starts sent / skipped / behind".to_owned(),
+            format!(
+                "{} / {} / {}",
+                report.issued_starts, report.skipped_starts, report.behind_starts
+            ),
+        ]);
     }
     if let (Some(n), Some(drain)) = (report.inflight, report.drain_s) {
         table.add_row([
@@ -715,6 +861,22 @@ pub fn print_table(report: &Report) {
         ]);
     }
     println!("{table}");
+    if !report.series.is_empty() {
+        let mut series = comfy_table::Table::new();
+        series.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+        series.set_header(["s", "admitted", "refused", "completed", "other", "p99 ms"]);
+        for s in &report.series {
+            series.add_row([
+                s.second.to_string(),
+                s.admitted.to_string(),
+                s.refused.to_string(),
+                s.completed.to_string(),
+                s.not_completed.to_string(),
+                s.p99_ms.to_string(),
+            ]);
+        }
+        println!("{series}");
+    }
 }
 
 /// Entry point of the binary.

@@ -68,11 +68,14 @@ pub enum FaultKind {
     /// Every orchestrator restarted in turn: SIGTERM, wait for the exit,
     /// start, wait until it serves.
     RollingRestart,
+    /// A traffic spike: hundreds of orders started at once, each retried
+    /// with its idempotency key while refused for capacity.
+    Spike,
 }
 
 impl FaultKind {
     /// Every kind with its weight in the draw.
-    pub const WEIGHTS: [(FaultKind, u32); 17] = [
+    pub const WEIGHTS: [(FaultKind, u32); 18] = [
         (FaultKind::OrchestratorKill, 6),
         (FaultKind::OrchestratorCrashPoint, 8),
         (FaultKind::ParticipantKill, 6),
@@ -90,6 +93,7 @@ impl FaultKind {
         (FaultKind::Cancel, 5),
         (FaultKind::RabbitNodeKill, 4),
         (FaultKind::RollingRestart, 2),
+        (FaultKind::Spike, 3),
     ];
 
     /// The snake_case name used in reports.
@@ -112,6 +116,7 @@ impl FaultKind {
             FaultKind::Cancel => "cancel",
             FaultKind::RabbitNodeKill => "rabbit_node_kill",
             FaultKind::RollingRestart => "rolling_restart",
+            FaultKind::Spike => "spike",
         }
     }
 
@@ -392,6 +397,15 @@ async fn inject(
         FaultKind::Cancel => {
             shared.note("cancel a running saga");
             cancel(&shared, &mut rng).await
+        }
+        FaultKind::Spike => {
+            // Far above what the soak's machine sustains for a moment (its
+            // load is a few orders a second): the orders beyond the limit
+            // are refused and come back with their keys; none may be lost,
+            // started twice or compensated for it.
+            let count = rng.random_range(100..400);
+            shared.note(&format!("spike: {count} orders at once"));
+            shared.spike.fire(count, rng.random());
         }
     }
 }

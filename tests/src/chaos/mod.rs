@@ -141,6 +141,8 @@ pub struct Shared {
     pub stop_faults: CancellationToken,
     /// When the run started (for the event log).
     pub started: Instant,
+    /// Starts extra orders of the load at once (the spike fault).
+    pub spike: crate::orders::Spike,
 }
 
 impl std::fmt::Debug for Shared {
@@ -262,6 +264,9 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         ClusterOptions {
             orchestrators: args.orchestrators.max(1),
             rabbit_nodes: args.rabbit_nodes,
+            // The shipped default, which the test harness turns off: the
+            // soak proves admission control among the other faults.
+            orchestrator_env: vec![("ADMISSION".into(), "adaptive".into())],
             ..ClusterOptions::default()
         },
     )
@@ -305,6 +310,7 @@ pub async fn run(args: Args) -> anyhow::Result<ChaosReport> {
         operator: Mutex::new((HashSet::new(), 0)),
         stop_faults: CancellationToken::new(),
         started: Instant::now(),
+        spike: load.spike(),
     });
     let injector =
         Arc::new(crate::inject::Injector::connect(shared.cluster.lock().await.env()).await?);

@@ -73,6 +73,8 @@ impl ChaosReport {
                 "operator_retried": self.operator_retried_sagas,
                 "operator_retries": self.operator_retries,
                 "start_calls_failed_and_retried": self.load.failed_calls,
+                "start_calls_refused_for_capacity": self.load.refused_calls,
+                "spike_orders": self.load.spike_orders,
                 "starts_given_up": self.load.given_up,
             },
             "faults": self.faults,
@@ -135,6 +137,14 @@ impl fmt::Display for ChaosReport {
             (
                 "StartSaga calls failed and retried (same key)",
                 self.load.failed_calls.to_string(),
+            ),
+            (
+                "of which refused for capacity (RESOURCE_EXHAUSTED)",
+                self.load.refused_calls.to_string(),
+            ),
+            (
+                "orders started by spikes",
+                self.load.spike_orders.to_string(),
             ),
             ("starts given up", self.load.given_up.to_string()),
         ] {

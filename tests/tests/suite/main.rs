@@ -25,4 +25,5 @@ mod observability;
 mod outbox;
 mod raw_participant;
 mod security;
+mod spike;
 mod support;

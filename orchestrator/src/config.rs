@@ -98,7 +98,7 @@ pub struct Config {
     pub max_in_flight: u32,
     /// Queueing delay the adaptive limit aims at, in milliseconds: how much
     /// longer than at rest a step's round trip may take.
-    #[arg(long, env = "ADMISSION_TARGET_MS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(5..=60_000))]
+    #[arg(long, env = "ADMISSION_TARGET_MS", default_value_t = 150, value_parser = clap::value_parser!(u32).range(5..=60_000))]
     pub admission_target_ms: u32,
     /// Allow serving on a non-loopback address without TLS and
     /// authentication (logged as a warning at start and every hour).

@@ -18,10 +18,12 @@
 //!   a participant really became slower (a new deployment), not only fall;
 //! - **queueing delay**: the median round trip of the last window minus
 //!   the base, for the participant where it is largest (the bottleneck);
-//! - the limit grows by up to `sqrt(limit)` per window while the queueing
-//!   delay is under the target and the limit is actually used (at least
-//!   half of it in flight: an idle system learns nothing about its
-//!   capacity), and shrinks in proportion to how far the delay is over it.
+//! - while the limit is actually used (at least half of it in flight: an
+//!   idle system learns nothing about its capacity) and the queueing delay
+//!   is under half the target, the limit grows by a tenth per window
+//!   (TCP's slow start: from the cautious initial limit to the knee in
+//!   seconds, not a minute); under the target, by up to `sqrt(limit)`; over
+//!   it, it shrinks in proportion to how far the delay is over it.
 //!
 //! Two well-known alternatives fail here. Gradient-style limiters compare
 //! a short-term to a long-term average; under sustained overload the
@@ -30,8 +32,10 @@
 //! batching engine (group commits, batched replies) is at its most
 //! efficient when batches are full, where the round trip is many times the
 //! idle minimum, so they hold the limit far below the peak. A queueing
-//! delay target of ~100 ms sits where batches are full and the queues are
-//! still short.
+//! delay target of ~150 ms sits where batches are full and the queues are
+//! still short. The target is a trade: on the machine of BENCHMARKS.md a
+//! larger one admits more sagas at once, which fills the batches and
+//! raises throughput under overload, at the price of each saga's latency.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -48,6 +52,8 @@ const MAX_SAMPLES: usize = 4_096;
 /// Largest fraction the limit shrinks by in one window (at twice the
 /// target or more).
 const DECREASE: f64 = 0.1;
+/// Fraction the limit grows by in one window far under the target.
+const SLOW_START: f64 = 0.1;
 
 /// How the limit is set.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -200,7 +206,11 @@ impl Limit {
             let off = ((target_ms - delay) / target_ms).clamp(-1.0, 1.0);
             if off > 0.0 {
                 if in_flight as f64 >= self.limit / 2.0 {
-                    self.limit += (off * self.limit.sqrt()).max(1.0);
+                    self.limit += if off > 0.5 {
+                        (SLOW_START * self.limit).max(1.0)
+                    } else {
+                        (off * self.limit.sqrt()).max(1.0)
+                    };
                 }
             } else {
                 self.limit *= 1.0 + DECREASE * off;

@@ -27,6 +27,17 @@ def load(path):
         return json.load(f)
 
 
+def finish(fig, left, right, title, legend_at, path):
+    """One legend for both axes, the title, and the file."""
+    handles = left.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    left.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc=legend_at)
+    left.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def offered_chart(folder, mode):
     peak_file = folder / f"peak_{mode}.json"
     if not peak_file.exists():
@@ -63,13 +74,8 @@ def offered_chart(folder, mode):
     left.set_ylabel("sagas per second")
     right.set_ylabel("p99 start-to-end of admitted sagas, ms")
     right.set_yscale("log")
-    handles = left.get_legend_handles_labels()
-    more = right.get_legend_handles_labels()
-    left.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper left")
-    left.set_title(f"Open loop against offered load, {mode} participants, 60 s windows")
-    fig.tight_layout()
-    fig.savefig(folder / f"throughput-vs-offered-{mode}.png", dpi=110)
-    plt.close(fig)
+    finish(fig, left, right, f"Open loop against offered load, {mode} participants, 60 s windows",
+           "upper left", folder / f"throughput-vs-offered-{mode}.png")
 
 
 def spike_chart(folder, mode):
@@ -89,13 +95,8 @@ def spike_chart(folder, mode):
     left.set_xlabel("seconds since the load started")
     left.set_ylabel("per second")
     right.set_ylabel("ms")
-    handles = left.get_legend_handles_labels()
-    more = right.get_legend_handles_labels()
-    left.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper right")
-    left.set_title(f"A spike inside an open loop, {mode} participants")
-    fig.tight_layout()
-    fig.savefig(folder / f"spike-{mode}.png", dpi=110)
-    plt.close(fig)
+    finish(fig, left, right, f"A spike inside an open loop, {mode} participants", "upper right",
+           folder / f"spike-{mode}.png")
 
 
 def main():

@@ -277,7 +277,6 @@ impl Admission {
         if self.inner.mode == Mode::Off {
             return;
         }
-        metrics::counter!("saga_starts_refused_total", "reason" => "capacity").increment(0);
         let mut ticks = tokio::time::interval(REFRESH);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;

@@ -60,6 +60,9 @@ pub fn register(catalog: &sagas::Catalog) {
     ] {
         metrics::counter!(name).increment(0);
     }
+    // Refused by admission control (whatever its mode: a dashboard or an
+    // alert on it sees 0, not nothing, where admission is off).
+    metrics::counter!("saga_starts_refused_total", "reason" => "capacity").increment(0);
     // The codes the API's access control refuses with (`{:?}` of the code).
     for code in ["Unauthenticated", "PermissionDenied"] {
         metrics::counter!("saga_api_refused_total", "code" => code).increment(0);

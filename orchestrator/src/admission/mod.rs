@@ -203,13 +203,14 @@ impl Admission {
             match observation {
                 // Only answers measure the system: a timeout's "round trip"
                 // is the timeout, and a participant that is down is not a
-                // participant that is slow.
+                // participant that is slow. A limit that does not adapt
+                // needs no samples (and its lock stays off the hot path).
                 Observation::StepSettled {
                     participant,
                     outcome,
                     elapsed_ms: Some(ms),
                     ..
-                } if *outcome != StepOutcome::TimedOut => {
+                } if self.inner.mode == Mode::Adaptive && *outcome != StepOutcome::TimedOut => {
                     let window = window.get_or_insert_with(|| {
                         self.inner.window.lock().unwrap_or_else(|e| e.into_inner())
                     });

@@ -354,21 +354,9 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// `n` connections to `addr`.
-    pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Self> {
-        let mut clients = Vec::new();
-        for _ in 0..n {
-            clients.push(SagaServiceClient::connect(format!("http://{addr}")).await?);
-        }
-        Ok(Self {
-            clients,
-            next: Arc::new(AtomicU64::new(0)),
-        })
-    }
-
     /// `n` connections to each of `addrs` (several orchestrator instances
     /// share the starts round robin).
-    pub async fn connect_all(addrs: &[String], n: usize) -> anyhow::Result<Self> {
+    pub async fn connect(addrs: &[String], n: usize) -> anyhow::Result<Self> {
         let mut clients = Vec::new();
         for _ in 0..n {
             for addr in addrs {

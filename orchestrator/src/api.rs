@@ -9,14 +9,17 @@
 //! checks the permission for the saga type it concerns and refuses with
 //! PERMISSION_DENIED before anything is written.
 
+mod filter;
+
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use saga_proto::v1::{
-    self, CancelSagaRequest, GetSagaRequest, ListSagaTypesRequest, ListSagaTypesResponse,
-    ListSagasRequest, ListSagasResponse, RetrySagaRequest, StartSagaRequest, StartSagaResponse,
-    WatchSagaRequest, saga_service_server::SagaService,
+    self, CancelSagaRequest, DeadLetterOutcome, DeadLetterSelection, GetSagaRequest,
+    ListDeadLettersRequest, ListDeadLettersResponse, ListSagaTypesRequest, ListSagaTypesResponse,
+    ListSagasRequest, ListSagasResponse, RetryFailedSagasRequest, RetrySagaRequest,
+    StartSagaRequest, StartSagaResponse, WatchSagaRequest, saga_service_server::SagaService,
 };
 use sagas::{CatalogError, SagaStatus, StepStatus, errors::Chain, names::SagaType};
 use tokio::sync::{broadcast, mpsc};
@@ -26,6 +29,8 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    bulk,
+    bus::dead_letters::{DeadLetter, DeadLetterError, DeadLetterQueue, MAX_SELECTION},
     engine::{Engine, EngineError, StartRequest, is_connection_error},
     security::{Denied, Permission, Principal, Visible, principal_of},
     store::{
@@ -58,12 +63,100 @@ pub struct SagaApi {
     store: Store,
     /// Change notifications for watch streams.
     hub: WatchHub,
+    /// The namespace's dead letters.
+    dead_letters: DeadLetterQueue,
 }
 
 impl SagaApi {
-    /// A service over `engine`, reading listings and history from `store`.
-    pub fn new(engine: Arc<Engine>, store: Store, hub: WatchHub) -> Self {
-        Self { engine, store, hub }
+    /// A service over `engine`, reading listings and history from `store`,
+    /// and the dead letters of `dead_letters`.
+    pub fn new(
+        engine: Arc<Engine>,
+        store: Store,
+        hub: WatchHub,
+        dead_letters: DeadLetterQueue,
+    ) -> Self {
+        Self {
+            engine,
+            store,
+            hub,
+            dead_letters,
+        }
+    }
+}
+
+/// Dead letters belong to no one flow (and a forged one to none at all):
+/// only a principal holding `permission` for every flow may touch them.
+fn check_every_flow(principal: &Principal, permission: Permission) -> Result<(), Status> {
+    match principal.visible(permission) {
+        Visible::All => Ok(()),
+        Visible::Only(_) => Err(Status::permission_denied(format!(
+            "{} may not: dead letters span every flow, and this needs {permission:?} on all of them",
+            principal.name()
+        ))),
+    }
+}
+
+fn dead_letter_status(error: DeadLetterError) -> Status {
+    let message = Chain(&error).to_string();
+    match error {
+        DeadLetterError::Broker(_) => Status::unavailable(message),
+        DeadLetterError::NotFound { .. } => {
+            Status::not_found(format!("ids: {message}; nothing was changed"))
+        }
+        DeadLetterError::NoWayBack { .. } => {
+            Status::failed_precondition(format!("{message}; nothing was changed"))
+        }
+        DeadLetterError::NotTaken { .. } => Status::unavailable(message),
+    }
+}
+
+fn dead_letter_view(letter: DeadLetter) -> v1::DeadLetter {
+    v1::DeadLetter {
+        id: letter.id,
+        original_queue: letter.original_queue,
+        reason: letter.reason,
+        death_count: letter.death_count,
+        first_death_at: letter.first_death_at.map(timestamp),
+        message_type: letter.message_type,
+        saga_id: letter.saga_id.map(|id| id.to_string()).unwrap_or_default(),
+        step: letter.step.unwrap_or_default(),
+        body: letter.body,
+        content_type: letter.content_type,
+    }
+}
+
+/// Checks a selection of dead-letter ids.
+fn selection(ids: Vec<String>) -> Result<Vec<String>, Status> {
+    if ids.is_empty() {
+        return Err(invalid("ids", "name at least one dead letter"));
+    }
+    if ids.len() > MAX_SELECTION {
+        return Err(invalid(
+            "ids",
+            format!("at most {MAX_SELECTION} per call, got {}", ids.len()),
+        ));
+    }
+    if let Some(bad) = ids
+        .iter()
+        .find(|id| id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
+    {
+        return Err(invalid(
+            "ids",
+            format!("{bad:?} is not a dead-letter id (1 to 128 printable characters)"),
+        ));
+    }
+    Ok(ids)
+}
+
+fn progress_view(progress: &crate::bulk::Progress) -> v1::RetryProgress {
+    v1::RetryProgress {
+        matched: progress.matched,
+        retried: progress.retried,
+        skipped: progress.skipped,
+        failed: progress.failed,
+        errors: progress.errors.clone(),
+        done: progress.done,
     }
 }
 
@@ -198,6 +291,11 @@ pub fn saga_view(record: &SagaRecord) -> v1::Saga {
         updated_at: Some(timestamp(record.updated_at)),
         idempotency_key: record.idempotency_key.clone().unwrap_or_default(),
         started_by: record.started_by.clone().unwrap_or_default(),
+        search_attributes: record
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -260,6 +358,7 @@ fn check_idempotency_key(key: &str) -> Result<(), Status> {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::SagaEvent, Status>> + Send>>;
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::RetryProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SagaService for SagaApi {
@@ -335,27 +434,20 @@ impl SagaService for SagaApi {
                 ));
             }
         };
-        let saga_type = (!request.saga_type.is_empty()).then_some(request.saga_type.as_str());
-        if let Some(name) = saga_type {
-            SagaType::new(name).map_err(|e| invalid("saga_type", e))?;
-        }
-        if let Some(name) = saga_type
-            && self.engine.catalog().get(name, 0).is_err()
-        {
-            return Err(Status::not_found(format!(
-                "saga_type: unknown saga type {name:?}"
-            )));
-        }
-        // A principal limited to some flows sees only their sagas.
-        let saga_types: Option<Vec<String>> = match (saga_type, principal.visible(Permission::Read))
-        {
-            (Some(name), _) => {
-                principal.check(Permission::Read, name).map_err(denied)?;
-                Some(vec![name.to_owned()])
-            }
-            (None, Visible::All) => None,
-            (None, Visible::Only(types)) => Some(types.into_iter().collect()),
-        };
+        let mut filter = filter::parse(
+            filter::Fields {
+                saga_type: &request.saga_type,
+                definition_version: request.definition_version,
+                idempotency_key: &request.idempotency_key,
+                created_after: request.created_after.as_ref(),
+                created_before: request.created_before.as_ref(),
+                attributes: &request.attributes,
+            },
+            self.engine.catalog(),
+            &principal,
+            Permission::Read,
+        )?;
+        filter.status = status;
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -364,16 +456,11 @@ impl SagaService for SagaApi {
             "" => None,
             token => Some(decode_token(token)?),
         };
-        let mut records = if saga_types.as_ref().is_some_and(Vec::is_empty) {
+        let mut records = if filter.saga_types.as_ref().is_some_and(Vec::is_empty) {
             Vec::new()
         } else {
             self.store
-                .list_sagas(
-                    saga_types.as_deref(),
-                    status,
-                    cursor,
-                    i64::from(page_size) + 1,
-                )
+                .list_sagas(&filter, cursor, i64::from(page_size) + 1)
                 .await
                 .map_err(|e| store_status(&e))?
         };
@@ -451,6 +538,153 @@ impl SagaService for SagaApi {
         Ok(Response::new(saga_view(&record)))
     }
 
+    type RetryFailedSagasStream = ProgressStream;
+
+    async fn retry_failed_sagas(
+        &self,
+        request: Request<RetryFailedSagasRequest>,
+    ) -> Result<Response<Self::RetryFailedSagasStream>, Status> {
+        let principal = principal_of(&request)?;
+        let request = request.into_inner();
+        if request.saga_type.is_empty() {
+            return Err(invalid(
+                "saga_type",
+                "is required: a bulk retry is about one flow",
+            ));
+        }
+        if request.rate_per_second > bulk::MAX_RATE {
+            return Err(invalid(
+                "rate_per_second",
+                format!(
+                    "at most {}, got {}",
+                    bulk::MAX_RATE,
+                    request.rate_per_second
+                ),
+            ));
+        }
+        let filter = filter::parse(
+            filter::Fields {
+                saga_type: &request.saga_type,
+                definition_version: request.definition_version,
+                idempotency_key: &request.idempotency_key,
+                created_after: request.created_after.as_ref(),
+                created_before: request.created_before.as_ref(),
+                attributes: &request.attributes,
+            },
+            self.engine.catalog(),
+            &principal,
+            Permission::Operate,
+        )?;
+        let rate = match request.rate_per_second {
+            0 => bulk::DEFAULT_RATE,
+            n => n,
+        };
+        let (progress, updates) = tokio::sync::watch::channel(bulk::Progress::default());
+        let run = tokio::spawn(bulk::retry_failed(
+            self.engine.clone(),
+            filter,
+            rate,
+            principal.name().to_owned(),
+            progress,
+        ));
+        // Progress once a second, whatever the rate, then the final count.
+        // A client that goes away drops `updates`, which stops the run.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tx.closed() => return,
+                }
+                if run.is_finished() {
+                    break;
+                }
+                let current = progress_view(&updates.borrow());
+                if tx.send(Ok(current)).await.is_err() {
+                    return;
+                }
+            }
+            let last = match run.await {
+                Ok(Ok(last)) => Ok(progress_view(&last)),
+                Ok(Err(error)) => Err(store_status(&error)),
+                Err(_) => Err(Status::internal("the bulk retry stopped unexpectedly")),
+            };
+            drop(updates);
+            tx.send(last).await.ok();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let principal = principal_of(&request)?;
+        check_every_flow(&principal, Permission::Read)?;
+        let limit = match request.into_inner().limit {
+            0 => DEFAULT_DEAD_LETTERS,
+            n if n > MAX_DEAD_LETTERS => {
+                return Err(invalid(
+                    "limit",
+                    format!("at most {MAX_DEAD_LETTERS}, got {n}"),
+                ));
+            }
+            n => n,
+        };
+        let (letters, depth) = self
+            .dead_letters
+            .list(limit as usize)
+            .await
+            .map_err(dead_letter_status)?;
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters: letters.into_iter().map(dead_letter_view).collect(),
+            depth,
+        }))
+    }
+
+    async fn requeue_dead_letters(
+        &self,
+        request: Request<DeadLetterSelection>,
+    ) -> Result<Response<DeadLetterOutcome>, Status> {
+        let principal = principal_of(&request)?;
+        check_every_flow(&principal, Permission::Operate)?;
+        let ids = selection(request.into_inner().ids)?;
+        let messages = self
+            .dead_letters
+            .requeue(&ids)
+            .await
+            .map_err(dead_letter_status)?;
+        tracing::info!(
+            principal = principal.name(),
+            ?ids,
+            messages,
+            "dead letters requeued"
+        );
+        Ok(Response::new(DeadLetterOutcome { messages }))
+    }
+
+    async fn discard_dead_letters(
+        &self,
+        request: Request<DeadLetterSelection>,
+    ) -> Result<Response<DeadLetterOutcome>, Status> {
+        let principal = principal_of(&request)?;
+        check_every_flow(&principal, Permission::Operate)?;
+        let ids = selection(request.into_inner().ids)?;
+        let messages = self
+            .dead_letters
+            .discard(&ids)
+            .await
+            .map_err(dead_letter_status)?;
+        tracing::info!(
+            principal = principal.name(),
+            ?ids,
+            messages,
+            "dead letters discarded"
+        );
+        Ok(Response::new(DeadLetterOutcome { messages }))
+    }
+
     async fn list_saga_types(
         &self,
         request: Request<ListSagaTypesRequest>,
@@ -467,6 +701,11 @@ impl SagaService for SagaApi {
                 version: flow.version(),
                 latest,
                 input_description: flow.input_description().to_owned(),
+                search_attributes: flow
+                    .search_attributes()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
                 steps: flow
                     .steps()
                     .iter()
@@ -491,8 +730,13 @@ impl SagaService for SagaApi {
     }
 }
 
-/// Sends the saga's history, then new rows as they come, until the terminal
-/// event or until the client goes away.
+/// Default `ListDeadLetters` limit.
+pub const DEFAULT_DEAD_LETTERS: u32 = 100;
+/// Largest `ListDeadLetters` limit.
+pub const MAX_DEAD_LETTERS: u32 = 500;
+
+/// Sends the saga's history, then new rows as they come, until the latest
+/// row is a terminal event or until the client goes away.
 async fn stream_history(
     store: &Store,
     id: Uuid,
@@ -503,15 +747,17 @@ async fn stream_history(
     loop {
         match store.history_since(id, last_seq).await {
             Ok(rows) => {
+                // A terminal row ends the stream only if it is the latest:
+                // a FAILED saga an operator retried goes on after it.
+                let ended = rows.last().is_some_and(HistoryRow::is_terminal);
                 for row in rows {
                     last_seq = row.seq;
-                    let terminal = row.is_terminal();
                     if tx.send(Ok(event_view(&row))).await.is_err() {
                         return;
                     }
-                    if terminal {
-                        return;
-                    }
+                }
+                if ended {
+                    return;
                 }
             }
             Err(error) => {

@@ -254,6 +254,8 @@ impl Application {
         let kick = relay::Kick::default();
         let tasks = TaskTracker::new();
 
+        let dead_letters =
+            bus::dead_letters::DeadLetterQueue::new(broker.clone(), topology.clone());
         tasks.spawn(bus::run(
             BusSettings {
                 broker,
@@ -316,8 +318,13 @@ impl Application {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .expect("embedded descriptor sets are valid");
-        let api = SagaServiceServer::new(SagaApi::new(engine.clone(), store.clone(), hub))
-            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        let api = SagaServiceServer::new(SagaApi::new(
+            engine.clone(),
+            store.clone(),
+            hub,
+            dead_letters,
+        ))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
             .layer(SizeLimitLayer::new(MAX_GRPC_MESSAGE_BYTES))
             .layer(AuthLayer::new(security.access.clone()))

@@ -211,6 +211,11 @@ impl Engine {
     pub async fn start(&self, request: StartRequest) -> Result<Started, EngineError> {
         let flow = self.catalog.get(&request.saga_type, request.version)?;
         let data = flow.parse_input(&request.input)?;
+        let attributes: Vec<(String, String)> = flow
+            .attributes_of(&request.input)?
+            .into_iter()
+            .map(|(name, value)| (name.into(), value))
+            .collect();
         // Refused at capacity without a lookup of the idempotency key: a
         // refusal must cost the overloaded database nothing. A client
         // retrying a key that did start is answered with that saga once
@@ -233,6 +238,7 @@ impl Engine {
             input: &request.input,
             now,
             started_by: &request.started_by,
+            attributes: &attributes,
         };
         let history = std::mem::take(&mut effects.history);
         let outbox = std::mem::take(&mut effects.outbox);

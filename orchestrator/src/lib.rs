@@ -20,6 +20,7 @@
 //! - [`timers`]: fires due step timers stored with the sagas.
 //! - [`watch`]: cross-instance history notifications for `WatchSaga`.
 //! - [`api`]: the gRPC service; [`health`]: what health reports.
+//! - [`bulk`]: retries every FAILED saga of a filter at a bounded rate.
 //!
 //! Crash points (feature `failpoints`): `orchestrator::after_commit_before_publish`,
 //! `orchestrator::after_publish_before_outbox_delete`,
@@ -47,6 +48,7 @@ pub mod after_commit;
 pub mod api;
 pub mod app;
 pub mod backlog;
+pub mod bulk;
 pub mod bus;
 pub mod cache;
 pub mod config;

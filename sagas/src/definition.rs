@@ -9,11 +9,17 @@
 
 use std::{collections::HashSet, fmt, sync::Arc, time::Duration};
 
+use serde_json::Map;
+
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::contract::{Action, Compensation};
-use crate::names::{CommandName, InvalidName, ParticipantName, SagaType, StepName};
+use crate::names::{AttributeName, CommandName, InvalidName, ParticipantName, SagaType, StepName};
+
+/// Longest value of a search attribute, in bytes: it is stored in an
+/// index, and a longer value is no key anybody types.
+pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 256;
 
 /// The typed data a flow carries from step to step (persisted as JSON).
 ///
@@ -68,6 +74,14 @@ pub enum DefinitionError {
         flow: String,
         /// The repeated step name.
         step: String,
+    },
+    /// A search attribute declared twice.
+    #[error("flow {flow}: search attribute {attribute} is declared twice")]
+    DuplicateAttribute {
+        /// The flow.
+        flow: String,
+        /// The repeated attribute.
+        attribute: String,
     },
     /// A parallel group of fewer than two steps is just a step.
     #[error("flow {0}: a parallel group needs at least two steps")]
@@ -580,6 +594,9 @@ pub struct Flow {
     steps: Vec<StepDef>,
     /// Indices into `steps` for each stage.
     stages: Vec<Vec<usize>>,
+    /// Input fields stored in indexed form at start, so that sagas can be
+    /// found by them (`ListSagas`' `attributes`).
+    search_attributes: Vec<AttributeName>,
     /// Parses and validates the input into initial saga data.
     parse_input: ParseFn,
 }
@@ -601,6 +618,7 @@ impl Flow {
             name: name.to_owned(),
             version,
             input_description: String::new(),
+            search_attributes: Vec::new(),
             stages: Vec::new(),
             defaults: Overrides::default(),
             _data: std::marker::PhantomData,
@@ -620,6 +638,52 @@ impl Flow {
     /// Human description of the input's JSON shape.
     pub fn input_description(&self) -> &str {
         &self.input_description
+    }
+
+    /// The input fields sagas of this flow can be found by.
+    pub fn search_attributes(&self) -> &[AttributeName] {
+        &self.search_attributes
+    }
+
+    /// The search attributes of `input_json` (already accepted by
+    /// [`Self::parse_input`]): each declared top-level field present with
+    /// a string, number or boolean value, as text. A field that is an
+    /// object or an array, or longer than [`MAX_ATTRIBUTE_VALUE_BYTES`],
+    /// is refused naming the field: a start must not succeed with a key
+    /// nobody can search for.
+    pub fn attributes_of(
+        &self,
+        input_json: &str,
+    ) -> Result<Vec<(AttributeName, String)>, InputError> {
+        if self.search_attributes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let input: Map<String, Value> = serde_json::from_str(input_json)
+            .map_err(|e| InputError::new("", format!("is not a JSON object: {e}")))?;
+        let mut found = Vec::new();
+        for name in &self.search_attributes {
+            let text = match input.get(name.as_str()) {
+                None | Some(Value::Null) => continue,
+                Some(Value::String(text)) => text.clone(),
+                Some(value @ (Value::Number(_) | Value::Bool(_))) => value.to_string(),
+                Some(_) => {
+                    return Err(InputError::new(
+                        name.as_str(),
+                        "is a search attribute: it must be a string, number or boolean",
+                    ));
+                }
+            };
+            if text.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                return Err(InputError::new(
+                    name.as_str(),
+                    format!(
+                        "is a search attribute: it must be at most {MAX_ATTRIBUTE_VALUE_BYTES} bytes"
+                    ),
+                ));
+            }
+            found.push((name.clone(), text));
+        }
+        Ok(found)
     }
 
     /// Every step, in stage order.
@@ -652,6 +716,8 @@ pub struct FlowBuilder<D: SagaData> {
     version: u32,
     /// Human description of the input.
     input_description: String,
+    /// Searchable input fields, as given.
+    search_attributes: Vec<String>,
     /// Stages added so far (each one or more steps).
     stages: Vec<Vec<Step<D>>>,
     /// What steps that do not set their own get.
@@ -664,6 +730,16 @@ impl<D: SagaData> FlowBuilder<D> {
     /// Describes the input's JSON shape for `ListSagaTypes` and `sagactl types`.
     pub fn input_description(mut self, text: &str) -> Self {
         self.input_description = text.to_owned();
+        self
+    }
+
+    /// Makes these top-level input fields searchable: their values are
+    /// stored in indexed form when a saga starts, shown by `GetSaga`, and
+    /// `ListSagas` finds sagas by them (`sagactl list --attr order_id=o-1`).
+    /// Names follow the [naming rule](crate::names).
+    pub fn searchable<'a>(mut self, fields: impl IntoIterator<Item = &'a str>) -> Self {
+        self.search_attributes
+            .extend(fields.into_iter().map(str::to_owned));
         self
     }
 
@@ -818,11 +894,23 @@ impl<D: SagaData> FlowBuilder<D> {
             }
             stages.push(indices);
         }
+        let mut search_attributes: Vec<AttributeName> = Vec::new();
+        for text in self.search_attributes {
+            let attribute = AttributeName::new(text)?;
+            if search_attributes.contains(&attribute) {
+                return Err(DefinitionError::DuplicateAttribute {
+                    flow,
+                    attribute: attribute.into(),
+                });
+            }
+            search_attributes.push(attribute);
+        }
         let parse_input: ParseFn = Arc::new(parse_typed_input::<D>);
         Ok(Flow {
             name,
             version: self.version,
             input_description: self.input_description,
+            search_attributes,
             steps,
             stages,
             parse_input,
@@ -1036,5 +1124,48 @@ mod tests {
             flow.parse_input(r#"{"n": 3}"#).unwrap(),
             serde_json::json!({"n": 3})
         );
+    }
+
+    #[test]
+    fn search_attributes_are_checked_and_extracted() {
+        let flow = Flow::builder::<Data>("f", 1)
+            .searchable(["n", "code", "absent"])
+            .step(comp("a"))
+            .build()
+            .unwrap();
+        assert_eq!(flow.search_attributes(), ["n", "code", "absent"]);
+        let found = flow
+            .attributes_of(r#"{"n": 3, "code": "o-1", "other": "x"}"#)
+            .unwrap();
+        let found: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        // Numbers as text; absent and undeclared fields give nothing.
+        assert_eq!(found, [("n", "3"), ("code", "o-1")]);
+        let nested = flow.attributes_of(r#"{"code": {"a": 1}}"#).unwrap_err();
+        assert_eq!(nested.field, "code");
+        let long = format!(
+            r#"{{"code": "{}"}}"#,
+            "x".repeat(MAX_ATTRIBUTE_VALUE_BYTES + 1)
+        );
+        assert_eq!(flow.attributes_of(&long).unwrap_err().field, "code");
+
+        let twice = Flow::builder::<Data>("f", 1)
+            .searchable(["n", "n"])
+            .step(comp("a"))
+            .build();
+        assert!(
+            matches!(twice, Err(DefinitionError::DuplicateAttribute { .. })),
+            "{twice:?}"
+        );
+        let badly_named = Flow::builder::<Data>("f", 1)
+            .searchable(["Order Id"])
+            .step(comp("a"))
+            .build();
+        match badly_named {
+            Err(DefinitionError::InvalidName(e)) => assert_eq!(e.kind, "search attribute"),
+            other => panic!("expected InvalidName, got {other:?}"),
+        }
     }
 }

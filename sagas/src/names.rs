@@ -1,5 +1,5 @@
 //! Names, parsed once: saga types, steps, participants, commands and
-//! deployment namespaces. Each is a newtype whose constructor is the only
+//! deployment namespaces and search attributes. Each is a newtype whose constructor is the only
 //! way in, and every one follows the same rule (written once, here): 1 to
 //! 64 characters from `a-z`, `0-9`, `_` and `-`, starting with a letter —
 //! safe in routing keys, queue names and metric labels.
@@ -183,6 +183,12 @@ name!(
     /// A deployment namespace, the prefix of every exchange and queue.
     Namespace,
     "namespace"
+);
+name!(
+    /// A search attribute of a flow, e.g. `order_id`: a top-level input
+    /// field stored in indexed form so that sagas can be found by it.
+    AttributeName,
+    "search attribute"
 );
 
 #[cfg(test)]

@@ -241,6 +241,25 @@ impl Injector {
         Ok(got)
     }
 
+    /// Takes one message from `queue` and rejects it without requeue, as a
+    /// participant does with poison: the broker dead-letters it (reason
+    /// `rejected`, queue `queue`). Returns whether there was one.
+    pub async fn reject_one(&self, queue: &str) -> Result<bool, InjectError> {
+        let got = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?;
+        let Some(message) = got else {
+            return Ok(false);
+        };
+        message
+            .delivery
+            .acker
+            .reject(lapin::options::BasicRejectOptions { requeue: false })
+            .await?;
+        Ok(true)
+    }
+
     /// Replies received on the private queue within `within`, until `count`
     /// arrived.
     pub async fn private_answers(

@@ -16,8 +16,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use futures::StreamExt;
 use saga_proto::v1::{
-    CancelSagaRequest, GetSagaRequest, ListSagaTypesRequest, ListSagasRequest, RetrySagaRequest,
-    Saga, SagaEvent, SagaState, StartSagaRequest, StepState, WatchSagaRequest,
+    CancelSagaRequest, DeadLetter, DeadLetterSelection, GetSagaRequest, ListDeadLettersRequest,
+    ListSagaTypesRequest, ListSagasRequest, RetryFailedSagasRequest, RetryProgress,
+    RetrySagaRequest, Saga, SagaEvent, SagaState, StartSagaRequest, StepState, WatchSagaRequest,
     saga_service_client::SagaServiceClient,
 };
 use tonic::{
@@ -99,11 +100,10 @@ enum Command {
         /// Saga id.
         saga_id: String,
     },
-    /// List sagas, newest first.
+    /// List sagas, newest first (find an order's saga: `list --order-id o-123`).
     List {
-        /// Only this flow.
-        #[arg(long = "type", default_value = "")]
-        saga_type: String,
+        #[command(flatten)]
+        filter: FilterArgs,
         /// Only this state.
         #[arg(long, value_enum)]
         state: Option<StateArg>,
@@ -127,11 +127,24 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Resume a FAILED saga where it stopped.
+    /// Resume a FAILED saga where it stopped; with --all-failed, every
+    /// FAILED saga of a flow matching the filter, at --rate per second.
     Retry {
         /// Saga id.
-        saga_id: String,
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        saga_id: Option<String>,
+        /// Retry every FAILED saga matching the filter (needs --type).
+        #[arg(long, requires = "saga_type")]
+        all_failed: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Retries per second with --all-failed (default 20, at most 500).
+        #[arg(long, default_value_t = 0, requires = "all_failed")]
+        rate: u32,
     },
+    /// Inspect and replay the namespace's dead letters.
+    #[command(name = "dead-letters", subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// List the flows the orchestrator runs.
     Types,
     /// Check the orchestrator's health (exit 0 when SERVING, 1 otherwise).
@@ -149,6 +162,95 @@ enum Command {
         #[arg(long = "saga-type")]
         saga_types: Vec<String>,
     },
+}
+
+/// What `dead-letters` does.
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// The oldest dead letters (nothing is removed).
+    List {
+        /// How many (at most 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One dead letter with its body.
+    Show {
+        /// Its id, as `list` shows it.
+        id: String,
+    },
+    /// Publish dead letters back to the queue they died in (removed from
+    /// the dead-letter queue once the broker confirmed them).
+    Requeue {
+        /// Their ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete dead letters for good.
+    Discard {
+        /// Their ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// Which sagas `list` and `retry --all-failed` are about.
+#[derive(clap::Args, Clone, Default)]
+struct FilterArgs {
+    /// Only this flow.
+    #[arg(long = "type", id = "saga_type", default_value = "")]
+    saga_type: String,
+    /// Only this version of the flow (needs --type).
+    #[arg(long = "version", id = "filter_version", default_value_t = 0)]
+    version: u32,
+    /// Only the saga started with this idempotency key.
+    #[arg(long = "key", default_value = "")]
+    idempotency_key: String,
+    /// Created at or after (RFC 3339, e.g. 2026-12-03T10:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    created_after: Option<prost_types::Timestamp>,
+    /// Created before (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    created_before: Option<prost_types::Timestamp>,
+    /// Search attribute NAME=VALUE (repeatable; `sagactl types` lists them).
+    #[arg(long = "attr", value_parser = parse_attribute)]
+    attributes: Vec<(String, String)>,
+    /// Shorthand for --attr order_id=ID.
+    #[arg(long)]
+    order_id: Option<String>,
+    /// Shorthand for --attr customer_id=ID.
+    #[arg(long)]
+    customer_id: Option<String>,
+}
+
+impl FilterArgs {
+    fn attributes(&self) -> std::collections::HashMap<String, String> {
+        let mut attributes: std::collections::HashMap<_, _> =
+            self.attributes.iter().cloned().collect();
+        if let Some(id) = &self.order_id {
+            attributes.insert("order_id".into(), id.clone());
+        }
+        if let Some(id) = &self.customer_id {
+            attributes.insert("customer_id".into(), id.clone());
+        }
+        attributes
+    }
+}
+
+fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
+    let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
+        format!("{text:?} is not an RFC 3339 time such as 2026-12-03T10:00:00Z: {e}")
+    })?;
+    Ok(prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    })
+}
+
+fn parse_attribute(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not NAME=VALUE")),
+    }
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -355,6 +457,7 @@ fn saga_json(saga: &Saga) -> serde_json::Value {
         "created_at": timestamp(&saga.created_at),
         "updated_at": timestamp(&saga.updated_at),
         "started_by": saga.started_by,
+        "search_attributes": saga.search_attributes,
         "steps": saga.steps.iter().map(|s| serde_json::json!({
             "name": s.name, "state": step_name(s.state), "attempts": s.attempts,
             "compensation_attempts": s.compensation_attempts, "error": s.error,
@@ -375,6 +478,12 @@ fn print_saga(saga: &Saga, json: bool) {
     }
     if !saga.error.is_empty() {
         println!("error    {}", saga.error);
+    }
+    if !saga.search_attributes.is_empty() {
+        let mut attributes: Vec<_> = saga.search_attributes.iter().collect();
+        attributes.sort();
+        let shown: Vec<String> = attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("search   {}", shown.join("  "));
     }
     println!(
         "created  {}   updated {}",
@@ -519,17 +628,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_saga(&saga, json);
         }
         Command::List {
-            saga_type,
+            filter,
             state,
             limit,
             page_token,
         } => {
             let page = client
                 .list_sagas(ListSagasRequest {
-                    saga_type,
+                    attributes: filter.attributes(),
+                    saga_type: filter.saga_type,
                     state: state.map_or(SagaState::Unspecified, SagaState::from) as i32,
                     page_size: limit,
                     page_token,
+                    definition_version: filter.version,
+                    idempotency_key: filter.idempotency_key,
+                    created_after: filter.created_after,
+                    created_before: filter.created_before,
                 })
                 .await?
                 .into_inner();
@@ -569,13 +683,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner();
             print_saga(&saga, json);
         }
-        Command::Retry { saga_id } => {
+        Command::Retry {
+            saga_id: Some(saga_id),
+            ..
+        } => {
             let saga = client
                 .retry_saga(RetrySagaRequest { saga_id })
                 .await?
                 .into_inner();
             print_saga(&saga, json);
         }
+        Command::Retry {
+            saga_id: None,
+            filter,
+            rate,
+            ..
+        } => {
+            return retry_all_failed(&mut client, filter, rate, json).await;
+        }
+        Command::DeadLetters(command) => dead_letters(&mut client, command, json).await?,
         Command::Health | Command::Token { .. } => unreachable!("handled above"),
         Command::Types => {
             let types = client
@@ -591,6 +717,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "steps": t.steps.iter().map(|s| serde_json::json!({"name": s.name, "kind": s.kind,
                             "participant": s.participant, "command": s.command,
                             "compensation": s.compensation_command, "group": s.group})).collect::<Vec<_>>(),
+                        "search_attributes": t.search_attributes,
                     }))
                     .collect();
                 println!("{}", serde_json::Value::Array(list));
@@ -603,6 +730,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         if t.latest { " (latest)" } else { "" }
                     );
                     println!("  input: {}", t.input_description);
+                    if !t.search_attributes.is_empty() {
+                        println!("  searchable: {}", t.search_attributes.join(", "));
+                    }
                     let mut steps = table();
                     steps.set_header([
                         "group",
@@ -630,6 +760,161 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `retry --all-failed`: streams the run's progress; exit 1 if any saga
+/// could not be retried.
+async fn retry_all_failed(
+    client: &mut Client,
+    filter: FilterArgs,
+    rate: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut stream = client
+        .retry_failed_sagas(RetryFailedSagasRequest {
+            attributes: filter.attributes(),
+            saga_type: filter.saga_type,
+            definition_version: filter.version,
+            idempotency_key: filter.idempotency_key,
+            created_after: filter.created_after,
+            created_before: filter.created_before,
+            rate_per_second: rate,
+        })
+        .await?
+        .into_inner();
+    let mut last = RetryProgress::default();
+    while let Some(progress) = stream.next().await {
+        last = progress?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"matched": last.matched, "retried": last.retried,
+                    "skipped": last.skipped, "failed": last.failed, "errors": last.errors,
+                    "done": last.done})
+            );
+        } else {
+            println!(
+                "{} {} of {} retried, {} skipped (no longer FAILED), {} could not be retried",
+                if last.done { "done:" } else { "     " },
+                last.retried,
+                last.matched,
+                last.skipped,
+                last.failed
+            );
+        }
+    }
+    if !json {
+        for error in &last.errors {
+            println!("  {error}");
+        }
+    }
+    Ok(if last.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn dead_letter_json(letter: &DeadLetter) -> serde_json::Value {
+    serde_json::json!({"id": letter.id, "original_queue": letter.original_queue,
+        "reason": letter.reason, "death_count": letter.death_count,
+        "first_death_at": timestamp(&letter.first_death_at), "message_type": letter.message_type,
+        "saga_id": letter.saga_id, "step": letter.step,
+        "content_type": letter.content_type, "body": String::from_utf8_lossy(&letter.body)})
+}
+
+async fn dead_letters(
+    client: &mut Client,
+    command: DeadLetterCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    match command {
+        DeadLetterCommand::List { limit } => {
+            let listed = client
+                .list_dead_letters(ListDeadLettersRequest { limit })
+                .await?
+                .into_inner();
+            if json {
+                let letters: Vec<_> = listed.dead_letters.iter().map(dead_letter_json).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"depth": listed.depth, "dead_letters": letters})
+                );
+                return Ok(());
+            }
+            let mut rows = table();
+            rows.set_header([
+                "id",
+                "died in",
+                "reason",
+                "deaths",
+                "first death",
+                "type",
+                "saga",
+                "step",
+            ]);
+            for letter in &listed.dead_letters {
+                rows.add_row([
+                    letter.id.clone(),
+                    letter.original_queue.clone(),
+                    letter.reason.clone(),
+                    letter.death_count.to_string(),
+                    timestamp(&letter.first_death_at),
+                    letter.message_type.clone(),
+                    letter.saga_id.clone(),
+                    letter.step.clone(),
+                ]);
+            }
+            println!("{rows}");
+            println!(
+                "{} of {} dead letters shown",
+                listed.dead_letters.len(),
+                listed.depth
+            );
+        }
+        DeadLetterCommand::Show { id } => {
+            let listed = client
+                .list_dead_letters(ListDeadLettersRequest { limit: 500 })
+                .await?
+                .into_inner();
+            let Some(letter) = listed.dead_letters.iter().find(|l| l.id == id) else {
+                anyhow::bail!("dead letter {id} is not among the oldest 500 dead letters");
+            };
+            if json {
+                println!("{}", dead_letter_json(letter));
+            } else {
+                println!("id           {}", letter.id);
+                println!(
+                    "died in      {} ({}, {} time(s))",
+                    letter.original_queue, letter.reason, letter.death_count
+                );
+                println!("first death  {}", timestamp(&letter.first_death_at));
+                println!(
+                    "type         {} ({})",
+                    letter.message_type, letter.content_type
+                );
+                if !letter.saga_id.is_empty() {
+                    println!("saga         {}  step {}", letter.saga_id, letter.step);
+                }
+                println!("body         {}", String::from_utf8_lossy(&letter.body));
+            }
+        }
+        DeadLetterCommand::Requeue { ids } => {
+            let outcome = client
+                .requeue_dead_letters(DeadLetterSelection { ids })
+                .await?
+                .into_inner();
+            println!("requeued {} message(s)", outcome.messages);
+        }
+        DeadLetterCommand::Discard { ids } => {
+            let outcome = client
+                .discard_dead_letters(DeadLetterSelection { ids })
+                .await?
+                .into_inner();
+            println!("discarded {} message(s)", outcome.messages);
+        }
+    }
+    Ok(())
 }
 
 /// Asks the standard gRPC health service; SERVING means PostgreSQL and

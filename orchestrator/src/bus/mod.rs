@@ -272,7 +272,7 @@ async fn serve_connection(
         consumer_done.clone(),
     );
     let dead_letter_queue = settings.topology.dead_letter_queue();
-    let depth = dead_letters::watch(&setup, &dead_letter_queue);
+    let depth = dead_letters::depth::watch(&setup, &dead_letter_queue);
     let participants = engine.catalog().participants();
     let backlog = backlog::watch(
         connection,

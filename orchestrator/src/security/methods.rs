@@ -44,6 +44,22 @@ pub const METHODS: &[(&str, Access)] = &[
         "/saga.v1.SagaService/RetrySaga",
         Access::Needs(Permission::Operate),
     ),
+    (
+        "/saga.v1.SagaService/RetryFailedSagas",
+        Access::Needs(Permission::Operate),
+    ),
+    (
+        "/saga.v1.SagaService/ListDeadLetters",
+        Access::Needs(Permission::Read),
+    ),
+    (
+        "/saga.v1.SagaService/RequeueDeadLetters",
+        Access::Needs(Permission::Operate),
+    ),
+    (
+        "/saga.v1.SagaService/DiscardDeadLetters",
+        Access::Needs(Permission::Operate),
+    ),
     ("/grpc.health.v1.Health/Check", Access::Public),
     ("/grpc.health.v1.Health/Watch", Access::Public),
     ("/grpc.health.v1.Health/List", Access::Public),

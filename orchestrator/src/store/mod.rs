@@ -173,15 +173,14 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Sagas newest first, filtered by type and status, after `cursor`.
+    /// Sagas matching `filter`, newest first, after `cursor`.
     pub async fn list_sagas(
         &self,
-        saga_types: Option<&[String]>,
-        status: Option<::sagas::SagaStatus>,
+        filter: &sagas::SagaFilter,
         cursor: Option<sagas::Cursor>,
         limit: i64,
     ) -> Result<Vec<sagas::SagaRecord>, StoreError> {
-        self.within(sagas::list(&self.pool, saga_types, status, cursor, limit))
+        self.within(sagas::list(&self.pool, filter, cursor, limit))
             .await
     }
 

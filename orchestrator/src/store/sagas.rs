@@ -1,8 +1,10 @@
 //! The `sagas` table.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use sagas::{SagaInstance, SagaStatus};
-use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row, postgres::PgRow};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -23,6 +25,8 @@ pub struct SagaRecord {
     /// The principal that started it (none for sagas started before
     /// principals were recorded).
     pub started_by: Option<String>,
+    /// Its search attributes, by name.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A new saga to insert.
@@ -38,9 +42,14 @@ pub struct NewSaga<'a> {
     pub now: DateTime<Utc>,
     /// The principal starting it.
     pub started_by: &'a str,
+    /// Its search attributes (name, value).
+    pub attributes: &'a [(String, String)],
 }
 
-const COLUMNS: &str = "state, idempotency_key, input, created_at, updated_at, started_by";
+/// Every column a [`SagaRecord`] is read from, the attributes as one JSON
+/// object (read where the saga is, so a page of sagas is one query).
+const COLUMNS: &str = "state, idempotency_key, input, created_at, updated_at, started_by,
+     (SELECT jsonb_object_agg(a.name, a.value) FROM saga_attributes a WHERE a.saga_id = sagas.id) AS attributes";
 
 fn decode(row: &PgRow) -> Result<SagaRecord, StoreError> {
     let state: serde_json::Value = row.try_get("state")?;
@@ -56,6 +65,10 @@ fn decode(row: &PgRow) -> Result<SagaRecord, StoreError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         started_by: row.try_get("started_by")?,
+        attributes: row
+            .try_get::<Option<sqlx::types::Json<BTreeMap<String, String>>>, _>("attributes")?
+            .map(|json| json.0)
+            .unwrap_or_default(),
     })
 }
 
@@ -151,29 +164,79 @@ pub struct Cursor {
     pub id: Uuid,
 }
 
-/// Sagas newest first, filtered by type (`None`: any type; `Some`: one of
-/// these) and status, after `cursor`.
+/// Which sagas a listing (or a bulk retry) is about; `None` and empty
+/// mean "any". Checked at the API edge: names are valid, the range is not
+/// empty, every attribute is declared.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SagaFilter {
+    /// One of these types (`None`: any type).
+    pub saga_types: Option<Vec<String>>,
+    /// This version of the flow.
+    pub version: Option<u32>,
+    /// This state.
+    pub status: Option<SagaStatus>,
+    /// Started with this idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Created at or after.
+    pub created_from: Option<DateTime<Utc>>,
+    /// Created strictly before.
+    pub created_to: Option<DateTime<Utc>>,
+    /// Search attributes that must all match exactly.
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Sagas matching `filter`, newest first, after `cursor`. Only the
+/// conditions the filter sets are written into the statement, so each
+/// combination gets a plan that uses its index (an attribute is looked up
+/// in `saga_attributes`' primary key, not by scanning sagas).
 pub async fn list(
     pool: &PgPool,
-    saga_types: Option<&[String]>,
-    status: Option<SagaStatus>,
+    filter: &SagaFilter,
     cursor: Option<Cursor>,
     limit: i64,
 ) -> Result<Vec<SagaRecord>, StoreError> {
-    let rows = sqlx::query(&format!(
-        "SELECT id, {COLUMNS} FROM sagas
-         WHERE ($1::text[] IS NULL OR saga_type = ANY($1))
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
-         ORDER BY created_at DESC, id DESC
-         LIMIT $5"
-    ))
-    .bind(saga_types)
-    .bind(status.map(|s| s.as_str()))
-    .bind(cursor.map(|c| c.created_at))
-    .bind(cursor.map(|c| c.id))
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    let mut query =
+        QueryBuilder::<Postgres>::new(format!("SELECT id, {COLUMNS} FROM sagas WHERE true"));
+    if let Some(types) = &filter.saga_types {
+        query
+            .push(" AND saga_type = ANY(")
+            .push_bind(types.clone())
+            .push(")");
+    }
+    if let Some(version) = filter.version {
+        query.push(" AND version = ").push_bind(version as i32);
+    }
+    if let Some(status) = filter.status {
+        query.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(key) = &filter.idempotency_key {
+        query.push(" AND idempotency_key = ").push_bind(key.clone());
+    }
+    if let Some(from) = filter.created_from {
+        query.push(" AND created_at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.created_to {
+        query.push(" AND created_at < ").push_bind(to);
+    }
+    for (name, value) in &filter.attributes {
+        query
+            .push(" AND id IN (SELECT saga_id FROM saga_attributes WHERE name = ")
+            .push_bind(name.clone())
+            .push(" AND value = ")
+            .push_bind(value.clone())
+            .push(")");
+    }
+    if let Some(cursor) = cursor {
+        query
+            .push(" AND (created_at, id) < (")
+            .push_bind(cursor.created_at)
+            .push(", ")
+            .push_bind(cursor.id)
+            .push(")");
+    }
+    query
+        .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(limit);
+    let rows = query.build().fetch_all(pool).await?;
     rows.iter().map(decode).collect()
 }

@@ -266,6 +266,8 @@ pub struct StartRow {
     /// The principal starting it, recorded with the saga and its first
     /// history rows.
     pub started_by: String,
+    /// Its search attributes (name, value).
+    pub attributes: Vec<(String, String)>,
     /// History rows of the start.
     pub history: Vec<(Uuid, HistoryEntry)>,
     /// Messages of the start (ids are assigned when written).
@@ -293,6 +295,7 @@ impl StartRow {
             revision: state.seq as i64,
             created_at: new.now,
             started_by: new.started_by.to_owned(),
+            attributes: new.attributes.to_vec(),
             history,
             outbox,
         }
@@ -326,6 +329,13 @@ pub async fn insert_started(
     let revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
     let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
     let started_by: Vec<&str> = rows.iter().map(|r| r.started_by.as_str()).collect();
+    let attributes = rows.iter().flat_map(|r| {
+        r.attributes
+            .iter()
+            .map(move |(n, v)| (r.id, n.as_str(), v.as_str()))
+    });
+    let (attribute_ids, (attribute_names, attribute_values)): (Vec<Uuid>, (Vec<&str>, Vec<&str>)) =
+        attributes.map(|(id, n, v)| (id, (n, v))).unzip();
     let sql = format!(
         "WITH ins AS (
                 INSERT INTO sagas (id, saga_type, version, status, idempotency_key, input, state, error, next_due_at, revision, created_at, updated_at, started_by)
@@ -337,7 +347,11 @@ pub async fn insert_started(
                 ON CONFLICT (saga_type, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id),
               hist AS ({insert_history} WHERE h.id IN (SELECT id FROM ins)),
-              ob AS ({insert_outbox} WHERE o.saga_id IN (SELECT id FROM ins) ORDER BY o.n RETURNING id, message_id)
+              ob AS ({insert_outbox} WHERE o.saga_id IN (SELECT id FROM ins) ORDER BY o.n RETURNING id, message_id),
+              attrs AS (INSERT INTO saga_attributes (saga_id, name, value)
+                        SELECT a.id, a.name, a.value
+                        FROM UNNEST($32::uuid[], $33::text[], $34::text[]) AS a(id, name, value)
+                        WHERE a.id IN (SELECT id FROM ins))
          SELECT COALESCE((SELECT array_agg(id) FROM ins), '{{}}') AS inserted,
                 COALESCE((SELECT array_agg(message_id) FROM ob), '{{}}') AS message_ids,
                 COALESCE((SELECT array_agg(id) FROM ob), '{{}}') AS ids",
@@ -360,6 +374,9 @@ pub async fn insert_started(
         .bind(&h.principals)
         .bind(&o.traceparents)
         .bind(&o.tracestates)
+        .bind(&attribute_ids)
+        .bind(&attribute_names)
+        .bind(&attribute_values)
         .fetch_one(conn)
         .await?;
     let message_ids: Vec<Uuid> = row.try_get("message_ids")?;

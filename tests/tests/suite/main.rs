@@ -22,6 +22,7 @@ mod failure_support;
 mod flows;
 mod instances;
 mod observability;
+mod operations;
 mod outbox;
 mod raw_participant;
 mod security;

@@ -65,6 +65,7 @@ fn step(name: &str, participant: &str, timeout: Duration) -> Step<TestData> {
 pub fn four_steps(timeout: Duration) -> Flow {
     Flow::builder::<TestData>(FOUR_STEPS, 1)
         .input_description(r#"{"order": str}"#)
+        .searchable(["order"])
         .step(step("step_a", "alpha", timeout))
         .step(step("step_b", "beta", timeout))
         .step(step("step_c", "gamma", timeout))

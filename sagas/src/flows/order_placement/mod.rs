@@ -148,6 +148,8 @@ const INPUT_DESCRIPTION: &str = r#"{"order_id": str, "customer_id": str, "items"
 /// unless it says otherwise.
 fn with_defaults(flow: FlowBuilder<OrderData>) -> FlowBuilder<OrderData> {
     flow.input_description(INPUT_DESCRIPTION)
+        // Operators look an order up by its id or its customer.
+        .searchable(["order_id", "customer_id"])
         .default_timeout(Duration::from_secs(5))
         .default_retry(
             RetryPolicy::exponential(Duration::from_millis(200), 5)

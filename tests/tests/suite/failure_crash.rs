@@ -265,3 +265,88 @@ async fn baseline_without_faults_is_consistent() {
     );
     report.assert_ok();
 }
+
+/// A requeue crashes after the broker confirmed the republished dead
+/// letter and before it removed the original: the message is then in
+/// both places (at most a duplicate, which receivers de-duplicate), never
+/// in neither. A clean requeue afterwards removes the dead letter.
+#[tokio::test]
+async fn dead_letter_requeue_crash_between_confirm_and_removal_leaves_a_duplicate_not_a_loss() {
+    use saga_proto::v1::DeadLetterSelection;
+    use saga_tests::inject::Injector;
+
+    let point = "orchestrator::dead_letter_after_republish_before_ack";
+    let (_permit, mut cluster) = cluster(ClusterOptions::default()).await;
+    let injector = Injector::connect(cluster.env()).await.expect("broker");
+    // A queue of the namespace nobody consumes, so the copies stay
+    // where they land.
+    let queue = injector.topology().participant_queue("ghost");
+    let connection = cluster.env().amqp_connection().await.expect("broker");
+    let setup = connection.create_channel().await.expect("channel");
+    saga_proto::amqp::declare::participant(&setup, injector.topology(), "ghost")
+        .await
+        .expect("declared");
+    cluster.env().track_queue(&queue);
+    injector
+        .to_queue(
+            &queue,
+            br#"{"note": "replay me"}"#,
+            lapin::BasicProperties::default().with_message_id("replay-me".into()),
+        )
+        .await
+        .expect("published");
+    assert!(injector.reject_one(&queue).await.expect("rejected"));
+    let dead_letter_queue = injector.topology().dead_letter_queue();
+    saga_tests::eventually("the dead letter", Duration::from_secs(10), || async {
+        let (ready, _) = injector.queue_counts(&dead_letter_queue).await.ok()?;
+        (ready == 1).then_some(())
+    })
+    .await;
+
+    cluster
+        .restart_orchestrator(0, &[("FAILPOINTS", &format!("{point}=return"))])
+        .await
+        .expect("restarts");
+    let requeue = cluster
+        .client(0)
+        .requeue_dead_letters(DeadLetterSelection {
+            ids: vec!["replay-me".into()],
+        })
+        .await;
+    assert!(
+        requeue.is_err(),
+        "the orchestrator died mid-call: {requeue:?}"
+    );
+    expect_orchestrator_crash(&mut cluster, 0, point).await;
+    // The crash closed its connection: the unremoved dead letter is back.
+    saga_tests::eventually(
+        "the copy and the dead letter",
+        Duration::from_secs(10),
+        || async {
+            let (copies, _) = injector.queue_counts(&queue).await.ok()?;
+            let (dead, _) = injector.queue_counts(&dead_letter_queue).await.ok()?;
+            (copies == 1 && dead == 1).then_some(())
+        },
+    )
+    .await;
+
+    cluster
+        .restart_orchestrator(0, &[])
+        .await
+        .expect("restarts");
+    let outcome = cluster
+        .client(0)
+        .requeue_dead_letters(DeadLetterSelection {
+            ids: vec!["replay-me".into()],
+        })
+        .await
+        .expect("requeued")
+        .into_inner();
+    assert_eq!(outcome.messages, 1);
+    assert_eq!(
+        injector.queue_counts(&dead_letter_queue).await.unwrap().0,
+        0
+    );
+    assert_eq!(injector.queue_counts(&queue).await.unwrap().0, 2);
+    cluster.stop_all().await;
+}

@@ -101,9 +101,13 @@ enum Rpc {
     Cancel,
     Retry,
     Types,
+    BulkRetry,
+    ListDeadLetters,
+    Requeue,
+    Discard,
 }
 
-const RPCS: [Rpc; 8] = [
+const RPCS: [Rpc; 12] = [
     Rpc::StartFourSteps,
     Rpc::StartOrder,
     Rpc::Get,
@@ -112,6 +116,10 @@ const RPCS: [Rpc; 8] = [
     Rpc::Cancel,
     Rpc::Retry,
     Rpc::Types,
+    Rpc::BulkRetry,
+    Rpc::ListDeadLetters,
+    Rpc::Requeue,
+    Rpc::Discard,
 ];
 
 async fn call<I: Interceptor + Clone>(
@@ -189,6 +197,37 @@ async fn call<I: Interceptor + Clone>(
                 .await
                 .map(drop),
         ),
+        Rpc::BulkRetry => code(
+            client
+                .retry_failed_sagas(saga_proto::v1::RetryFailedSagasRequest {
+                    saga_type: FOUR_STEPS.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Rpc::ListDeadLetters => code(
+            client
+                .list_dead_letters(saga_proto::v1::ListDeadLettersRequest::default())
+                .await
+                .map(drop),
+        ),
+        Rpc::Requeue => code(
+            client
+                .requeue_dead_letters(saga_proto::v1::DeadLetterSelection {
+                    ids: vec!["gone".into()],
+                })
+                .await
+                .map(drop),
+        ),
+        Rpc::Discard => code(
+            client
+                .discard_dead_letters(saga_proto::v1::DeadLetterSelection {
+                    ids: vec!["gone".into()],
+                })
+                .await
+                .map(drop),
+        ),
     }
 }
 
@@ -255,13 +294,16 @@ async fn every_rpc_by_every_role_gets_its_exact_code_and_a_refused_call_writes_n
     let before = counts(&app).await;
 
     use Code::*;
-    let expected: [(&str, Option<&str>, [Code; 8]); 7] = [
-        // StartFour, StartOrder, Get(four), List, Watch(four), Cancel(none), Retry(four), Types
-        ("no token", None, [Unauthenticated; 8]),
+    // StartFour, StartOrder, Get(four), List, Watch(four), Cancel(none),
+    // Retry(four), Types, RetryFailed(four), ListDeadLetters,
+    // Requeue(gone), Discard(gone). Dead letters span every flow: a
+    // principal limited to some flows may not touch them.
+    let expected: [(&str, Option<&str>, [Code; 12]); 7] = [
+        ("no token", None, [Unauthenticated; 12]),
         (
             "unknown token",
             Some("sgt_not-a-token"),
-            [Unauthenticated; 8],
+            [Unauthenticated; 12],
         ),
         (
             "reader",
@@ -275,6 +317,10 @@ async fn every_rpc_by_every_role_gets_its_exact_code_and_a_refused_call_writes_n
                 PermissionDenied,
                 PermissionDenied,
                 Ok,
+                PermissionDenied,
+                Ok,
+                PermissionDenied,
+                PermissionDenied,
             ],
         ),
         (
@@ -289,6 +335,10 @@ async fn every_rpc_by_every_role_gets_its_exact_code_and_a_refused_call_writes_n
                 PermissionDenied,
                 PermissionDenied,
                 Ok,
+                PermissionDenied,
+                PermissionDenied,
+                PermissionDenied,
+                PermissionDenied,
             ],
         ),
         (
@@ -303,12 +353,29 @@ async fn every_rpc_by_every_role_gets_its_exact_code_and_a_refused_call_writes_n
                 NotFound,
                 FailedPrecondition,
                 Ok,
+                Ok,
+                Ok,
+                NotFound,
+                NotFound,
             ],
         ),
         (
             "admin",
             Some(&admin.secret),
-            [Ok, Ok, Ok, Ok, Ok, NotFound, FailedPrecondition, Ok],
+            [
+                Ok,
+                Ok,
+                Ok,
+                Ok,
+                Ok,
+                NotFound,
+                FailedPrecondition,
+                Ok,
+                Ok,
+                Ok,
+                NotFound,
+                NotFound,
+            ],
         ),
         (
             "reader of four_steps",
@@ -322,6 +389,10 @@ async fn every_rpc_by_every_role_gets_its_exact_code_and_a_refused_call_writes_n
                 PermissionDenied,
                 PermissionDenied,
                 Ok,
+                PermissionDenied,
+                PermissionDenied,
+                PermissionDenied,
+                PermissionDenied,
             ],
         ),
     ];

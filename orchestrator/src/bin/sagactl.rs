@@ -203,7 +203,11 @@ struct FilterArgs {
     #[arg(long = "version", id = "filter_version", default_value_t = 0)]
     version: u32,
     /// Only the saga started with this idempotency key.
-    #[arg(long = "key", default_value = "")]
+    #[arg(
+        long = "idempotency-key",
+        id = "filter_idempotency_key",
+        default_value = ""
+    )]
     idempotency_key: String,
     /// Created at or after (RFC 3339, e.g. 2026-12-03T10:00:00Z).
     #[arg(long, value_parser = parse_time)]
@@ -938,4 +942,30 @@ async fn health(cli: &Cli) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks (unique flag names across the
+    /// global and the flattened filter flags, valid `requires`), which
+    /// otherwise only fire when a command is run.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn filters_parse_times_and_attributes_or_say_what_is_wrong() {
+        assert!(parse_time("2026-12-03T10:00:00Z").is_ok());
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+        assert_eq!(
+            parse_attribute("order_id=o=1").unwrap(),
+            ("order_id".to_owned(), "o=1".to_owned())
+        );
+        assert!(parse_attribute("=x").is_err());
+        assert!(parse_attribute("order_id").is_err());
+    }
 }

@@ -503,3 +503,129 @@ async fn dead_letters_are_listed_requeued_once_confirmed_and_discarded() {
     participants.stop().await;
     app.stop().await;
 }
+
+/// Runs sagactl against `app`; returns (exit code, stdout, stderr).
+async fn sagactl(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagactl-under-test"))
+        .arg("--addr")
+        .arg(format!("http://{}", app.addr))
+        .args(args)
+        .output()
+        .await
+        .expect("sagactl runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn sagactl_finds_an_order_retries_every_failed_saga_and_replays_a_dead_letter() {
+    let env = TestEnv::new();
+    let app = TestApp::spawn(&env, catalog(Duration::from_secs(5))).await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let fault = broken.clone();
+    let participants = ScriptedParticipant::start(
+        &env,
+        &PARTICIPANTS,
+        Arc::new(move |c| {
+            if c.step == "step_c" && c.phase == Phase::Action {
+                rejected("card declined")
+            } else if c.step == "step_a"
+                && c.phase == Phase::Compensation
+                && fault.load(Ordering::SeqCst)
+            {
+                transient("inventory database down")
+            } else {
+                success(json!({}))
+            }
+        }),
+    )
+    .await;
+    let first = app.start(FOUR_STEPS, 0, order("c-1")).await;
+    let second = app.start(FOUR_STEPS, 0, order("c-2")).await;
+    for id in [&first, &second] {
+        app.wait_for_state(id, SagaState::Failed).await;
+    }
+
+    // Found by its order.
+    let (code, out, err) = sagactl(&app, &["--json", "list", "--attr", "order=c-2"]).await;
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sagas = listed["sagas"].as_array().unwrap();
+    assert_eq!(sagas.len(), 1, "{out}");
+    assert_eq!(sagas[0]["saga_id"], second.as_str());
+    assert_eq!(sagas[0]["search_attributes"]["order"], "c-2");
+    // Bad filters: named, exit 1 from the server, exit 2 from the command line.
+    let (code, _, err) = sagactl(&app, &["list", "--attr", "colour=red"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("attributes.colour"), "{err}");
+    let (code, _, err) = sagactl(&app, &["list", "--created-after", "yesterday"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("RFC 3339"), "{err}");
+    let (code, _, err) = sagactl(&app, &["retry", "--all-failed"]).await;
+    assert_eq!(code, 2, "--all-failed needs --type: {err}");
+
+    // Every FAILED saga of the flow, retried.
+    broken.store(false, Ordering::SeqCst);
+    let (code, out, err) = sagactl(
+        &app,
+        &["--json", "retry", "--all-failed", "--type", FOUR_STEPS],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(
+        (last["matched"].as_u64(), last["retried"].as_u64()),
+        (Some(2), Some(2))
+    );
+    for id in [&first, &second] {
+        app.wait_for_state(id, SagaState::Compensated).await;
+    }
+
+    // A dead letter, listed, then requeued by id.
+    let injector = Injector::connect(&env).await.unwrap();
+    let beta = injector.topology().participant_queue("beta");
+    participants.stop().await;
+    injector
+        .to_queue(
+            &beta,
+            br#"{"saga_id": "00000000-0000-7000-8000-000000000001", "step": "step_b"}"#,
+            lapin::BasicProperties::default().with_message_id("cli-letter".into()),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the message to be rejected",
+        Duration::from_secs(10),
+        || async { injector.reject_one(&beta).await.unwrap().then_some(()) },
+    )
+    .await;
+    eventually("the dead letter", Duration::from_secs(10), || async {
+        (dead_letters(&app).await.depth == 1).then_some(())
+    })
+    .await;
+    let (code, out, err) = sagactl(&app, &["dead-letters", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cli-letter") && out.contains(&beta), "{out}");
+    let (code, out, _) = sagactl(&app, &["dead-letters", "show", "cli-letter"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("step_b"), "{out}");
+    let (code, _, err) = sagactl(&app, &["dead-letters", "requeue", "cli-letter", "gone"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("gone") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(dead_letters(&app).await.depth, 1);
+    let (code, out, err) = sagactl(&app, &["dead-letters", "requeue", "cli-letter"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("requeued 1 message"), "{out}");
+    assert_eq!(dead_letters(&app).await.depth, 0);
+    assert_eq!(injector.queue_counts(&beta).await.unwrap().0, 1);
+    let (code, _, _) = sagactl(&app, &["dead-letters", "discard", "cli-letter"]).await;
+    assert_eq!(code, 1, "it is not a dead letter any more");
+    app.stop().await;
+}

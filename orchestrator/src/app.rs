@@ -166,6 +166,8 @@ impl OrchestratorBuilder {
 pub struct Application {
     /// Where the gRPC API listens.
     grpc_addr: SocketAddr,
+    /// Where the console listens, when it is on.
+    http_addr: Option<SocketAddr>,
     /// Stops everything.
     shutdown: CancellationToken,
     /// Every background task.
@@ -223,6 +225,22 @@ impl Application {
             addr: config.grpc_addr,
             source,
         })?;
+        let console_listener = match config.http_addr {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Bind { addr, source })?,
+            ),
+        };
+        let http_addr = console_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(|source| StartupError::Bind {
+                addr: config.http_addr.unwrap_or(config.grpc_addr),
+                source,
+            })?;
 
         let health = Health::new();
         health.set_database(true);
@@ -318,13 +336,29 @@ impl Application {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .expect("embedded descriptor sets are valid");
-        let api = SagaServiceServer::new(SagaApi::new(
-            engine.clone(),
-            store.clone(),
-            hub,
-            dead_letters,
-        ))
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        let saga_api = SagaApi::new(engine.clone(), store.clone(), hub, dead_letters.clone());
+        if let Some(listener) = console_listener {
+            let console = crate::console::Console::new(
+                saga_api.clone(),
+                store.clone(),
+                security.access.clone(),
+                dead_letters,
+                security.tls.is_some(),
+            );
+            let server = crate::console::serve(
+                listener,
+                security.tls.clone(),
+                crate::console::router(console),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                if let Err(error) = server.await {
+                    tracing::error!(error = %Chain(&error), "console server failed");
+                }
+            });
+        }
+        let api =
+            SagaServiceServer::new(saga_api).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
             .layer(SizeLimitLayer::new(MAX_GRPC_MESSAGE_BYTES))
             .layer(AuthLayer::new(security.access.clone()))
@@ -354,6 +388,7 @@ impl Application {
         tasks.close();
         tracing::info!(
             %grpc_addr,
+            console = ?http_addr,
             tls,
             auth,
             postgres = %saga_proto::connect::redact(&database_url),
@@ -363,6 +398,7 @@ impl Application {
         );
         Ok(Self {
             grpc_addr,
+            http_addr,
             shutdown,
             tasks,
             engine,
@@ -380,6 +416,11 @@ impl Application {
     /// Where the gRPC API listens.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where the console listens (`None` when `--http-addr` is unset).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The engine.

@@ -59,6 +59,10 @@ pub struct Config {
     /// Reply batches applied at once (each in its own transaction).
     #[arg(long, env = "REPLY_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub reply_workers: u16,
+    /// Serve the operator console (HTTP; HTTPS with --tls-cert) on this
+    /// address (off when unset; `dev` serves it on 127.0.0.1:8080).
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
     /// Serve Prometheus metrics on this address (off when unset).
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,

@@ -52,6 +52,7 @@ pub mod bulk;
 pub mod bus;
 pub mod cache;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod health;
 pub mod messages;

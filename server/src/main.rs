@@ -48,8 +48,12 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(stop_on_signal(shutdown));
             app.run_until_stopped().await;
         }
-        Command::Dev(config) => {
+        Command::Dev(mut config) => {
             let _telemetry = telemetry::init(config.log_format)?;
+            // The console is part of trying things out.
+            config
+                .http_addr
+                .get_or_insert(std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
             let mut demo_config = DemoConfig::from_urls(
                 &config.broker.amqp_url,
                 &config.namespace,
@@ -65,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
             let mut participants =
                 demo::start(&Service::ALL, demo_config, shutdown.clone()).await?;
             participants.ready().await;
-            print_instructions(app.grpc_addr(), default_addr);
+            print_instructions(app.grpc_addr(), app.http_addr(), default_addr);
             tokio::spawn(stop_on_signal(shutdown));
             tokio::join!(app.run_until_stopped(), participants.stopped());
         }
@@ -73,23 +77,30 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_instructions(addr: std::net::SocketAddr, default_addr: bool) {
+fn print_instructions(
+    addr: std::net::SocketAddr,
+    console: Option<std::net::SocketAddr>,
+    default_addr: bool,
+) {
     let sagactl = if default_addr {
         "cargo run --release --bin sagactl --".to_owned()
     } else {
         format!("cargo run --release --bin sagactl -- --addr http://{addr}")
     };
+    let console = console
+        .map(|a| format!("\nOpen the console: http://{a}/\n"))
+        .unwrap_or_default();
     println!(
         r#"
 saga-orchestrator is running on {addr} with the demo participants inventory, payment, orders and notification.
-
+{console}
 Place an order (completes):
   {sagactl} start order_placement --wait --input '{{"order_id":"o-1","customer_id":"alice","items":[{{"sku":"sku-1","quantity":2,"unit_price_cents":1999}}]}}'
 
 Place an order that cannot be served (more than the stock: compensates):
   {sagactl} start order_placement --wait --input '{{"order_id":"o-2","customer_id":"alice","items":[{{"sku":"sku-2","quantity":2000000000,"unit_price_cents":1}}]}}'
 
-Then: {sagactl} list | get <saga-id> | watch <saga-id> | types
+Then: {sagactl} list [--order-id o-1] | get <saga-id> | watch <saga-id> | types | dead-letters list
 Stop with Ctrl-C.
 "#
     );

@@ -190,6 +190,16 @@ impl AccessPolicy {
         found
     }
 
+    /// The principal called `name` (a token's principal or a certificate's
+    /// subject).
+    pub fn by_name(&self, name: &str) -> Option<&Principal> {
+        self.tokens
+            .iter()
+            .map(|(_, p)| p)
+            .find(|p| p.name() == name)
+            .or_else(|| self.certificates.get(name))
+    }
+
     /// The principal of a verified client certificate's subject.
     pub fn by_certificate(&self, subject: &str) -> Option<&Principal> {
         self.certificates.get(subject)

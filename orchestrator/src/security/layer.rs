@@ -63,6 +63,26 @@ impl AccessControl {
         }
     }
 
+    /// The principal a bearer token stands for now (the console's login);
+    /// with authentication off, [`Principal::open`] whatever the token.
+    pub fn principal_by_token(&self, token: &str) -> Option<Principal> {
+        match self.current() {
+            None => Some(Principal::open()),
+            Some(policy) => policy.by_token(token).cloned(),
+        }
+    }
+
+    /// The principal called `name` in the access file in force (a console
+    /// session holds only the name, so an entry removed or changed by a
+    /// reload applies to open sessions at once); with authentication off,
+    /// [`Principal::open`].
+    pub fn principal_named(&self, name: &str) -> Option<Principal> {
+        match self.current() {
+            None => Some(Principal::open()),
+            Some(policy) => policy.by_name(name).cloned(),
+        }
+    }
+
     fn current(&self) -> Option<Arc<AccessPolicy>> {
         self.policy
             .as_ref()

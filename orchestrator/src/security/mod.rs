@@ -96,16 +96,17 @@ impl ApiSecurity {
             (true, false) => Some("authentication"),
             (false, false) => Some("TLS and authentication"),
         };
-        let exposed = !config.grpc_addr.ip().is_loopback();
-        let insecure_exposure = match missing {
-            Some(missing) if exposed && !config.insecure => {
-                return Err(SecurityError::Exposed {
-                    addr: config.grpc_addr,
-                    missing,
-                });
+        // The console is the API in a browser: the same rule for its
+        // listener.
+        let exposed_addr = std::iter::once(config.grpc_addr)
+            .chain(config.http_addr)
+            .find(|addr| !addr.ip().is_loopback());
+        let insecure_exposure = match (missing, exposed_addr) {
+            (Some(missing), Some(addr)) if !config.insecure => {
+                return Err(SecurityError::Exposed { addr, missing });
             }
-            Some(_) => exposed,
-            None => false,
+            (Some(_), exposed) => exposed.is_some(),
+            (None, _) => false,
         };
         Ok(Self {
             access,

@@ -12,6 +12,7 @@
 //! applies the migrations.
 
 pub mod activity;
+pub mod console;
 pub mod history;
 pub mod outbox;
 pub mod sagas;

@@ -282,6 +282,29 @@ impl DeadLetterQueue {
         })
     }
 
+    /// How many messages the queue holds (a passive declare: nothing is
+    /// taken).
+    pub async fn depth(&self) -> Result<u64, DeadLetterError> {
+        let connection = self.connect().await?;
+        let result = async {
+            let channel = connection.create_channel().await?;
+            let declared = channel
+                .queue_declare(
+                    self.queue().as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(u64::from(declared.message_count()))
+        }
+        .await;
+        let _ = connection.close(200, "counted".into()).await;
+        result
+    }
+
     /// The oldest `limit` dead letters (at most [`MAX_SCAN`]) and the
     /// queue's depth; nothing is removed.
     #[tracing::instrument(skip(self))]

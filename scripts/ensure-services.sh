@@ -3,7 +3,8 @@
 # PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) and RabbitMQ on
 # 127.0.0.1:5672 (guest/guest), and that promtool (which checks and tests
 # the alert rules in deploy/prometheus) is at hand. Idempotent: does nothing
-# when both answer and promtool is there.
+# when both answer and promtool is there. Headless Chromium and
+# chromedriver (the console's browser tests) are installed when missing.
 # protoc is not needed: the build vendors it (protoc-bin-vendored).
 set -euo pipefail
 
@@ -97,3 +98,14 @@ ensure_promtool() {
   log "promtool: $promtool_cache/promtool ($("$promtool_cache/promtool" --version 2>&1 | head -n 1))"
 }
 ensure_promtool
+
+# Headless Chromium and its WebDriver for the console's browser tests
+# (tests/tests/suite/console.rs finds them on PATH).
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    log "browser: $(command -v chromium), $(command -v chromedriver)"; return 0
+  fi
+  log "installing chromium and chromium-driver"
+  apt_install chromium chromium-driver
+}
+ensure_browser

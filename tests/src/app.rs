@@ -24,6 +24,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct TestApp {
     /// Where its gRPC API listens.
     pub addr: SocketAddr,
+    /// Where its console listens (with `http_addr` set in the config).
+    pub http_addr: Option<SocketAddr>,
     /// A connected client.
     pub client: SagaServiceClient<Channel>,
     /// Its database (for assertions on tables).
@@ -72,6 +74,7 @@ impl TestApp {
             .await
             .expect("orchestrator starts");
         let addr = app.grpc_addr();
+        let http_addr = app.http_addr();
         let health = app.health().clone();
         let reloads = app.security_reloads();
         let stopped = tokio::spawn(app.run_until_stopped());
@@ -94,6 +97,7 @@ impl TestApp {
             .expect("test pool connects");
         Self {
             addr,
+            http_addr,
             client,
             pool,
             shutdown,

@@ -6,6 +6,7 @@
 //! rest; alone: `cargo test -p saga-tests --test suite failure_`.
 
 mod api;
+mod console;
 mod deploy;
 mod e2e;
 mod failure_api;

@@ -47,8 +47,9 @@ const WAIT: Duration = Duration::from_secs(30);
 fn token(principal: &str, role: &str) -> (String, String) {
     let secret = format!("sgt_{}", hex::encode(rand::random::<[u8; 32]>()));
     let hash = hex::encode(Sha256::digest(secret.as_bytes()));
-    let entry =
-        format!("[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{hash}\"\nroles = [\"{role}\"]\n");
+    let entry = format!(
+        "[[token]]\nprincipal = \"{principal}\"\nsha256 = \"{hash}\"\nroles = [\"{role}\"]\n"
+    );
     (secret, entry)
 }
 
@@ -155,7 +156,10 @@ async fn click_and_confirm(browser: &Client, css: &str) {
 /// Waits until the saga page of `id` shows `state` (it refreshes itself).
 async fn wait_state(browser: &Client, state: &str) {
     eventually(&format!("the saga to show {state}"), WAIT, || async move {
-        let badge = browser.find(Locator::Css("#saga-state .badge")).await.ok()?;
+        let badge = browser
+            .find(Locator::Css("#saga-state .badge"))
+            .await
+            .ok()?;
         (badge.attr("data-state").await.ok()?? == state).then_some(())
     })
     .await;
@@ -179,11 +183,13 @@ async fn wait_status(app: &TestApp, id: &str, wanted: &str) {
 
 /// (kind, principal, detail) of the saga's history rows.
 async fn history(app: &TestApp, id: &str) -> Vec<(String, Option<String>, String)> {
-    sqlx::query_as("SELECT kind, principal, detail FROM saga_history WHERE saga_id = $1::uuid ORDER BY seq")
-        .bind(id)
-        .fetch_all(&app.pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT kind, principal, detail FROM saga_history WHERE saga_id = $1::uuid ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
 }
 
 async fn sign_in(browser: &Client, console: &str, secret: &str) {
@@ -218,7 +224,8 @@ async fn sign_out(browser: &Client) {
 }
 
 #[tokio::test]
-async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_and_a_reader_cannot() {
+async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_and_a_reader_cannot()
+{
     let _permit = heavy_permit().await;
     let env = TestEnv::new();
     let dir = CertDir::new();
@@ -244,7 +251,12 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
                 ..Default::default()
             });
             request.metadata_mut().insert("authorization", bearer);
-            client.start_saga(request).await.unwrap().into_inner().saga_id
+            client
+                .start_saga(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .saga_id
         }
     };
     // four_steps: step_c refuses orders "fail-*" and step_a's compensation
@@ -277,7 +289,14 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
     // Without a session: the login page, whatever page was asked for.
     browser.goto(&format!("{console}/sagas")).await.unwrap();
     wait_for(&browser, "#token").await;
-    assert!(browser.current_url().await.unwrap().path().starts_with("/login"));
+    assert!(
+        browser
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .starts_with("/login")
+    );
     screenshot(&browser, "login").await;
     // A wrong token is refused on the page.
     browser
@@ -294,17 +313,27 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
         .click()
         .await
         .unwrap();
-    assert!(text_of(&browser, "#login-error").await.contains("not in the access file"));
+    assert!(
+        text_of(&browser, "#login-error")
+            .await
+            .contains("not in the access file")
+    );
     sign_in(&browser, &console, &operator).await;
     assert_eq!(text_of(&browser, "#principal").await, "oncall");
 
     // An order placed while the demo participants are not running yet:
     // its timeline shows the start, then grows once they serve it.
     let waiting = start("order_placement", order_input("o-watch")).await;
-    browser.goto(&format!("{console}/sagas/{waiting}")).await.unwrap();
+    browser
+        .goto(&format!("{console}/sagas/{waiting}"))
+        .await
+        .unwrap();
     wait_for(&browser, "#timeline li[data-kind=saga_started]").await;
     let before = count(&browser, "#timeline li").await;
-    assert_eq!(count(&browser, "#timeline li[data-kind=saga_completed]").await, 0);
+    assert_eq!(
+        count(&browser, "#timeline li[data-kind=saga_completed]").await,
+        0
+    );
     let demo = DemoParticipants::start(&env, Default::default()).await;
     wait_for(&browser, "#timeline li[data-kind=saga_completed]").await;
     assert!(count(&browser, "#timeline li").await > before);
@@ -316,7 +345,10 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
     for n in 1..=3 {
         orders.push(start("order_placement", order_input(&format!("o-list-{n}"))).await);
     }
-    browser.goto(&format!("{console}/sagas?type=order_placement")).await.unwrap();
+    browser
+        .goto(&format!("{console}/sagas?type=order_placement"))
+        .await
+        .unwrap();
     for id in &orders {
         wait_for(&browser, &format!("tr[data-saga='{id}']")).await;
     }
@@ -344,7 +376,10 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
     wait_status(&app, &failed, "failed").await;
     sign_out(&browser).await;
     sign_in(&browser, &console, &reader).await;
-    browser.goto(&format!("{console}/sagas/{failed}")).await.unwrap();
+    browser
+        .goto(&format!("{console}/sagas/{failed}"))
+        .await
+        .unwrap();
     wait_state(&browser, "failed").await;
     assert_eq!(count(&browser, "#retry, #cancel").await, 0);
     let forged = browser
@@ -367,7 +402,10 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
         .unwrap();
     assert_eq!(no_csrf, json!(403), "a POST without the CSRF token");
     assert_eq!(status(&app, &failed).await, "failed");
-    browser.goto(&format!("{console}/dead-letters")).await.unwrap();
+    browser
+        .goto(&format!("{console}/dead-letters"))
+        .await
+        .unwrap();
     wait_for(&browser, "#depth").await;
     assert_eq!(count(&browser, "#requeue-selected, .requeue-one").await, 0);
     sign_out(&browser).await;
@@ -375,7 +413,10 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
     // The operator retries it from the page once the fault is repaired.
     sign_in(&browser, &console, &operator).await;
     broken.store(false, Ordering::SeqCst);
-    browser.goto(&format!("{console}/sagas/{failed}")).await.unwrap();
+    browser
+        .goto(&format!("{console}/sagas/{failed}"))
+        .await
+        .unwrap();
     wait_state(&browser, "failed").await;
     click_and_confirm(&browser, "#retry").await;
     wait_state(&browser, "compensated").await;
@@ -394,7 +435,10 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
         (scripted.held_count() == 1).then_some(())
     })
     .await;
-    browser.goto(&format!("{console}/sagas/{held}")).await.unwrap();
+    browser
+        .goto(&format!("{console}/sagas/{held}"))
+        .await
+        .unwrap();
     wait_state(&browser, "running").await;
     browser
         .find(Locator::Css("input[name=reason]"))
@@ -409,9 +453,12 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
         .await;
     wait_state(&browser, "compensated").await;
     assert!(
-        history(&app, &held).await.iter().any(|(kind, by, detail)| kind == "cancel_requested"
-            && by.as_deref() == Some("oncall")
-            && detail.contains("customer called")),
+        history(&app, &held)
+            .await
+            .iter()
+            .any(|(kind, by, detail)| kind == "cancel_requested"
+                && by.as_deref() == Some("oncall")
+                && detail.contains("customer called")),
         "{:?}",
         history(&app, &held).await
     );
@@ -434,15 +481,33 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
     })
     .await;
     let letter_row = eventually("the dead letter on the page", WAIT, || async {
-        browser.goto(&format!("{console}/dead-letters")).await.ok()?;
-        let row = browser.find(Locator::Css("tr[data-dead-letter]")).await.ok()?;
+        browser
+            .goto(&format!("{console}/dead-letters"))
+            .await
+            .ok()?;
+        let row = browser
+            .find(Locator::Css("tr[data-dead-letter]"))
+            .await
+            .ok()?;
         row.attr("data-dead-letter").await.ok()?
     })
     .await;
-    assert!(text_of(&browser, "table.dead-letters").await.contains(&zeta));
+    assert!(
+        text_of(&browser, "table.dead-letters")
+            .await
+            .contains(&zeta)
+    );
     screenshot(&browser, "dead-letters").await;
-    click_and_confirm(&browser, &format!("tr[data-dead-letter='{letter_row}'] .requeue-one")).await;
-    assert!(text_of(&browser, "#notice").await.contains("Requeued 1 message"));
+    click_and_confirm(
+        &browser,
+        &format!("tr[data-dead-letter='{letter_row}'] .requeue-one"),
+    )
+    .await;
+    assert!(
+        text_of(&browser, "#notice")
+            .await
+            .contains("Requeued 1 message")
+    );
     assert_eq!(count(&browser, "tr[data-dead-letter]").await, 0);
     let consumer =
         ScriptedParticipant::start(&env, &["zeta"], Arc::new(|_| success(json!({})))).await;
@@ -484,9 +549,17 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
 
     // The flows and the overview.
     browser.goto(&format!("{console}/flows")).await.unwrap();
-    wait_for(&browser, "section.flow[data-flow='order_placement-v2'] .pivot-mark").await;
+    wait_for(
+        &browser,
+        "section.flow[data-flow='order_placement-v2'] .pivot-mark",
+    )
+    .await;
     assert_eq!(
-        count(&browser, "section.flow[data-flow='order_placement-v2'] .stage.parallel .step-box").await,
+        count(
+            &browser,
+            "section.flow[data-flow='order_placement-v2'] .stage.parallel .step-box"
+        )
+        .await,
         2
     );
     screenshot(&browser, "flows").await;
@@ -499,5 +572,134 @@ async fn an_operator_finds_watches_retries_cancels_and_replays_in_the_browser_an
     consumer.stop().await;
     scripted.stop().await;
     demo.stop().await;
+    app.stop().await;
+}
+
+/// One HTTP/1.1 exchange over TLS (trusting `ca`); returns the response
+/// head and body as text.
+async fn https(addr: std::net::SocketAddr, ca: &str, request: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, ServerName, pem::PemObject},
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("a TLS handshake with the console");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn under_tls_the_console_speaks_https_only_and_its_session_cookie_is_secure() {
+    use saga_tests::certs::TestCa;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let env = TestEnv::new();
+    let dir = CertDir::new();
+    let ca = TestCa::new("console-ca");
+    let (cert, key) = ca.server().write(&dir, "server");
+    let (operator, entry) = token("oncall", "operator");
+    let mut config = app::config(&env);
+    config.auth_tokens = Some(dir.write("access.toml", &entry));
+    config.tls_cert = Some(cert);
+    config.tls_key = Some(key);
+    config.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(5))).await;
+    let addr = app.http_addr.unwrap();
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+
+    // No session: to the login page, coming back afterwards.
+    let response = https(addr, &ca.pem(), get("/sagas")).await;
+    assert!(response.starts_with("HTTP/1.1 303"), "{response}");
+    assert!(
+        response
+            .to_lowercase()
+            .contains("location: /login?next=/sagas"),
+        "{response}"
+    );
+
+    // Signing in sets a cookie scripts cannot read, other sites cannot
+    // send and plaintext never carries.
+    let form = format!("token={operator}&next=%2F");
+    let response = https(
+        addr,
+        &ca.pem(),
+        format!(
+            "POST /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 303"), "{response}");
+    let cookie_line = response
+        .lines()
+        .find(|l| l.to_lowercase().starts_with("set-cookie: saga_session="))
+        .unwrap_or_else(|| panic!("no session cookie: {response}"));
+    for attribute in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        assert!(
+            cookie_line.contains(attribute),
+            "{attribute}: {cookie_line}"
+        );
+    }
+    let session = cookie_line
+        .split_once("saga_session=")
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // Only its hash is stored.
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id_hash FROM console_sessions")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, [Sha256::digest(session.as_bytes()).to_vec()]);
+
+    // With the session, pages are served; an action without the CSRF
+    // token is refused.
+    let response = https(
+        addr,
+        &ca.pem(),
+        format!("GET /flows HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\ncookie: saga_session={session}\r\n\r\n"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("order_placement v2"));
+    let response = https(
+        addr,
+        &ca.pem(),
+        format!("POST /sagas/{}/retry HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\ncookie: saga_session={session}\r\ncontent-length: 0\r\n\r\n", uuid::Uuid::now_v7()),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+
+    // Plaintext HTTP gets no page.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain.write_all(get("/login").as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "a plaintext request was served"
+    );
     app.stop().await;
 }

@@ -801,6 +801,21 @@ async fn serve_on_an_exposed_address_without_tls_and_auth_exits_naming_insecure_
         message.contains("without authentication") && message.contains("--insecure"),
         "{message}"
     );
+    // The console's listener is held to the same rule.
+    let mut console = app::config(&env);
+    console.http_addr = Some("0.0.0.0:0".parse().unwrap());
+    let refused = orchestrator::Application::build(
+        console,
+        catalog(Duration::from_secs(30)),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let message = sagas::errors::Chain(&refused).to_string();
+    assert!(
+        message.contains("0.0.0.0:0") && message.contains("without TLS and authentication"),
+        "{message}"
+    );
     config.insecure = true;
     let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
     app.stop().await;

@@ -310,6 +310,16 @@ impl Application {
         ));
         tasks.spawn(hub.clone().run(store.pool().clone(), shutdown.clone()));
         tasks.spawn(admission.run(store.clone(), shutdown.clone()));
+        if let crate::config::Retention(Some(keep)) = config.retention {
+            tasks.spawn(crate::retention::run(
+                store.clone(),
+                crate::retention::RetentionSettings {
+                    keep,
+                    interval: config.retention_interval,
+                },
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(crate::telemetry::gauges::run(
             store.clone(),
             catalog,

@@ -104,6 +104,14 @@ pub struct Config {
     /// longer than at rest a step's round trip may take.
     #[arg(long, env = "ADMISSION_TARGET_MS", default_value_t = 150, value_parser = clap::value_parser!(u32).range(5..=60_000))]
     pub admission_target_ms: u32,
+    /// How long a finished (COMPLETED or COMPENSATED) saga is kept, with
+    /// its history, before it is deleted: `7d`, `12h`, `30m`, or `off` to
+    /// keep everything. FAILED sagas are never deleted.
+    #[arg(long, env = "RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub retention: Retention,
+    /// How often the retention sweep looks for sagas past `--retention`.
+    #[arg(long, env = "RETENTION_INTERVAL", default_value = "30s", value_parser = parse_interval)]
+    pub retention_interval: std::time::Duration,
     /// Allow serving on a non-loopback address without TLS and
     /// authentication (logged as a warning at start and every hour).
     #[arg(long, env = "SAGA_INSECURE")]
@@ -163,6 +171,27 @@ impl Config {
     /// Exchange and queue names for the configured namespace.
     pub fn topology(&self) -> Topology {
         Topology::new(&self.namespace).expect("validated by the parser")
+    }
+}
+
+/// `--retention`: how long finished sagas are kept (`None`: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<std::time::Duration>);
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(Retention(None));
+    }
+    humantime::parse_duration(text.trim())
+        .map(|d| Retention(Some(d)))
+        .map_err(|e| format!("{text:?} is not a duration such as 7d, 12h or 30m, nor off: {e}"))
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be longer than 0".into()),
+        Err(e) => Err(format!("{text:?} is not a duration such as 30s or 5m: {e}")),
     }
 }
 

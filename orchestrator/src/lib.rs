@@ -17,6 +17,7 @@
 //! - [`bus`]: RabbitMQ — connection supervision, topology, the confirming
 //!   publisher and the batching reply consumer.
 //! - [`relay`]: republishes outbox rows whose lease ran out.
+//! - [`retention`]: deletes finished sagas past `--retention`, in small batches.
 //! - [`timers`]: fires due step timers stored with the sagas.
 //! - [`watch`]: cross-instance history notifications for `WatchSaga`.
 //! - [`api`]: the gRPC service; [`health`]: what health reports.
@@ -57,6 +58,7 @@ pub mod engine;
 pub mod health;
 pub mod messages;
 pub mod relay;
+pub mod retention;
 pub mod security;
 pub mod starts;
 pub mod store;

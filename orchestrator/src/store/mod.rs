@@ -15,6 +15,7 @@ pub mod activity;
 pub mod console;
 pub mod history;
 pub mod outbox;
+pub mod retention;
 pub mod sagas;
 pub mod transition;
 

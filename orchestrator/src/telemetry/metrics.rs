@@ -57,6 +57,7 @@ pub fn register(catalog: &sagas::Catalog) {
         "saga_stale_cache_writes_total",
         "saga_messages_for_unknown_sagas_total",
         "saga_tls_handshakes_refused_total",
+        "saga_retention_deleted_total",
     ] {
         metrics::counter!(name).increment(0);
     }

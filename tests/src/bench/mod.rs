@@ -231,6 +231,40 @@ pub struct Calibration {
     pub implied_latency_floor_ms: f64,
 }
 
+/// What a window of sagas cost the database server, per saga.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct DatabaseCost {
+    /// WAL bytes per saga.
+    pub wal_bytes_per_saga: f64,
+    /// WAL records per saga.
+    pub wal_records_per_saga: f64,
+    /// Committed transactions per saga.
+    pub commits_per_saga: f64,
+}
+
+/// The server's cumulative WAL and commit counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct DatabaseCounters {
+    wal_bytes: f64,
+    wal_records: i64,
+    commits: i64,
+}
+
+async fn database_counters(pool: &sqlx::PgPool) -> Result<DatabaseCounters, sqlx::Error> {
+    let (wal_bytes, wal_records, commits): (f64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT wal_bytes::float8 FROM pg_stat_wal),
+                (SELECT wal_records FROM pg_stat_wal),
+                (SELECT sum(xact_commit)::int8 FROM pg_stat_database)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(DatabaseCounters {
+        wal_bytes,
+        wal_records,
+        commits,
+    })
+}
+
 /// One run's results.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -267,6 +301,12 @@ pub struct Report {
     pub bench_cpu_s: f64,
     /// Orchestrator CPU milliseconds per saga.
     pub orchestrator_cpu_ms_per_saga: f64,
+    /// What the window cost PostgreSQL, per saga ended in it: WAL bytes,
+    /// WAL records and commits of the whole server (`pg_stat_wal`,
+    /// `pg_stat_database`; in demo mode the participants' databases are
+    /// included). Statistics reach those views within about a second, so
+    /// a short window is off by that much.
+    pub database: DatabaseCost,
     /// Orchestrator peak RSS over the run, MB (the largest instance).
     pub orchestrator_peak_rss_mb: f64,
     /// Orchestrator RSS at the end of the run, MB (the largest instance).
@@ -495,6 +535,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         orchestrator_cpu_s: 0.0,
         bench_cpu_s: 0.0,
         orchestrator_cpu_ms_per_saga: 0.0,
+        database: DatabaseCost::default(),
         orchestrator_peak_rss_mb: 0.0,
         orchestrator_end_rss_mb: 0.0,
         completed: 0,
@@ -579,6 +620,22 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
                 cpu() - at_start
             })
         };
+        let stats_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&database_url)
+            .await?;
+        let database_probe = {
+            let pool = stats_pool.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(window_start.into()).await;
+                let at_start = database_counters(&pool).await.ok()?;
+                tokio::time::sleep_until(window_end.into()).await;
+                // The backends report their counters about once a second.
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                let at_end = database_counters(&pool).await.ok()?;
+                Some((at_start, at_end))
+            })
+        };
         let orchestrators_cpu = cpu_probe(orchestrators.iter().map(|o| o.pid()).collect());
         let bench_cpu = cpu_probe(vec![std::process::id()]);
         match args.loop_kind {
@@ -620,6 +677,15 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         report.sagas_per_s = tracker.window_count() as f64 / args.duration.as_secs_f64();
         report.orchestrator_cpu_ms_per_saga =
             report.orchestrator_cpu_s * 1000.0 / (tracker.window_count().max(1) as f64);
+        if let Ok(Some((start, end))) = database_probe.await {
+            let sagas = tracker.window_count().max(1) as f64;
+            report.database = DatabaseCost {
+                wal_bytes_per_saga: ((end.wal_bytes - start.wal_bytes) / sagas).round(),
+                wal_records_per_saga: round2((end.wal_records - start.wal_records) as f64 / sagas),
+                commits_per_saga: round2((end.commits - start.commits) as f64 / sagas),
+            };
+        }
+        stats_pool.close().await;
         // Drain what is still running, so the next run starts clean.
         let drain_deadline = Instant::now() + Duration::from_secs(60);
         while tracker.outstanding() > 0 && Instant::now() < drain_deadline {
@@ -771,6 +837,15 @@ pub fn print_table(report: &Report) {
         (
             "load generator CPU".into(),
             format!("{:.1} s", report.bench_cpu_s),
+        ),
+        (
+            "database per saga (whole server)".into(),
+            format!(
+                "{} B of WAL in {} records, {} commits",
+                report.database.wal_bytes_per_saga,
+                report.database.wal_records_per_saga,
+                report.database.commits_per_saga
+            ),
         ),
         (
             "orchestrator RSS peak / end".into(),

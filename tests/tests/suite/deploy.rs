@@ -521,6 +521,7 @@ const OTHER_SERIES: &[&str] = &[
     "saga_messages_for_unknown_sagas_total",
     "saga_api_refused_total",
     "saga_tls_handshakes_refused_total",
+    "saga_retention_deleted_total",
     "participant_barrier_outcomes_total",
     "participant_commands_applied_total",
     "participant_commands_rejected_total",

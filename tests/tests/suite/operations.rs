@@ -629,3 +629,102 @@ async fn sagactl_finds_an_order_retries_every_failed_saga_and_replays_a_dead_let
     assert_eq!(code, 1, "it is not a dead letter any more");
     app.stop().await;
 }
+
+/// Rows of `table` for `saga`.
+async fn rows_of(app: &TestApp, table: &str, saga: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {table} WHERE {} = $1::uuid",
+        if table == "sagas" { "id" } else { "saga_id" }
+    ))
+    .bind(saga)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn retention_deletes_finished_sagas_with_their_rows_and_never_failed_or_running_ones() {
+    let env = TestEnv::new();
+    let mut config = saga_tests::app::config(&env);
+    // Finished sagas go at the next sweep.
+    config.retention = orchestrator::config::Retention(Some(Duration::ZERO));
+    config.retention_interval = Duration::from_millis(100);
+    let app = TestApp::spawn_with(config, catalog(Duration::from_secs(30))).await;
+    let participants = ScriptedParticipant::start(
+        &env,
+        &PARTICIPANTS,
+        Arc::new(|c| {
+            let order = c.payload["order"].as_str().unwrap_or_default().to_owned();
+            if order == "r-fail" && c.step == "step_c" && c.phase == Phase::Action {
+                rejected("card declined")
+            } else if order == "r-fail" && c.step == "step_a" && c.phase == Phase::Compensation {
+                transient("inventory database down")
+            } else if order == "r-hold" && c.step == "step_b" && c.phase == Phase::Action {
+                saga_tests::scripted::Script::Hold
+            } else {
+                success(json!({}))
+            }
+        }),
+    )
+    .await;
+    let mut client = app.client.clone();
+    let start = |order_id: &str, key: &str| StartSagaRequest {
+        saga_type: FOUR_STEPS.into(),
+        input_json: order(order_id).to_string(),
+        idempotency_key: key.into(),
+        definition_version: 0,
+    };
+    let done = client
+        .start_saga(start("r-done", "k-done"))
+        .await
+        .unwrap()
+        .into_inner();
+    let failed = app.start(FOUR_STEPS, 0, order("r-fail")).await;
+    let held = app.start(FOUR_STEPS, 0, order("r-hold")).await;
+    app.wait_for_state(&failed, SagaState::Failed).await;
+    eventually(
+        "step_b of r-hold to be held",
+        Duration::from_secs(30),
+        || async { (participants.held_count() == 1).then_some(()) },
+    )
+    .await;
+
+    // The completed saga goes, with its history and attributes.
+    eventually(
+        "the completed saga to be deleted",
+        Duration::from_secs(30),
+        || async { (rows_of(&app, "sagas", &done.saga_id).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(rows_of(&app, "saga_history", &done.saga_id).await, 0);
+    assert_eq!(rows_of(&app, "saga_attributes", &done.saga_id).await, 0);
+    // FAILED and running sagas stay, whole.
+    for kept in [&failed, &held] {
+        assert_eq!(rows_of(&app, "sagas", kept).await, 1);
+        assert!(rows_of(&app, "saga_history", kept).await > 0);
+        assert_eq!(rows_of(&app, "saga_attributes", kept).await, 1);
+    }
+    // Its idempotency key was remembered only as long as the saga: a
+    // repeat now starts a new saga.
+    let again = client
+        .start_saga(start("r-done", "k-done"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.created);
+    assert_ne!(again.saga_id, done.saga_id);
+
+    // The held saga goes once it has finished; the FAILED one never.
+    participants
+        .release_held(saga_proto::amqp::ReplyStatus::Success, json!({}))
+        .await;
+    eventually(
+        "the held saga, finished, to be deleted",
+        Duration::from_secs(30),
+        || async { (rows_of(&app, "sagas", &held).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(app.get(&failed).await.state, SagaState::Failed as i32);
+    participants.stop().await;
+    app.stop().await;
+}

@@ -99,7 +99,16 @@ pub async fn page(
     }
     // Dead letters span every flow: shown to those who may read them all.
     let dead_letters = match session.principal.visible(Permission::Read) {
-        Visible::All => Some(console.inner.dead_letters.depth().await),
+        // Bounded: a broker that does not answer must not hold the page.
+        Visible::All => Some(
+            tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                console.inner.dead_letters.depth(),
+            )
+            .await
+            .map_err(|_| "RabbitMQ did not answer within 2 s".to_owned())
+            .and_then(|depth| depth.map_err(|e| sagas::errors::Chain(&e).to_string())),
+        ),
         Visible::Only(_) => None,
     };
     let since_text = since.format("%Y-%m-%dT%H:%M:%S").to_string();
@@ -139,7 +148,7 @@ pub async fn page(
                     "Dead letters: "
                     @match depth {
                         Ok(n) => { a.count #dead-letter-depth href="/dead-letters" class=[(n > 0).then_some("alert")] { (n) } }
-                        Err(e) => { span.error { "unavailable (" (sagas::errors::Chain(&e).to_string()) ")" } }
+                        Err(e) => { span.error { "unavailable (" (e) ")" } }
                     }
                 }
             }

@@ -124,17 +124,12 @@ fn request(values: &HashMap<String, String>) -> Result<RetryFailedSagasRequest, 
                 .map_err(|_| format!("{k}: {text:?} is not a number")),
         }
     };
-    let mut query = HashMap::new();
-    for key in ["from", "to"] {
-        query.insert(key.to_owned(), get(key).to_owned());
-    }
-    let listing = super::sagas::request_of(&query)?;
     Ok(RetryFailedSagasRequest {
         saga_type: get("type").to_owned(),
         definition_version: number("version")?,
         idempotency_key: String::new(),
-        created_after: listing.created_after,
-        created_before: listing.created_before,
+        created_after: super::sagas::parse_time("from", get("from"))?,
+        created_before: super::sagas::parse_time("to", get("to"))?,
         attributes: values
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("attr.")?.to_owned(), v.trim().to_owned())))

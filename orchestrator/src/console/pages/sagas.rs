@@ -27,7 +27,10 @@ const PAGE: u32 = 50;
 
 /// A time from the form: `2026-12-03T10:00` (a `datetime-local` field,
 /// read as UTC), with seconds, or RFC 3339.
-fn parse_time(field: &str, text: &str) -> Result<Option<prost_types::Timestamp>, String> {
+pub(crate) fn parse_time(
+    field: &str,
+    text: &str,
+) -> Result<Option<prost_types::Timestamp>, String> {
     let text = text.trim();
     if text.is_empty() {
         return Ok(None);
